@@ -1,0 +1,184 @@
+"""Every column lafid writes, in one place.
+
+Stages fill `Item.columns` with names from this module; the writer turns items
+into Arrow tables here and nowhere else. Bump `SCHEMA_VERSION` when a column
+changes meaning or type; adding a nullable column is backward compatible.
+
+Per-frame arrays hold one value per *sampled* frame (`frame_t`); NaN marks a
+frame where no face was measured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Iterable
+
+import pyarrow as pa
+
+from lafid.item import Item
+
+SCHEMA_VERSION = 1
+
+_f32 = pa.float32()
+_f32s = pa.list_(pa.float32())
+_box = pa.list_(pa.float32(), 4)
+_word = pa.struct([("word", pa.string()), ("start", _f32), ("end", _f32), ("prob", _f32)])
+
+
+def _field(name: str, type_: pa.DataType, doc: str) -> pa.Field:
+    return pa.field(name, type_, metadata={"doc": doc})
+
+
+# Columns every clip row has, set by the writer and the shot-split stage.
+CORE = [
+    _field("schema_version", pa.int16(), "version of this schema"),
+    _field("clip_id", pa.string(), "hash of video_id and the clip's time range"),
+    _field("video_id", pa.string(), "hash of the source file's content"),
+    _field("source", pa.string(), "source path or URI as given"),
+    _field("clip_index", pa.int32(), "index of the clip within its video"),
+    _field("start_s", pa.float64(), "clip start in the source, seconds"),
+    _field("end_s", pa.float64(), "clip end in the source, seconds (exclusive)"),
+    _field("start_frame", pa.int64(), "first source frame of the clip"),
+    _field("end_frame", pa.int64(), "source frame after the clip's last frame"),
+    _field("fps", _f32, "source frame rate"),
+    _field("width", pa.int32(), "source width in pixels"),
+    _field("height", pa.int32(), "source height in pixels"),
+    _field("has_audio", pa.bool_(), "the source has an audio stream"),
+]
+
+# Face Constraints stage.
+FACE = [
+    _field("sample_fps", _f32, "analysis frame rate"),
+    _field("frame_t", _f32s, "time of each sampled frame, seconds from clip start"),
+    _field("frame_face_count", pa.list_(pa.int8()), "faces detected in each sampled frame"),
+    _field("frame_box", pa.list_(_box), "tracked face box x0,y0,x1,y1, normalised to [0,1]"),
+    _field("frame_score", _f32s, "detection score of the tracked face"),
+    _field("frame_yaw", _f32s, "head yaw in degrees; positive = face turned to the image's right"),
+    _field("frame_pitch", _f32s, "head pitch in degrees; positive = looking up"),
+    _field("frame_roll", _f32s, "head roll in degrees; positive = head tilted clockwise in the image"),
+    _field("frame_blur", _f32s, "Laplacian variance of the face crop (higher = sharper)"),
+    _field("frame_area", _f32s, "face box area over frame area"),
+    _field("frame_mouth_open", _f32s, "inner-lip gap over face height (mesh points 13/14 over 10/152)"),
+    _field("face_ratio", _f32, "share of sampled frames with a tracked face"),
+    _field("single_face_ratio", _f32, "share of sampled frames with exactly one face"),
+    _field("face_area_median", _f32, "median face area ratio"),
+    _field("blur_median", _f32, "median Laplacian variance of the face"),
+    _field("yaw_min", _f32, "minimum yaw, degrees"),
+    _field("yaw_max", _f32, "maximum yaw, degrees"),
+    _field("yaw_range", _f32, "yaw_max - yaw_min"),
+    _field("abs_yaw_max", _f32, "largest |yaw|"),
+    _field("pitch_range", _f32, "pitch max - min"),
+    _field("roll_range", _f32, "roll max - min"),
+    _field("large_pose_ratio", _f32, "share of face frames with |yaw| >= the recipe's large-pose threshold"),
+    _field("pose_bucket", pa.string(), "most common EFHQ pose bucket: frontal/left/right/up/down/extreme"),
+    _field("pose_buckets", pa.list_(pa.string()), "distinct pose buckets seen in the clip"),
+]
+
+# Identity Consistency stage.
+IDENTITY = [
+    _field("id_backend", pa.string(), "identity encoder backend (arcface, dlib)"),
+    _field("id_metric", pa.string(), "similarity used: cosine (arcface) or l2 (dlib)"),
+    _field("id_ref_embedding", _f32s, "embedding of the reference face (most frontal, sharpest)"),
+    _field("id_ref_t", _f32, "time of the reference face, seconds from clip start"),
+    _field("id_ref_box", _box, "reference face box, normalised"),
+    _field("id_ref_face", pa.binary(), "aligned reference face crop, PNG bytes"),
+    _field("id_rep_embeddings", pa.list_(_f32s), "pose-diverse representative embeddings"),
+    _field("id_rep_yaw", _f32s, "yaw of each representative embedding"),
+    _field("id_rep_t", _f32s, "time of each representative embedding"),
+    _field("id_sim_ref_min", _f32, "lowest frame-to-reference similarity"),
+    _field("id_sim_ref_median", _f32, "median frame-to-reference similarity"),
+    _field("id_sim_centroid_min", _f32, "lowest frame-to-centroid similarity"),
+    _field("id_below_ratio", _f32, "share of frames under the same-person threshold"),
+    _field("id_sim_frontal_median", _f32, "median similarity on frontal frames"),
+    _field("id_sim_large_pose_median", _f32, "median similarity on large-yaw frames"),
+    _field("id_track_breaks", pa.int32(), "times the identity track broke inside the clip"),
+]
+
+# Speech Disambiguation stage.
+SPEECH = [
+    _field("speech_segments", pa.list_(_f32s), "VAD speech segments [start, end], seconds from clip start"),
+    _field("speech_ratio", _f32, "share of the clip covered by speech"),
+    _field("transcript", pa.string(), "ASR transcript of the speech segments"),
+    _field("words", pa.list_(_word), "ASR words with times relative to the clip"),
+    _field("language", pa.string(), "detected language code"),
+    _field("asr_confidence", _f32, "mean word probability"),
+    _field("lip_activity", _f32, "mean absolute change of mouth opening per second"),
+    _field("av_sync", _f32, "best lagged correlation of lip motion with the speech envelope"),
+    _field("av_lag_s", _f32, "lag of the best correlation, seconds (positive = audio later)"),
+    _field("speaking_label", pa.string(), "speaking / voice_over / silent / mouthing / no_audio"),
+    _field("caption", pa.string(), "caption that agrees with the speaking label"),
+    _field("caption_source", pa.string(), "captioner that wrote the caption"),
+]
+
+CLIP_SCHEMA = pa.schema(CORE + FACE + IDENTITY + SPEECH, metadata={"lafid_schema_version": str(SCHEMA_VERSION)})
+
+REJECT_SCHEMA = pa.schema(
+    [
+        _field("schema_version", pa.int16(), "version of this schema"),
+        _field("video_id", pa.string(), "hash of the source file's content (or path if unreadable)"),
+        _field("clip_id", pa.string(), "clip id, null when the whole video was rejected"),
+        _field("source", pa.string(), "source path as given"),
+        _field("clip_index", pa.int32(), "clip index, -1 for a whole video"),
+        _field("start_s", pa.float64(), "clip start, seconds"),
+        _field("end_s", pa.float64(), "clip end, seconds"),
+        _field("stage", pa.string(), "stage that rejected the item"),
+        _field("reason", pa.string(), "stable reason code"),
+        _field("detail", pa.string(), "human-readable detail"),
+    ],
+    metadata={"lafid_schema_version": str(SCHEMA_VERSION)},
+)
+
+IDENTITY_SCHEMA = pa.schema(
+    [
+        _field("clip_id", pa.string(), "clip id"),
+        _field("video_id", pa.string(), "source video id"),
+        _field("identity_id", pa.string(), "cross-clip identity cluster"),
+        _field("identity_size", pa.int32(), "clips in the cluster"),
+    ]
+)
+
+CLIP_COLUMNS = frozenset(CLIP_SCHEMA.names)
+
+
+def clip_id(video_id: str, start_s: float, end_s: float) -> str:
+    key = f"{video_id}:{start_s:.3f}:{end_s:.3f}".encode()
+    return hashlib.sha1(key).hexdigest()[:16]
+
+
+def clip_row(item: Item) -> dict[str, Any]:
+    unknown = set(item.columns) - CLIP_COLUMNS
+    if unknown:
+        raise KeyError(f"columns not in lafid.schema: {sorted(unknown)}")
+    row = dict(item.columns)
+    row.update(
+        schema_version=SCHEMA_VERSION,
+        clip_id=clip_id(item.video_id, item.start_s, item.end_s),
+        video_id=item.video_id,
+        source=item.source,
+        clip_index=item.clip_index,
+        start_s=item.start_s,
+        end_s=item.end_s,
+    )
+    return row
+
+
+def reject_row(item: Item) -> dict[str, Any]:
+    assert item.reject is not None
+    whole_video = item.clip_index < 0
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "video_id": item.video_id,
+        "clip_id": None if whole_video else clip_id(item.video_id, item.start_s, item.end_s),
+        "source": item.source,
+        "clip_index": item.clip_index,
+        "start_s": item.start_s,
+        "end_s": item.end_s,
+        "stage": item.reject.stage,
+        "reason": item.reject.reason,
+        "detail": item.reject.detail,
+    }
+
+
+def to_table(rows: Iterable[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    rows = list(rows)
+    return pa.Table.from_pydict({name: [r.get(name) for r in rows] for name in schema.names}, schema=schema)

@@ -1,0 +1,139 @@
+"""The stage contract shared by the in-process and the Ray runner.
+
+A stage declares what it needs (`resources`), loads its models in `setup()`
+inside the worker that will run it, turns a batch of items into items in
+`process()`, and frees what it holds in `teardown()`. Stages never import ray and
+never import each other; the runners in `lafid.runner` are the only code that
+knows how stages are scheduled.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from lafid.item import Item
+
+_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one worker of a stage asks the scheduler for."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    memory_gb: float = 0.0
+
+    @property
+    def threads(self) -> int:
+        """Native thread pools are pinned to this many threads (at least one)."""
+        return max(1, int(self.cpus))
+
+
+class StageParams(BaseModel):
+    """Base for a stage's recipe parameters: unknown keys are an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Stage:
+    """Base class for every curation stage.
+
+    Subclasses set `name` and `Params`, and implement `process_item` (one item in,
+    zero or more out) or override `process` for true batching.
+    """
+
+    name: ClassVar[str] = "stage"
+    Params: ClassVar[type[StageParams]] = StageParams
+    default_resources: ClassVar[Resources] = Resources()
+
+    def __init__(self, params: StageParams | dict[str, Any] | None = None,
+                 resources: Resources | None = None):
+        self.params = params if isinstance(params, StageParams) else self.Params(**(params or {}))
+        self.resources = resources or self.default_resources
+
+    def setup(self) -> None:
+        """Load models; runs once in the worker, never in the driver."""
+
+    def process(self, items: list[Item]) -> list[Item]:
+        out: list[Item] = []
+        for item in items:
+            out.extend(self.process_item(item))
+        return out
+
+    def process_item(self, item: Item) -> list[Item]:
+        raise NotImplementedError
+
+    def teardown(self) -> None:
+        """Release models and file handles."""
+
+
+def pin_native_threads(threads: int) -> None:
+    """Keep OpenCV/onnxruntime/torch pools to the CPUs the stage asked for."""
+    for key in _THREAD_ENV:
+        os.environ[key] = str(threads)
+    try:
+        import cv2
+
+        cv2.setNumThreads(threads)
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:
+        pass
+
+
+@dataclass
+class BatchStats:
+    items_in: int = 0
+    items_out: int = 0
+    rejected: int = 0
+    seconds: float = 0.0
+
+
+class StageWorker:
+    """Runs one stage on batches, isolating failures to the items that caused them.
+
+    Both runners drive stages only through this class, so a stage behaves the same
+    in a test, in the sequential runner and inside a Ray actor.
+    """
+
+    def __init__(self, stage: Stage):
+        self.stage = stage
+        pin_native_threads(stage.resources.threads)
+        stage.setup()
+
+    def run(self, items: list[Item]) -> tuple[list[Item], BatchStats]:
+        start = time.perf_counter()
+        live = [i for i in items if not i.rejected]
+        passed = [i for i in items if i.rejected]
+        try:
+            out = self.stage.process(live) if live else []
+        except Exception:  # one bad item must not sink the batch: retry one by one
+            out = []
+            for item in live:
+                try:
+                    out.extend(self.stage.process([item]))
+                except Exception as exc:  # noqa: BLE001 - reported as a reject row
+                    detail = f"{type(exc).__name__}: {exc}"
+                    tb = traceback.format_exc(limit=-2).strip().splitlines()
+                    out.append(item.drop(self.stage.name, "stage_error", f"{detail} [{tb[-1] if tb else ''}]"))
+        stats = BatchStats(
+            items_in=len(live),
+            items_out=sum(1 for i in out if not i.rejected),
+            rejected=sum(1 for i in out if i.rejected),
+            seconds=time.perf_counter() - start,
+        )
+        return passed + out, stats
+
+    def close(self) -> None:
+        self.stage.teardown()

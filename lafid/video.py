@@ -1,0 +1,128 @@
+"""Probing and streaming decode of source videos (PyAV, which bundles FFmpeg).
+
+Nothing here loads a whole video: `probe` reads headers and one frame, and
+`sample_frames` yields frames at a chosen rate while decoding forward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from typing import Iterator
+
+import av
+import numpy as np
+
+_ID_CHUNK = 1 << 20
+
+
+class MediaError(Exception):
+    """A source that cannot be used; `reason` is the reject code."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    duration_s: float
+    fps: float
+    frame_count: int
+    width: int
+    height: int
+    has_audio: bool
+    codec: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def content_id(path: str) -> str:
+    """Hash of size plus the first and last MiB: stable across renames and copies."""
+    try:
+        size = os.path.getsize(path)
+        digest = hashlib.sha1(str(size).encode())
+        with open(path, "rb") as fh:
+            digest.update(fh.read(_ID_CHUNK))
+            if size > 2 * _ID_CHUNK:
+                fh.seek(-_ID_CHUNK, os.SEEK_END)
+                digest.update(fh.read(_ID_CHUNK))
+        return digest.hexdigest()[:16]
+    except OSError:
+        return "path-" + hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:11]
+
+
+def probe(path: str) -> VideoInfo:
+    """Read stream facts and decode one frame; raise `MediaError` on unusable input."""
+    if not os.path.exists(path):
+        raise MediaError("missing_file", f"no such file: {path}")
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise MediaError("unreadable", f"not a readable file: {path}")
+    if os.path.getsize(path) == 0:
+        raise MediaError("empty_file", f"zero-byte file: {path}")
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                kinds = ", ".join(sorted({s.type for s in container.streams})) or "none"
+                raise MediaError("no_video_stream", f"streams present: {kinds}")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate or Fraction(25)
+            fps = float(rate)
+            if stream.duration is not None and stream.time_base is not None:
+                duration = float(stream.duration * stream.time_base)
+            elif container.duration is not None:
+                duration = container.duration / av.time_base
+            else:
+                duration = 0.0
+            frames = stream.frames or int(round(duration * fps))
+            first = next(container.decode(stream), None)
+            if first is None:
+                raise MediaError("undecodable", "the video stream yields no frames")
+            return VideoInfo(
+                duration_s=duration,
+                fps=fps,
+                frame_count=frames,
+                width=stream.codec_context.width or first.width,
+                height=stream.codec_context.height or first.height,
+                has_audio=bool(container.streams.audio),
+                codec=stream.codec_context.name,
+            )
+    except MediaError:
+        raise
+    except (av.error.FFmpegError, StopIteration, ValueError, OSError) as exc:
+        raise MediaError("undecodable", f"{type(exc).__name__}: {exc}") from exc
+
+
+def sample_frames(
+    path: str, start_s: float, end_s: float, fps: float, max_side: int = 0
+) -> Iterator[tuple[float, np.ndarray]]:
+    """Yield (seconds from `start_s`, RGB frame) at about `fps`, decoding forward once.
+
+    `max_side` > 0 downsizes frames (keeping aspect) inside FFmpeg's scaler.
+    """
+    step = 1.0 / fps
+    next_t = start_s
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        if start_s > 0:
+            container.seek(int(start_s / stream.time_base), stream=stream, backward=True, any_frame=False)
+        for frame in container.decode(stream):
+            if frame.pts is None:
+                continue
+            t = float(frame.pts * stream.time_base)
+            if t >= end_s - 1e-6:
+                break
+            if t + 1e-6 < next_t:
+                continue
+            width, height = frame.width, frame.height
+            scale = max_side / max(width, height) if max_side else 1.0
+            if scale < 1.0:
+                width, height = int(round(width * scale)) // 2 * 2, int(round(height * scale)) // 2 * 2
+            yield t - start_s, frame.to_ndarray(format="rgb24", width=width, height=height)
+            while next_t <= t + 1e-6:
+                next_t += step

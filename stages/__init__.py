@@ -1,0 +1,1 @@
+"""Curation stages: one module per stage, each a `lafid.stage.Stage` subclass."""
