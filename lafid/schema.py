@@ -21,7 +21,7 @@ SCHEMA_VERSION = 1
 
 _f32 = pa.float32()
 _f32s = pa.list_(pa.float32())
-_box = pa.list_(pa.float32(), 4)
+_box = pa.list_(pa.float32())  # x0, y0, x1, y1
 _word = pa.struct([("word", pa.string()), ("start", _f32), ("end", _f32), ("prob", _f32)])
 
 

@@ -1,0 +1,97 @@
+"""Live counters for a run: videos done, clips kept/rejected, per-stage rates."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from lafid.item import Item
+from lafid.stage import BatchStats
+
+
+@dataclass
+class StageTotals:
+    items_in: int = 0
+    items_out: int = 0
+    rejected: int = 0
+    busy_s: float = 0.0
+
+    def add(self, stats: BatchStats) -> None:
+        self.items_in += stats.items_in
+        self.items_out += stats.items_out
+        self.rejected += stats.rejected
+        self.busy_s += stats.seconds
+
+
+@dataclass
+class RunStats:
+    videos_total: int = 0
+    videos_skipped: int = 0
+    videos_done: int = 0
+    kept: int = 0
+    rejected: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    stages: dict[str, StageTotals] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    def stage(self, name: str, stats: BatchStats) -> None:
+        self.stages.setdefault(name, StageTotals()).add(stats)
+
+    def finished(self, item: Item) -> None:
+        if item.rejected:
+            self.rejected += 1
+            self.reasons[f"{item.reject.stage}/{item.reject.reason}"] += 1
+        else:
+            self.kept += 1
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def table(self) -> Table:
+        t = Table(title=f"videos {self.videos_done}/{self.videos_total - self.videos_skipped}"
+                        f" (skipped as done: {self.videos_skipped})  clips kept {self.kept}"
+                        f"  rejected {self.rejected}  {self.elapsed:.0f}s")
+        for col in ("stage", "in", "out", "rejected", "items/s per worker"):
+            t.add_column(col, justify="right" if col != "stage" else "left")
+        for name, s in self.stages.items():
+            rate = s.items_in / s.busy_s if s.busy_s else 0.0
+            t.add_row(name, str(s.items_in), str(s.items_out), str(s.rejected), f"{rate:.2f}")
+        return t
+
+    def reasons_table(self) -> Table:
+        t = Table(title="rejects by reason")
+        t.add_column("stage/reason")
+        t.add_column("count", justify="right")
+        for reason, n in self.reasons.most_common():
+            t.add_row(reason, str(n))
+        return t
+
+
+class ProgressDisplay:
+    """Redraws the run table a few times a second on a terminal; silent otherwise."""
+
+    def __init__(self, stats: RunStats, console: Console | None = None, enabled: bool = True):
+        self.stats = stats
+        self.console = console or Console(stderr=True)
+        self._live = Live(stats.table(), console=self.console, refresh_per_second=4, transient=False) \
+            if enabled else None
+
+    def __enter__(self) -> "ProgressDisplay":
+        if self._live:
+            self._live.__enter__()
+        return self
+
+    def update(self) -> None:
+        if self._live:
+            self._live.update(self.stats.table())
+
+    def __exit__(self, *exc) -> None:
+        if self._live:
+            self._live.update(self.stats.table())
+            self._live.__exit__(*exc)

@@ -1,0 +1,100 @@
+"""Recipes: YAML files that name the stages, their workers and their parameters.
+
+Parsed with `yaml.safe_load` and validated by pydantic, including every stage's
+own `Params`, so a wrong key or value fails before any video is touched.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lafid.registry import stage_class
+from lafid.stage import Resources, Stage
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file, key and problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StageSpec(_Strict):
+    stage: str = Field(description="stage name, see lafid.registry")
+    workers: int = Field(1, ge=1, description="actors in this stage's pool (Ray runner)")
+    cpus: float | None = Field(None, gt=0, description="CPUs per worker; default: the stage's own")
+    gpus: float = Field(0.0, ge=0)
+    memory_gb: float = Field(0.0, ge=0)
+    batch_size: int = Field(1, ge=1, description="items handed to a worker at once")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_stage(self) -> "StageSpec":
+        stage_class(self.stage)
+        return self
+
+    def build(self) -> Stage:
+        cls = stage_class(self.stage)
+        base = cls.default_resources
+        res = Resources(cpus=self.cpus or base.cpus, gpus=self.gpus or base.gpus,
+                        memory_gb=self.memory_gb or base.memory_gb)
+        return cls(cls.Params(**self.params), res)
+
+
+class OutputSpec(_Strict):
+    rows_per_shard: int = Field(1000, ge=1, description="clip rows per Parquet shard")
+
+
+class Recipe(_Strict):
+    name: str
+    description: str = ""
+    stages: list[StageSpec] = Field(min_length=1)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    max_videos_in_flight: int = Field(4, ge=1, description="videos decoded at once: bounds memory")
+
+    @model_validator(mode="after")
+    def _valid_params(self) -> "Recipe":
+        for spec in self.stages:
+            stage_class(spec.stage).Params(**spec.params)
+        return self
+
+    def build_stages(self) -> list[Stage]:
+        return [spec.build() for spec in self.stages]
+
+
+def resolve(recipe: str | Path) -> Path:
+    """A path, or the name of a bundled recipe in `pipelines/` ("demo", "lafid180k")."""
+    path = Path(recipe)
+    if path.exists():
+        return path
+    bundled = resources.files("pipelines").joinpath(f"{recipe}.yaml")
+    if bundled.is_file():
+        return Path(str(bundled))
+    raise RecipeError(f"recipe not found: {recipe} (a path, or one of: {', '.join(bundled_names())})")
+
+
+def bundled_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("pipelines").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_recipe(recipe: str | Path) -> Recipe:
+    path = resolve(recipe)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping with 'name' and 'stages'")
+    try:
+        return Recipe(**data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in exc.errors()
+        )
+        raise RecipeError(f"{path}: {problems}") from None

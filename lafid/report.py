@@ -1,0 +1,55 @@
+"""Summaries of a curate output: counts, reject reasons, pose histogram."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+from rich.console import Group
+from rich.table import Table
+
+from lafid.pose import BUCKETS
+from lafid.shards import read_manifest
+
+
+def read_table(out_dir: str | Path, kind: str = "clips") -> pa.Table | None:
+    """All `clips-*` or `rejects-*` shards of an output as one table (None if there are none)."""
+    files = sorted(str(p) for p in Path(out_dir).glob(f"{kind}-*.parquet"))
+    return ds.dataset(files, format="parquet").to_table() if files else None
+
+
+def summary(out_dir: str | Path) -> Group:
+    out_dir = Path(out_dir)
+    clips, rejects = read_table(out_dir, "clips"), read_table(out_dir, "rejects")
+    videos = sum(len(e["videos"]) for e in read_manifest(out_dir))
+    counts = Table(title=f"{out_dir}")
+    counts.add_column("videos done")
+    counts.add_column("clips kept")
+    counts.add_column("rows rejected")
+    counts.add_column("kept hours")
+    hours = 0.0
+    if clips is not None:
+        hours = sum(e - s for s, e in zip(clips["start_s"].to_pylist(), clips["end_s"].to_pylist())) / 3600
+    counts.add_row(str(videos), str(clips.num_rows if clips else 0), str(rejects.num_rows if rejects else 0),
+                   f"{hours:.3f}")
+    reasons = Table(title="rejects by stage/reason")
+    reasons.add_column("stage/reason")
+    reasons.add_column("count", justify="right")
+    if rejects is not None:
+        tally = {}
+        for stage, reason in zip(rejects["stage"].to_pylist(), rejects["reason"].to_pylist()):
+            tally[f"{stage}/{reason}"] = tally.get(f"{stage}/{reason}", 0) + 1
+        for key, n in sorted(tally.items(), key=lambda kv: -kv[1]):
+            reasons.add_row(key, str(n))
+    poses = Table(title="clips by dominant pose bucket")
+    poses.add_column("bucket")
+    poses.add_column("clips", justify="right")
+    poses.add_column("")
+    if clips is not None:
+        buckets = clips["pose_bucket"].to_pylist()
+        top = max(1, max(buckets.count(b) for b in BUCKETS))
+        for b in BUCKETS:
+            n = buckets.count(b)
+            poses.add_row(b, str(n), "#" * round(30 * n / top))
+    return Group(counts, reasons, poses)

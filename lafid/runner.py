@@ -1,0 +1,114 @@
+"""Run a recipe over source videos: sequentially in-process, or on Ray.
+
+Both executors feed the same `StageWorker`s, send rejected items straight to the
+writer, and hand every finished item to one `ShardWriter`, so their outputs are
+the same rows. `lafid.ray_executor` is the only module that imports ray.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from lafid.item import Item
+from lafid.progress import RunStats
+from lafid.recipe import Recipe
+from lafid.shards import ShardWriter
+from lafid.stage import StageWorker
+from lafid.video import content_id
+
+VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv"}
+
+
+def list_sources(inputs: Iterable[str]) -> list[str]:
+    """Files as given (even missing ones: they become reject rows); folders searched for videos."""
+    out: list[str] = []
+    for entry in inputs:
+        path = Path(entry)
+        if path.is_dir():
+            out.extend(str(p) for p in sorted(path.rglob("*")) if p.suffix.lower() in VIDEO_EXTENSIONS)
+        else:
+            out.append(str(path))
+    return out
+
+
+def source_items(sources: list[str], writer: ShardWriter, stats: RunStats) -> Iterator[Item]:
+    """One item per new video; finished videos (resume) and repeated content are skipped."""
+    seen: set[str] = set()
+    for source in sources:
+        video_id = content_id(source)
+        if video_id in writer.completed or video_id in seen:
+            stats.videos_skipped += 1
+            continue
+        seen.add(video_id)
+        yield Item(source=source, video_id=video_id)
+
+
+@dataclass
+class Sink:
+    """Where finished items go: the writer, the run counters and the display."""
+
+    writer: ShardWriter
+    stats: RunStats
+    on_update: Callable[[], None] = lambda: None
+
+    def put(self, item: Item) -> bool:
+        self.stats.finished(item)
+        done = self.writer.add(item)
+        if done:
+            self.stats.videos_done += 1
+        self.on_update()
+        return done
+
+
+def run_sequential(recipe: Recipe, items: Iterable[Item], sink: Sink) -> None:
+    """Every stage in this process, one video at a time: for tests and debugging."""
+    workers = [StageWorker(stage) for stage in recipe.build_stages()]
+    try:
+        for video in items:
+            pending = [video]
+            for spec, worker in zip(recipe.stages, workers):
+                live = []
+                for start in range(0, len(pending), spec.batch_size):
+                    out, stats = worker.run(pending[start:start + spec.batch_size])
+                    sink.stats.stage(spec.stage, stats)
+                    for item in out:
+                        if item.rejected:
+                            sink.put(item)
+                        else:
+                            live.append(item)
+                pending = live
+            for item in pending:
+                sink.put(item)
+    finally:
+        for worker in workers:
+            worker.close()
+
+
+def curate(
+    recipe: Recipe,
+    inputs: Iterable[str],
+    out_dir: str | os.PathLike,
+    executor: str = "ray",
+    address: str | None = None,
+    num_cpus: int | None = None,
+    on_update: Callable[[RunStats], None] | None = None,
+) -> RunStats:
+    """Curate `inputs` into `out_dir`; resumable and idempotent (see lafid.shards)."""
+    writer = ShardWriter(out_dir, recipe.output.rows_per_shard)
+    sources = list_sources(inputs)
+    stats = RunStats(videos_total=len(sources))
+    sink = Sink(writer, stats, (lambda: on_update(stats)) if on_update else (lambda: None))
+    items = source_items(sources, writer, stats)
+    if executor == "sequential":
+        run_sequential(recipe, items, sink)
+    elif executor == "ray":
+        from lafid.ray_executor import run_ray
+
+        run_ray(recipe, items, sink, address=address, num_cpus=num_cpus)
+    else:
+        raise ValueError(f"unknown executor {executor!r}: use 'ray' or 'sequential'")
+    writer.close()
+    return stats
