@@ -1,0 +1,70 @@
+"""Shared fixtures: real test footage built once per session, one local Ray cluster."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from lafid import media
+from lafid.item import Item
+from lafid.stage import StageWorker
+from lafid.video import content_id, probe
+
+os.environ.setdefault("GLOG_minloglevel", "2")
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("media")
+
+
+@pytest.fixture(scope="session")
+def carphone():
+    return media.carphone_frames()
+
+
+@pytest.fixture(scope="session")
+def make_video(media_dir):
+    """Write frames once per session under a name; later calls return the cached path."""
+
+    def make(name: str, frames_fn, fps: float = 25.0, audio=None) -> str:
+        path = media_dir / f"{name}.mp4"
+        if not path.exists():
+            media.write_video(str(path), frames_fn(), fps, audio=audio)
+        return str(path)
+
+    return make
+
+
+def video_item(path: str) -> Item:
+    return Item(source=path, video_id=content_id(path))
+
+
+def clip_item(path: str) -> Item:
+    """A whole video as one clip, for running clip stages without shot split."""
+    info = probe(path)
+    return Item(source=path, video_id=content_id(path), clip_index=0, clip_count=1,
+                start_s=0.0, end_s=info.duration_s,
+                columns={"fps": info.fps, "width": info.width, "height": info.height,
+                         "has_audio": info.has_audio, "start_frame": 0, "end_frame": info.frame_count})
+
+
+def run_stage(stage, items):
+    worker = StageWorker(stage)
+    try:
+        out, _ = worker.run(items)
+    finally:
+        worker.close()
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local 2-CPU Ray for the whole session (as on the smallest supported box)."""
+    ray = pytest.importorskip("ray")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    yield ray
+    ray.shutdown()
