@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -91,6 +92,32 @@ def recipes() -> None:
 
     for name in bundled_names():
         typer.echo(name)
+
+
+@app.command()
+def stages() -> None:
+    """Every stage with its recipe parameters, defaults and meaning (Markdown)."""
+    from lafid.registry import STAGES, stage_class
+
+    for name in STAGES:
+        cls = stage_class(name)
+        about = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or name).strip().splitlines()[0]
+        typer.echo(f"\n#### `{name}`\n\n{about}\n")
+        typer.echo("| param | default | meaning |\n|---|---|---|")
+        for key, field in cls.Params.model_fields.items():
+            typer.echo(f"| `{key}` | `{field.default}` | {field.description or ''} |")
+
+
+@app.command()
+def schema() -> None:
+    """Every Parquet column with its type and meaning (Markdown)."""
+    from lafid.schema import CLIP_SCHEMA, IDENTITY_SCHEMA, REJECT_SCHEMA
+
+    for title, sch in (("clips-*.parquet", CLIP_SCHEMA), ("rejects-*.parquet", REJECT_SCHEMA),
+                       ("identities.parquet", IDENTITY_SCHEMA)):
+        typer.echo(f"\n#### `{title}`\n\n| column | type | meaning |\n|---|---|---|")
+        for f in sch:
+            typer.echo(f"| `{f.name}` | `{f.type}` | {(f.metadata or {}).get(b'doc', b'').decode()} |")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ class FaceConstraintsParams(StageParams):
     max_side: int = Field(640, ge=64, description="frames are downsized to this longest side for analysis")
     min_side: int = Field(320, ge=64, description="smaller frames are upsized to this shortest side (mesh accuracy)")
     detector_range: int = Field(1, ge=0, le=1, description="mediapipe model: 0 = short range (<2 m), 1 = full range")
-    min_det_score: float = Field(0.5, ge=0, le=1)
+    min_det_score: float = Field(0.5, ge=0, le=1, description="face detection (and mesh) confidence")
     max_faces: int = Field(4, ge=1, description="faces meshed per frame")
     minor_face_ratio: float = Field(0.25, ge=0, le=1, description="faces smaller than this share of the largest are ignored")
     min_face_ratio: float = Field(0.8, ge=0, le=1, description="keep: share of frames with the tracked face")

@@ -21,11 +21,11 @@ from lafid.video import MediaError, VideoInfo, probe
 
 
 class ShotSplitParams(StageParams):
-    detector: Literal["adaptive", "content"] = "adaptive"
+    detector: Literal["adaptive", "content"] = Field("adaptive", description="PySceneDetect detector: adaptive or content")
     threshold: float | None = Field(None, gt=0, description="detector threshold; None = detector default")
     min_scene_frames: int = Field(15, ge=1, description="shortest shot the detector may report")
-    min_clip_s: float = Field(2.0, ge=0)
-    max_clip_s: float = Field(10.0, gt=0)
+    min_clip_s: float = Field(2.0, ge=0, description="shorter clips become `too_short` rejects")
+    max_clip_s: float = Field(10.0, gt=0, description="longer shots are split into equal parts")
     dark_luma: float = Field(16.0, ge=0, description="edge frames darker than this mean luma (0-255) are trimmed; 0 = off")
     min_frames_ratio: float = Field(0.9, gt=0, le=1, description="decoded/declared frames below this = truncated")
 
