@@ -9,6 +9,7 @@ from lafid.stage import Stage
 STAGES: dict[str, str] = {
     "shot_split": "stages.shot_split:ShotSplit",
     "face_constraints": "stages.face_constraints:FaceConstraints",
+    "identity_consistency": "stages.identity_consistency:IdentityConsistency",
 }
 
 

@@ -74,24 +74,29 @@ FACE = [
     _field("pose_buckets", pa.list_(pa.string()), "distinct pose buckets seen in the clip"),
 ]
 
-# Identity Consistency stage.
+# Identity Consistency stage. Distances are in the backend's metric (`id_metric`):
+# L2 for dlib, cosine distance 1 - cos for ArcFace; lower = more alike, and
+# `id_threshold` is the same-person bound the clip was judged with.
 IDENTITY = [
     _field("id_backend", pa.string(), "identity encoder backend (arcface, dlib)"),
-    _field("id_metric", pa.string(), "similarity used: cosine (arcface) or l2 (dlib)"),
+    _field("id_metric", pa.string(), "distance used: l2 (dlib) or cosine = 1 - cos (arcface)"),
+    _field("id_threshold", _f32, "same-person distance bound used for this clip"),
     _field("id_ref_embedding", _f32s, "embedding of the reference face (most frontal, sharpest)"),
     _field("id_ref_t", _f32, "time of the reference face, seconds from clip start"),
     _field("id_ref_box", _box, "reference face box, normalised"),
-    _field("id_ref_face", pa.binary(), "aligned reference face crop, PNG bytes"),
-    _field("id_rep_embeddings", pa.list_(_f32s), "pose-diverse representative embeddings"),
+    _field("id_ref_face", pa.binary(), "reference face aligned as the backend sees it, PNG bytes"),
+    _field("id_rep_embeddings", pa.list_(_f32s), "pose-diverse representative embeddings, reference first"),
     _field("id_rep_yaw", _f32s, "yaw of each representative embedding"),
     _field("id_rep_t", _f32s, "time of each representative embedding"),
-    _field("id_sim_ref_min", _f32, "lowest frame-to-reference similarity"),
-    _field("id_sim_ref_median", _f32, "median frame-to-reference similarity"),
-    _field("id_sim_centroid_min", _f32, "lowest frame-to-centroid similarity"),
-    _field("id_below_ratio", _f32, "share of frames under the same-person threshold"),
-    _field("id_sim_frontal_median", _f32, "median similarity on frontal frames"),
-    _field("id_sim_large_pose_median", _f32, "median similarity on large-yaw frames"),
-    _field("id_track_breaks", pa.int32(), "times the identity track broke inside the clip"),
+    _field("id_frame_dist", _f32s, "per frame: the person's distance to the reference (nearest face if absent)"),
+    _field("id_frame_box", pa.list_(_box), "per frame: box of the identity-tracked face (null: person absent)"),
+    _field("id_dist_ref_max", _f32, "largest frame-to-reference distance on the track"),
+    _field("id_dist_ref_median", _f32, "median frame-to-reference distance on the track"),
+    _field("id_dist_centroid_max", _f32, "largest frame-to-centroid distance on the track"),
+    _field("id_far_ratio", _f32, "share of face frames beyond id_threshold or showing someone else"),
+    _field("id_dist_frontal_median", _f32, "median distance to the reference on frontal frames (|yaw| < large)"),
+    _field("id_dist_large_pose_median", _f32, "median distance to the reference on large-yaw frames"),
+    _field("id_track_breaks", pa.int32(), "times another person took over the identity track"),
 ]
 
 # Speech Disambiguation stage.
