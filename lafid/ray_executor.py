@@ -33,7 +33,7 @@ class _StageActor:
         self.worker.close()
 
 
-def _init(address: str | None, num_cpus: int | None) -> bool:
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Start (or join) Ray; True if this call started it and must shut it down."""
     if ray.is_initialized():
         return False
@@ -77,7 +77,7 @@ class _Pool:
 
 
 def run_ray(recipe: Recipe, items, sink, address: str | None = None, num_cpus: int | None = None) -> None:
-    started = _init(address, num_cpus)
+    started = init_ray(address, num_cpus)
     stages = recipe.build_stages()
     try:
         _check_fits(recipe, stages)

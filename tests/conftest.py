@@ -62,9 +62,10 @@ def run_stage(stage, items):
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local 2-CPU Ray for the whole session (as on the smallest supported box)."""
-    ray = pytest.importorskip("ray")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    import ray
+
+    from lafid.ray_executor import init_ray
+
+    init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
