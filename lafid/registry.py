@@ -10,6 +10,7 @@ STAGES: dict[str, str] = {
     "shot_split": "stages.shot_split:ShotSplit",
     "face_constraints": "stages.face_constraints:FaceConstraints",
     "identity_consistency": "stages.identity_consistency:IdentityConsistency",
+    "speech_disambiguation": "stages.speech_disambiguation:SpeechDisambiguation",
 }
 
 

@@ -1,0 +1,147 @@
+"""Speech Disambiguation: is there speech, and is the visible person the speaker?
+
+Per clip: the audio is extracted once (16 kHz mono), Silero VAD finds speech,
+only the speech goes to ASR (word timestamps, language, confidence), lip
+activity comes from the mouth openings Face Constraints measured (no second
+face pass; raise that stage's `sample_fps` to >= 10 for speech clips), and the
+sync score correlates mouth opening with the speech envelope inside the speech.
+Label:
+- `no_audio`   the file has no audio stream
+- `silent`     no speech, lips still
+- `mouthing`   no speech, lips move
+- `speaking`   speech, lips move, and they move with the voice (sync >= min_av_sync;
+               when too few face frames fall inside speech to measure sync, moving
+               lips alone decide)
+- `voice_over` speech, but lips still or out of step with it
+The caption (the clip's own `caption` column if an upstream source set one,
+else the configured captioner's) is then rewritten to agree with the label.
+Corrupt audio rejects the clip (`corrupt_audio`); nothing else here rejects.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from lafid.item import Item
+from lafid.speech.asr import ASRBackend, FasterWhisperASR, Transcript, WhisperXASR
+from lafid.speech.audio import AudioError, extract_audio
+from lafid.speech.captions import Captioner, ClipFacts, TemplateCaptioner, VLMCaptioner, disambiguate
+from lafid.speech.lip import lip_activity, lip_series
+from lafid.speech.sync import av_sync
+from lafid.speech.vad import SileroVAD
+from lafid.stage import Resources, Stage, StageParams
+from lafid.video import sample_frames
+
+
+class SpeechDisambiguationParams(StageParams):
+    vad_threshold: float = Field(0.5, gt=0, lt=1, description="Silero speech probability that starts speech")
+    vad_min_speech_s: float = Field(0.25, ge=0, description="shorter speech bursts are ignored")
+    vad_min_silence_s: float = Field(0.3, ge=0, description="shorter pauses do not end a segment")
+    vad_pad_s: float = Field(0.3, ge=0, description="padding on each side of a speech segment (Whisper needs onset context)")
+    min_speech_s: float = Field(0.5, ge=0, description="less speech than this in a clip counts as no speech")
+    min_lip_activity: float = Field(0.1, ge=0, description="mouth-opening change per second above which lips move")
+    min_av_sync: float = Field(0.4, ge=-1, le=1, description="lip/voice correlation needed for `speaking`")
+    max_lag_s: float = Field(0.2, ge=0, description="audio-video offset searched for the best correlation")
+    min_sync_frames: int = Field(8, ge=3, description="face frames inside speech needed to measure sync")
+    max_bad_audio_ratio: float = Field(0.1, ge=0, le=1, description="more failed audio packets = corrupt_audio")
+    asr_backend: Literal["faster_whisper", "whisperx", "none"] = "faster_whisper"
+    asr_model_dir: str | None = Field(None, description="CTranslate2 Whisper dir; None = embedded Whisper-base")
+    asr_compute_type: str = Field("int8", description="CTranslate2 compute type (int8, float32, float16 on GPU)")
+    device: str = Field("cpu", description="device for ASR and the VLM captioner (cpu, cuda)")
+    asr_beam_size: int = Field(5, ge=1)
+    asr_language: str | None = Field(None, description="force a language code; None = detect")
+    whisperx_python: str | None = Field(None, description="python of whisperx's own environment")
+    whisperx_model: str = Field("large-v3", description="whisperx model name or local directory")
+    captioner: Literal["template", "vlm"] = "template"
+    vlm_model_dir: str | None = Field(None, description="local transformers image-text-to-text model dir")
+    vlm_frames: int = Field(4, ge=1, description="frames shown to the VLM captioner")
+
+
+class SpeechDisambiguation(Stage):
+    name = "speech_disambiguation"
+    Params = SpeechDisambiguationParams
+    default_resources = Resources(cpus=1)
+
+    def setup(self) -> None:
+        p: SpeechDisambiguationParams = self.params
+        threads = self.resources.threads
+        self.vad = SileroVAD(threads, p.vad_threshold, p.vad_min_speech_s, p.vad_min_silence_s, p.vad_pad_s)
+        self.asr = self._asr(p, threads)
+        self.captioner = self._captioner(p)
+
+    @staticmethod
+    def _asr(p: SpeechDisambiguationParams, threads: int) -> ASRBackend | None:
+        if p.asr_backend == "faster_whisper":
+            return FasterWhisperASR(p.asr_model_dir, p.asr_compute_type, threads, p.asr_beam_size,
+                                    p.asr_language, p.device)
+        if p.asr_backend == "whisperx":
+            if not p.whisperx_python:
+                raise ValueError("asr_backend 'whisperx' needs whisperx_python (its own environment)")
+            return WhisperXASR(p.whisperx_python, p.whisperx_model, p.device, p.asr_compute_type,
+                               p.asr_language, threads=threads)
+        return None
+
+    @staticmethod
+    def _captioner(p: SpeechDisambiguationParams) -> Captioner:
+        if p.captioner == "vlm":
+            if not p.vlm_model_dir:
+                raise ValueError("captioner 'vlm' needs vlm_model_dir")
+            return VLMCaptioner(p.vlm_model_dir, device=p.device)
+        return TemplateCaptioner()
+
+    def teardown(self) -> None:
+        if self.asr is not None:
+            self.asr.close()
+
+    def process_item(self, item: Item) -> list[Item]:
+        p: SpeechDisambiguationParams = self.params
+        try:
+            audio = extract_audio(item.source, item.start_s, item.end_s, p.max_bad_audio_ratio)
+        except AudioError as exc:
+            return [item.drop(self.name, exc.reason, exc.detail)]
+        t, mouth = lip_series(item.columns.get("frame_t"), item.columns.get("frame_mouth_open"))
+        lips = lip_activity(t, mouth)
+        moving = lips is not None and lips >= p.min_lip_activity
+        cols: dict = {"lip_activity": lips, "speech_segments": [], "speech_ratio": 0.0,
+                      "av_sync": None, "av_lag_s": None, **Transcript().as_columns()}
+        if audio is None:
+            label = "no_audio"
+        else:
+            segments = self.vad.segments(audio.samples)
+            speech_s = sum(e - s for s, e in segments)
+            cols["speech_segments"] = [[s, e] for s, e in segments]
+            cols["speech_ratio"] = speech_s / audio.duration_s if audio.duration_s else 0.0
+            if speech_s < p.min_speech_s:
+                label = "mouthing" if moving else "silent"
+            else:
+                sync, lag = av_sync(t, mouth, audio.samples, segments, p.max_lag_s, min_frames=p.min_sync_frames)
+                cols["av_sync"], cols["av_lag_s"] = sync, lag
+                in_step = sync is None or sync >= p.min_av_sync
+                label = "speaking" if moving and in_step else "voice_over"
+                if self.asr is not None:
+                    cols.update(self.asr.transcribe(audio.samples, segments).as_columns())
+        cols["speaking_label"] = label
+        cols["caption"], cols["caption_source"] = self._caption(item, label, cols["transcript"])
+        item.columns.update(cols)
+        return [item]
+
+    def _caption(self, item: Item, label: str, transcript: str) -> tuple[str, str]:
+        """The source caption or the captioner's, made to agree with `label`."""
+        c = item.columns
+        original = c.get("caption")
+        source = "source" if original else self.captioner.name
+        if not original:
+            facts = ClipFacts(label=label, pose_buckets=list(c.get("pose_buckets") or []),
+                              yaw_min=c.get("yaw_min"), yaw_max=c.get("yaw_max"))
+            original = self.captioner.caption(facts, self._frames(item) if self.captioner.needs_frames else None)
+        caption = disambiguate(original, label, transcript)
+        return caption, source if caption == original else f"{source}+disambiguated"
+
+    def _frames(self, item: Item) -> list[np.ndarray]:
+        """A few frames spread over the clip, for captioners that look."""
+        n = self.params.vlm_frames
+        fps = n / max(item.end_s - item.start_s, 1e-3)
+        return [f for _, f in sample_frames(item.source, item.start_s, item.end_s, fps, max_side=448)][:n]

@@ -1,0 +1,264 @@
+"""Speech Disambiguation on clips built from real media (GUIDE §3).
+
+The talking clip is honest about sync: carphone's own mouth openings (measured
+by Face Constraints on the silent copy) shape the loudness of the espeak-ng
+speech laid under it, so the voice rises when the visible mouth opens. The same
+speech under a still face is a voice-over; the same speech shaped by a
+time-shifted mouth track under carphone is a voice out of step with the lips.
+Media and model are built once per session.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import av
+import jiwer
+import numpy as np
+import pytest
+
+from lafid import media
+from lafid.item import Item
+from lafid.schema import CLIP_SCHEMA, clip_row, to_table
+from lafid.speech.asr import FasterWhisperASR, embedded_whisper_dir
+from lafid.speech.audio import RATE
+from lafid.speech.captions import disambiguate
+from lafid.stage import StageWorker
+from lafid.video import content_id
+from stages.face_constraints import FaceConstraints
+from stages.shot_split import ShotSplit
+from stages.speech_disambiguation import SpeechDisambiguation
+
+FPS = 29.97
+SECONDS = 8.0
+SENTENCES = ["The quick brown fox jumps over the lazy dog near the river bank.",
+             "She sells sea shells by the sea shore every summer."]
+LABELS = {"speaking": "speaking", "voice_over": "voice_over", "mouthing": "mouthing", "silent": "silent",
+          "unsynced": "voice_over", "no_audio": "no_audio", "long_silence": "voice_over"}
+SYNC_SHIFT_S = 2.7  # the unsynced clip's mouth track is shifted this much against the video
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    norm = jiwer.Compose([jiwer.ToLowerCase(), jiwer.RemovePunctuation(), jiwer.RemoveMultipleSpaces(),
+                          jiwer.Strip(), jiwer.ReduceToListOfListOfWords()])
+    return jiwer.wer(reference, hypothesis, reference_transform=norm, hypothesis_transform=norm)
+
+
+def fit(audio: np.ndarray, seconds: float, lead_s: float = 0.0) -> np.ndarray:
+    """`audio` after `lead_s` of silence, cut or padded to `seconds`."""
+    out = np.zeros(int(seconds * RATE), np.float32)
+    lead = int(lead_s * RATE)
+    n = min(len(audio), len(out) - lead)
+    out[lead:lead + n] = audio[:n]
+    return out
+
+
+def shaped_by_mouth(speech: np.ndarray, t: np.ndarray, mouth: np.ndarray, shift_s: float) -> np.ndarray:
+    """Speech whose loudness follows the mouth opening at (time + shift_s)."""
+    ok = ~np.isnan(mouth)
+    times = (np.arange(len(speech)) / RATE + shift_s) % SECONDS
+    opening = np.interp(times, t[ok], mouth[ok])
+    lo, hi = np.percentile(opening, [10, 90])
+    gain = np.clip((opening - lo) / (hi - lo), 0.05, 1.0)
+    shaped = speech * gain
+    return (shaped / np.abs(shaped).max() * 0.8).astype(np.float32)
+
+
+def with_garbage_audio(src: str, dst: str) -> str:
+    """Copy of `src` whose audio packets keep their size and times but hold random bytes."""
+    rng = np.random.default_rng(0)
+    with av.open(src) as inp, av.open(dst, "w") as out:
+        video_in, audio_in = inp.streams.video[0], inp.streams.audio[0]
+        video_out, audio_out = out.add_stream_from_template(video_in), out.add_stream_from_template(audio_in)
+        for packet in inp.demux():
+            if packet.size == 0:
+                continue
+            if packet.stream is audio_in:
+                junk = av.Packet(rng.integers(0, 256, packet.size, dtype=np.uint8).tobytes())
+                junk.pts, junk.dts, junk.time_base = packet.pts, packet.dts, packet.time_base
+                junk.stream = audio_out
+                out.mux(junk)
+            else:
+                packet.stream = video_out
+                out.mux(packet)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def whisper_dir(tmp_path_factory):
+    return embedded_whisper_dir(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def upstream():
+    """ShotSplit + FaceConstraints at 15 fps (speech clips need a fine lip signal)."""
+    split, faces = StageWorker(ShotSplit()), StageWorker(FaceConstraints({"sample_fps": 15.0}))
+
+    def run(path: str) -> list[Item]:
+        items, _ = split.run([Item(source=path, video_id=content_id(path))])
+        items, _ = faces.run(items)
+        return items
+
+    yield run
+    split.close()
+    faces.close()
+
+
+@pytest.fixture(scope="session")
+def clips(tmp_path_factory, upstream):
+    """name -> upstream-processed items, for every clip kind the stage must label."""
+    folder = tmp_path_factory.mktemp("speech_media")
+    talk = media.carphone_frames()
+    talk = talk + talk[::-1]  # 8 s, no jump at the loop point
+    face = media.still(media.astronaut(), SECONDS, fps=FPS)
+    silence = np.zeros(int(SECONDS * RATE), np.float32)
+    speech = fit(np.concatenate([media.speak(s) for s in SENTENCES]), SECONDS, lead_s=0.25)
+
+    def build(name, frames, audio=None):
+        return str(media.write_video(str(folder / f"{name}.mp4"), frames, FPS, audio=audio))
+
+    items = {"mouthing": upstream(build("mouthing", talk, silence))}
+    t = np.asarray(items["mouthing"][0].columns["frame_t"])
+    mouth = np.asarray(items["mouthing"][0].columns["frame_mouth_open"], dtype=float)
+    synced = shaped_by_mouth(speech, t, mouth, 0.0)
+    first = media.speak(SENTENCES[0])
+    paths = {
+        "speaking": build("speaking", talk, synced),
+        "voice_over": build("voice_over", face, synced),
+        "silent": build("silent", face, silence),
+        "unsynced": build("unsynced", talk, shaped_by_mouth(speech, t, mouth, SYNC_SHIFT_S)),
+        "no_audio": media.carphone_path(),
+        "long_silence": build("long_silence", media.still(media.astronaut(), 9.5, fps=FPS),
+                              fit(first, 9.5, lead_s=5.0)),
+    }
+    paths["corrupt_audio"] = with_garbage_audio(paths["voice_over"], str(folder / "corrupt_audio.mp4"))
+    items.update({name: upstream(path) for name, path in paths.items()})
+    for name, got in items.items():
+        assert len(got) == 1 and not got[0].rejected, (name, got[0].reject if got else None)
+    return {name: got[0] for name, got in items.items()}
+
+
+@pytest.fixture(scope="session")
+def speech_stage(whisper_dir):
+    worker = StageWorker(SpeechDisambiguation({"asr_model_dir": str(whisper_dir)}))
+    yield worker
+    worker.close()
+
+
+@pytest.fixture(scope="session")
+def labelled(clips, speech_stage):
+    """Every clip through the stage in one batch: one bad clip must not stop the others."""
+    names = list(clips)
+    out, stats = speech_stage.run([clips[n] for n in names])
+    assert stats.items_in == len(names)
+    return dict(zip(names, out))
+
+
+def test_embedded_model_assembled_once(whisper_dir, tmp_path_factory):
+    model = whisper_dir / "model.bin"
+    assert model.stat().st_size > 100e6
+    assert json.loads((whisper_dir / "vocabulary.json").read_text())[-1] == "<|30.00|>"
+    before = model.stat().st_mtime_ns
+    assert embedded_whisper_dir(whisper_dir.parent) == whisper_dir
+    assert model.stat().st_mtime_ns == before  # found, not rebuilt
+    assert [p.name for p in whisper_dir.parent.iterdir()] == [whisper_dir.name]  # no temp leftovers
+
+
+def test_embedded_asr_wer(whisper_dir):
+    asr = FasterWhisperASR(str(whisper_dir), compute_type="int8", threads=2)
+    audio = media.speak(SENTENCES[0])
+    result = asr.transcribe(audio, [(0.0, len(audio) / RATE)])
+    assert wer(SENTENCES[0], result.text) <= 0.20, result.text
+    assert result.language == "en"
+    assert 0 < result.confidence <= 1
+    starts = [w.start for w in result.words]
+    assert starts == sorted(starts) and result.words[-1].end <= len(audio) / RATE + 0.05
+
+
+@pytest.mark.parametrize("name", sorted(LABELS))
+def test_labels(labelled, name):
+    item = labelled[name]
+    assert not item.rejected, item.reject
+    assert item.columns["speaking_label"] == LABELS[name], {k: item.columns[k] for k in
+                                                             ("lip_activity", "av_sync", "speech_ratio")}
+
+
+def test_sync_is_what_separates_speaking_from_unsynced(labelled):
+    speaking, unsynced, voice_over = (labelled[n].columns for n in ("speaking", "unsynced", "voice_over"))
+    assert speaking["av_sync"] >= 0.4 > unsynced["av_sync"]
+    assert abs(speaking["av_lag_s"]) <= 0.1
+    # both talking clips move their lips; the still face does not
+    assert min(speaking["lip_activity"], unsynced["lip_activity"]) > 0.1 > voice_over["lip_activity"]
+
+
+def test_speech_columns_and_transcript(labelled):
+    c = labelled["speaking"].columns
+    assert 0.8 < c["speech_ratio"] <= 1.0
+    assert wer(" ".join(SENTENCES), c["transcript"]) <= 0.40, c["transcript"]  # AAC + loudness shaping
+    assert c["language"] == "en" and c["words"]
+    assert all(0 <= w["start"] <= w["end"] <= SECONDS + 0.05 for w in c["words"])
+    assert c["transcript"].lower().rstrip(".") in c["caption"].lower()
+    table = to_table([clip_row(labelled[n]) for n in LABELS], CLIP_SCHEMA)  # shards accept every row
+    assert table.num_rows == len(LABELS)
+
+
+def test_long_silence_only_speech_reaches_asr(labelled):
+    c = labelled["long_silence"].columns
+    (start, end), = c["speech_segments"]
+    assert 4.5 <= start <= 5.3 and end <= 9.5
+    assert c["speech_ratio"] < 0.55
+    # through AAC at 16 kHz Whisper-base slips a word or two more than on the clean
+    # sentence (test_embedded_asr_wer holds the 20% bar); "riverbank" alone costs 2 of 13
+    assert wer(SENTENCES[0], c["transcript"]) <= 0.40, c["transcript"]
+    assert c["words"][0]["start"] >= start  # word times mapped back to the clip
+
+
+def test_silent_clips_have_no_transcript(labelled):
+    for name in ("silent", "mouthing", "no_audio"):
+        c = labelled[name].columns
+        assert c["speech_segments"] == [] and c["transcript"] == "" and c["av_sync"] is None
+
+
+def test_corrupt_audio_rejected_with_reason(labelled):
+    item = labelled["corrupt_audio"]
+    assert item.rejected and item.reject.reason == "corrupt_audio"
+    assert item.reject.stage == "speech_disambiguation"
+
+
+def test_captions_agree_with_labels(labelled):
+    transcript = labelled["speaking"].columns["transcript"]
+    for name, label in LABELS.items():
+        c = labelled[name].columns
+        # the template already agrees with the label; only the speaking clip's transcript is added
+        assert c["caption_source"] == ("template+disambiguated" if label == "speaking" else "template")
+        if label != "speaking":
+            assert "speaks to the camera" not in c["caption"]
+            assert transcript.lower().rstrip(".")[:20] not in c["caption"].lower()
+    assert "off-camera" in labelled["voice_over"].columns["caption"]
+
+
+def test_source_caption_rewritten_on_voice_over(clips, speech_stage):
+    item = dataclasses.replace(clips["voice_over"], columns=dict(clips["voice_over"].columns), reject=None)
+    item.columns["caption"] = 'A woman in a spacesuit is talking to the camera, saying "the quick brown fox".'
+    (out,), _ = speech_stage.run([item])
+    c = out.columns
+    assert c["speaking_label"] == "voice_over" and c["caption_source"] == "source+disambiguated"
+    assert "talking" not in c["caption"] and "fox" not in c["caption"]
+    assert c["caption"].startswith("A woman in a spacesuit is shown while someone off-camera speaks")
+
+
+@pytest.mark.parametrize("label, expect, absent", [
+    ("voice_over", "Two men are shown while someone off-camera speaks.", "chatting"),
+    ("silent", "Two men are silent.", "chatting"),
+    ("mouthing", "Two men are moving their lips without audible speech.", "chatting"),
+    ("no_audio", "Two men are shown (the clip has no sound).", "chatting"),
+    ("speaking", 'Two men are chatting in a car. They say: "hi there"', None),
+])
+def test_disambiguate(label, expect, absent):
+    got = disambiguate('Two men are chatting in a car. "hi there"', label, "hi there")
+    assert got == expect
+    assert absent is None or absent not in got
+    if label != "speaking":
+        assert disambiguate(got, label, "hi there") == got  # stable on a second pass
+        assert "hi there" not in disambiguate(f"A man says hi there. {got}", label, "hi there")
