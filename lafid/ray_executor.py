@@ -23,8 +23,8 @@ _QUIET_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 class _StageActor:
-    def __init__(self, stage: Stage):
-        self.worker = StageWorker(stage)
+    def __init__(self, stage: Stage, last: bool):
+        self.worker = StageWorker(stage, last)
 
     def run(self, items: list[Item]):
         return self.worker.run(items)
@@ -58,7 +58,7 @@ def _check_fits(recipe: Recipe, stages: list[Stage]) -> None:
 
 
 class _Pool:
-    def __init__(self, stage: Stage, workers: int, batch_size: int):
+    def __init__(self, stage: Stage, workers: int, batch_size: int, last: bool):
         res = stage.resources
         actor = ray.remote(_StageActor).options(
             num_cpus=res.cpus, num_gpus=res.gpus or None,
@@ -66,7 +66,7 @@ class _Pool:
         )
         self.name = stage.name
         self.batch_size = batch_size
-        self.actors = [actor.remote(stage) for _ in range(workers)]
+        self.actors = [actor.remote(stage, last) for _ in range(workers)]
         self.idle = deque(self.actors)
         self.queue: deque[Item] = deque()
 
@@ -81,7 +81,8 @@ def run_ray(recipe: Recipe, items, sink, address: str | None = None, num_cpus: i
     stages = recipe.build_stages()
     try:
         _check_fits(recipe, stages)
-        pools = [_Pool(stage, spec.workers, spec.batch_size) for stage, spec in zip(stages, recipe.stages)]
+        pools = [_Pool(stage, spec.workers, spec.batch_size, last=i == len(stages) - 1)
+                 for i, (stage, spec) in enumerate(zip(stages, recipe.stages))]
         _stream(recipe, pools, iter(items), sink)
         for pool in pools:
             pool.close()

@@ -55,6 +55,7 @@ class Sink:
     on_update: Callable[[], None] = lambda: None
 
     def put(self, item: Item) -> bool:
+        item.work.clear()
         self.stats.finished(item)
         done = self.writer.add(item)
         if done:
@@ -64,24 +65,28 @@ class Sink:
 
 
 def run_sequential(recipe: Recipe, items: Iterable[Item], sink: Sink) -> None:
-    """Every stage in this process, one video at a time: for tests and debugging."""
-    workers = [StageWorker(stage) for stage in recipe.build_stages()]
+    """Every stage in this process, depth first: each batch goes all the way to the
+    writer before the next is started, so memory does not grow with video length."""
+    stages = recipe.build_stages()
+    workers = [StageWorker(stage, last=i == len(stages) - 1) for i, stage in enumerate(stages)]
+
+    def push(pending: list[Item], level: int) -> None:
+        spec, worker = recipe.stages[level], workers[level]
+        for start in range(0, len(pending), spec.batch_size):
+            out, stats = worker.run(pending[start:start + spec.batch_size])
+            sink.stats.stage(spec.stage, stats)
+            onward = []
+            for item in out:
+                if item.rejected or level + 1 == len(workers):
+                    sink.put(item)
+                else:
+                    onward.append(item)
+            if onward:
+                push(onward, level + 1)
+
     try:
         for video in items:
-            pending = [video]
-            for spec, worker in zip(recipe.stages, workers):
-                live = []
-                for start in range(0, len(pending), spec.batch_size):
-                    out, stats = worker.run(pending[start:start + spec.batch_size])
-                    sink.stats.stage(spec.stage, stats)
-                    for item in out:
-                        if item.rejected:
-                            sink.put(item)
-                        else:
-                            live.append(item)
-                pending = live
-            for item in pending:
-                sink.put(item)
+            push([video], 0)
     finally:
         for worker in workers:
             worker.close()

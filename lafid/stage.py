@@ -107,8 +107,9 @@ class StageWorker:
     in a test, in the sequential runner and inside a Ray actor.
     """
 
-    def __init__(self, stage: Stage):
+    def __init__(self, stage: Stage, last: bool = False):
         self.stage = stage
+        self.last = last  # the last stage drops working data instead of shipping it to the writer
         pin_native_threads(stage.resources.threads)
         stage.setup()
 
@@ -127,6 +128,9 @@ class StageWorker:
                     detail = f"{type(exc).__name__}: {exc}"
                     tb = traceback.format_exc(limit=-2).strip().splitlines()
                     out.append(item.drop(self.stage.name, "stage_error", f"{detail} [{tb[-1] if tb else ''}]"))
+        if self.last:
+            for item in out:
+                item.work.clear()
         stats = BatchStats(
             items_in=len(live),
             items_out=sum(1 for i in out if not i.rejected),
