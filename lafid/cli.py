@@ -120,5 +120,34 @@ def schema() -> None:
             typer.echo(f"| `{f.name}` | `{f.type}` | {(f.metadata or {}).get(b'doc', b'').decode()} |")
 
 
+@app.command()
+def identities(
+    out: Path = typer.Argument(..., help="a curate output folder (clips-*.parquet)"),
+    threshold: Optional[float] = typer.Option(None, help="same-person distance; default: the backend's own"),
+    cell_size: int = typer.Option(2048, help="clips per k-means blocking cell"),
+    probes: int = typer.Option(2, help="nearest cells each clip joins"),
+) -> None:
+    """Cluster clips by the identity of their reference face; writes identities.parquet."""
+    from collections import Counter
+
+    from rich.table import Table
+
+    from lafid.identity.cluster import OUTPUT, identities as run
+
+    try:
+        s = run(out, threshold=threshold, cell_size=cell_size, probes=probes)
+    except (FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    table = Table(title=f"{len(s['sizes'])} identities over {s['clips']} clips "
+                        f"({s['backend']}, threshold {s['threshold']:g}; {s['skipped']} clips without embedding)")
+    table.add_column("clips per identity", justify="right")
+    table.add_column("identities", justify="right")
+    for size, count in sorted(Counter(s["sizes"]).items(), reverse=True):
+        table.add_row(str(size), str(count))
+    console.print(table)
+    console.print(f"output: {out / OUTPUT}")
+
+
 if __name__ == "__main__":
     app()
