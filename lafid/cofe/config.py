@@ -1,0 +1,138 @@
+"""CoFE training recipes: YAML (yaml.safe_load) validated by pydantic, unknown keys rejected.
+
+Every model part is either a local directory/file (`path`, real weights) or a
+`config` mapping (random weights at that size: the tiny CPU recipe). Nothing is
+fetched from a hub.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lafid.pose import BUCKETS
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _PathOrConfig(_Strict):
+    path: Path | None = Field(None, description="local model directory or weights file")
+    config: dict[str, Any] = Field(default_factory=dict, description="architecture config when no path is given")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.path is not None and not self.path.exists():
+            raise ValueError(f"model path does not exist: {self.path}")
+        return self
+
+
+class IdentityConfig(_Strict):
+    backend: Literal["onnx", "iresnet"] = "iresnet"
+    path: Path | None = Field(None, description="ArcFace .onnx (backend onnx) or IResNet weights (iresnet)")
+    dim: int = Field(512, description="embedding size; must match precomputed shard embeddings when used")
+    layers: list[int] = Field([3, 13, 30, 3], description="IResNet blocks per stage (iresnet50 by default)")
+    width: int = 64
+
+    @model_validator(mode="after")
+    def _needs_model(self):
+        if self.backend == "onnx" and (self.path is None or not self.path.exists()):
+            raise ValueError(f"identity backend onnx needs an existing .onnx path, got {self.path}")
+        if self.path is not None and not self.path.exists():
+            raise ValueError(f"identity weights not found: {self.path}")
+        return self
+
+
+class VisionConfig(_PathOrConfig):
+    pass
+
+
+class TextConfig(_PathOrConfig):
+    """UMT5 encoder + tokenizer directory (Wan's), or a tiny T5 config with the file-free ByT5 tokenizer."""
+
+    max_length: int = 512
+
+
+class DataConfig(_Strict):
+    shards: list[str] = Field(..., description="folders (searched for clips-*.parquet) or shard files; any fsspec URL")
+    num_frames: int = Field(5, ge=1, description="target frames per clip (Wan: 4k+1)")
+    frame_stride: int = Field(2, ge=1, description="source frames between target frames")
+    height: int = 64
+    width: int = 64
+    face_size: int = Field(112, description="side of the reference face crop given to the experts")
+    face_margin: float = Field(0.3, ge=0, description="box enlargement on each side, share of the box side")
+    bucket_weights: dict[str, float] = Field(default_factory=dict,
+                                             description="epoch repeat factor per pose bucket (clip takes its max)")
+    seed: int = 0
+    batch_size: int = 1
+    num_workers: int = 0
+
+    @model_validator(mode="after")
+    def _known_buckets(self):
+        unknown = set(self.bucket_weights) - set(BUCKETS)
+        if unknown:
+            raise ValueError(f"unknown pose buckets {sorted(unknown)}; known: {list(BUCKETS)}")
+        return self
+
+
+class CoFEConfig(_Strict):
+    face_tokens: int = Field(4, ge=1, description="tokens each expert is resampled to")
+    heads: int = Field(8, description="heads of the shared projections' resampler")
+    expert_hidden: int | None = Field(None, description="hidden width of each per-block expert (default dim/4)")
+    gate_hidden: int = 256
+    gate_inputs: list[Literal["face", "timestep", "hidden"]] = Field(
+        ["face"], description="paper default: projected face features only; add timestep/hidden to condition on them")
+    lora_rank: int = Field(0, ge=0, description="LoRA rank on the backbone's attention (0 = off)")
+    lora_targets: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+class TrainConfig(_Strict):
+    output_dir: Path = Path("out/cofe")
+    steps: int = 100
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    grad_accum: int = Field(1, ge=1)
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["no", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    flow_shift: float = Field(3.0, description="Wan's sigma shift (3 for 480p, 5 for 720p)")
+    save_every: int = 50
+    log_every: int = 1
+    seed: int = 0
+
+
+class CoFERecipe(_Strict):
+    name: str
+    description: str = ""
+    data: DataConfig
+    transformer: _PathOrConfig
+    vae: _PathOrConfig
+    text: TextConfig
+    identity: IdentityConfig = IdentityConfig()
+    semantic: VisionConfig
+    detail: VisionConfig
+    cofe: CoFEConfig = CoFEConfig()
+    train: TrainConfig = TrainConfig()
+
+
+def load_cofe_recipe(recipe: str | Path) -> CoFERecipe:
+    """A path, or the name of a bundled recipe in pipelines/ ("cofe_tiny"); errors name the key."""
+    from lafid.recipe import RecipeError, resolve
+
+    path = resolve(recipe)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a CoFE recipe is a mapping")
+    try:
+        return CoFERecipe(**data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors())
+        raise RecipeError(f"{path}: {problems}") from None

@@ -1,0 +1,225 @@
+"""Clip shards -> training samples: target frames, a pose-aware reference face, caption, embeddings.
+
+One epoch's order is a pure function of (seed, epoch): shards in a seeded order,
+rows shuffled within each shard (so a worker reads each shard once), each row
+repeated by its pose-bucket weight. Ranks take every world_size-th entry (cut to
+equal length so they stay in step), DataLoader workers every num_workers-th of
+those: no clip is seen twice in an epoch unless its weight asks for it. Position =
+(epoch, samples this rank consumed), enough to resume exactly; per-sample
+randomness is seeded by the sample's place in the epoch, not by the worker.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from lafid.cofe.config import DataConfig
+from lafid.pose import pose_bucket
+from lafid.video import sample_frames
+
+SHARD_GLOB = "clips-*.parquet"
+COLUMNS = ["clip_id", "source", "start_s", "end_s", "fps", "frame_t", "frame_yaw", "frame_pitch", "frame_box",
+           "pose_buckets", "caption", "id_ref_embedding", "id_ref_t", "id_rep_embeddings", "id_rep_t", "id_rep_yaw"]
+
+
+def resolve_shards(sources: Sequence[str]) -> tuple[Any, list[str]]:
+    """(pyarrow filesystem, shard paths) for folders or files on any fsspec filesystem."""
+    import fsspec
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    files: list[str] = []
+    fs = None
+    for source in sources:
+        fs_, path = fsspec.core.url_to_fs(str(source))
+        if fs is not None and fs_.protocol != fs.protocol:
+            raise ValueError("all shards must live on one filesystem")
+        fs = fs_
+        files += sorted(fs.glob(f"{path.rstrip('/')}/{SHARD_GLOB}")) if fs.isdir(path) else [path]
+    if not files:
+        raise FileNotFoundError(f"no {SHARD_GLOB} under {list(sources)}")
+    return PyFileSystem(FSSpecHandler(fs)), files
+
+
+@dataclass(frozen=True)
+class FacePose:
+    t: float          # seconds from clip start
+    bucket: str
+    box: tuple[float, float, float, float]
+    embedding: tuple[float, ...] | None  # precomputed identity embedding of this very face, if any
+
+
+def face_poses(row: dict) -> list[FacePose]:
+    """Reference candidates: the pipeline's representative faces when present, else every measured frame."""
+    t = np.asarray(row["frame_t"] or [], np.float64)
+    yaw = np.asarray([np.nan if v is None else v for v in row["frame_yaw"] or []], np.float64)
+    pitch = np.asarray([np.nan if v is None else v for v in row["frame_pitch"] or []], np.float64)
+    boxes = row["frame_box"] or []
+    measured = [i for i in range(len(t)) if not np.isnan(yaw[i]) and boxes[i] is not None]
+    if not measured:
+        raise ValueError(f"clip {row['clip_id']} has no measured face")
+    if row.get("id_rep_embeddings"):
+        out = []
+        for rt, ryaw, emb in zip(row["id_rep_t"], row["id_rep_yaw"], row["id_rep_embeddings"]):
+            i = min(measured, key=lambda j: abs(t[j] - rt))
+            out.append(FacePose(rt, pose_bucket(ryaw, float(np.nan_to_num(pitch[i]))), tuple(boxes[i]), tuple(emb)))
+        return out
+    ref_t, ref_emb = row.get("id_ref_t"), row.get("id_ref_embedding")
+    return [FacePose(float(t[i]), pose_bucket(yaw[i], float(np.nan_to_num(pitch[i]))), tuple(boxes[i]),
+                     tuple(ref_emb) if ref_emb and ref_t is not None and abs(ref_t - t[i]) < 1e-3 else None)
+            for i in measured]
+
+
+def plan_clip(row: dict, cfg: DataConfig, rng: np.random.Generator) -> tuple[float, FacePose, set[str]]:
+    """(target window start, reference face, target buckets): the reference's pose bucket differs from
+    every target frame's whenever the clip has more than one bucket."""
+    poses = face_poses(row)
+    duration = row["end_s"] - row["start_s"]
+    span = (cfg.num_frames - 1) * cfg.frame_stride / row["fps"]
+    starts = np.linspace(0.0, max(0.0, duration - span), num=16) if duration > span else np.zeros(1)
+
+    def buckets_in(a: float) -> set[str]:
+        inside = {p.bucket for p in poses if a - 1e-6 <= p.t <= a + span + 1e-6}
+        return inside or {min(poses, key=lambda p: abs(p.t - a - span / 2)).bucket}
+
+    plans = [(a, buckets_in(a)) for a in starts]
+    useful = [(a, b) for a, b in plans if any(p.bucket not in b for p in poses)]
+    a, targets = (useful or plans)[rng.integers(len(useful or plans))]
+    other = [p for p in poses if p.bucket not in targets]
+    outside = [p for p in poses if not a <= p.t <= a + span]
+    pool = other or outside or poses
+    return float(a), pool[rng.integers(len(pool))], targets
+
+
+def fit(frame: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Centre-crop to the target aspect, then resize."""
+    h, w = frame.shape[:2]
+    scale = min(w / width, h / height)
+    cw, ch = int(round(width * scale)), int(round(height * scale))
+    x, y = (w - cw) // 2, (h - ch) // 2
+    return cv2.resize(frame[y:y + ch, x:x + cw], (width, height), interpolation=cv2.INTER_AREA)
+
+
+def crop_face(frame: np.ndarray, box: Sequence[float], margin: float, size: int) -> np.ndarray:
+    """Square crop around a normalised box, enlarged by `margin`, edge-padded, resized to `size`."""
+    h, w = frame.shape[:2]
+    x0, y0, x1, y1 = box[0] * w, box[1] * h, box[2] * w, box[3] * h
+    side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    l, t = int(round(cx - side / 2)), int(round(cy - side / 2))
+    s = max(2, int(round(side)))
+    pad = max(0, -l, -t, l + s - w, t + s - h)
+    padded = cv2.copyMakeBorder(frame, pad, pad, pad, pad, cv2.BORDER_REPLICATE) if pad else frame
+    return cv2.resize(padded[t + pad:t + pad + s, l + pad:l + pad + s], (size, size), interpolation=cv2.INTER_AREA)
+
+
+def decode_frames(source: str, start_s: float, fps: float, count: int, stride: int) -> list[np.ndarray]:
+    """`count` frames from `start_s`, `stride` source frames apart; the last repeats if the video ends."""
+    step = stride / fps
+    end = start_s + count * step
+    frames = [f for _, f in sample_frames(source, start_s, end, fps / stride)][:count]
+    if not frames:
+        raise ValueError(f"no frames decoded from {source} at {start_s:.3f}s")
+    return frames + [frames[-1]] * (count - len(frames))
+
+
+class ClipDataset(IterableDataset):
+    """Training samples from clip shards; see the module docstring for splitting and resume."""
+
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, cache_shards: int = 2):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.fs, self.files = resolve_shards(cfg.shards)
+        self.cache_shards = cache_shards
+        self.rows: list[list[int]] = []      # row indices per file
+        self.weights: list[np.ndarray] = []  # repeat factor per row
+        for path in self.files:
+            buckets = pq.read_table(path, columns=["pose_buckets"], filesystem=self.fs)["pose_buckets"].to_pylist()
+            self.rows.append(list(range(len(buckets))))
+            self.weights.append(np.array([max((cfg.bucket_weights.get(b, 1.0) for b in bs or []), default=1.0)
+                                          for bs in buckets]))
+        self.epoch, self.offset = 0, 0
+        self._tables: OrderedDict[int, list[dict]] = OrderedDict()
+
+    def set_position(self, epoch: int, offset: int) -> None:
+        """Start the next iteration at sample `offset` of `epoch` (this rank's count)."""
+        self.epoch, self.offset = epoch, offset
+
+    def epoch_order(self, epoch: int) -> list[tuple[int, int]]:
+        """(file, row) for every sample of an epoch, all ranks together."""
+        rng = np.random.default_rng([self.cfg.seed, epoch])
+        order: list[tuple[int, int]] = []
+        for f in rng.permutation(len(self.files)):
+            w = self.weights[f]
+            repeats = np.floor(w).astype(int) + (rng.random(len(w)) < w - np.floor(w))
+            block = [(int(f), r) for r in self.rows[f] for _ in range(repeats[r])]
+            order += [block[i] for i in rng.permutation(len(block))]
+        return order
+
+    def rank_order(self, epoch: int) -> list[tuple[int, int]]:
+        order = self.epoch_order(epoch)
+        return order[self.rank::self.world_size][: len(order) // self.world_size]
+
+    def __len__(self) -> int:
+        return len(self.rank_order(self.epoch))
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        mine = self.rank_order(self.epoch)
+        for k in range(self.offset, len(mine)):
+            if (k - self.offset) % workers == worker:
+                f, r = mine[k]
+                rng = np.random.default_rng([self.cfg.seed, self.epoch, self.rank, k])
+                yield self.sample(self._row(f, r), rng)
+
+    def _row(self, f: int, r: int) -> dict:
+        if f not in self._tables:
+            names = pq.read_schema(self.files[f], filesystem=self.fs).names
+            table = pq.read_table(self.files[f], columns=[c for c in COLUMNS if c in names], filesystem=self.fs)
+            self._tables[f] = table.to_pylist()
+            while len(self._tables) > self.cache_shards:
+                self._tables.popitem(last=False)
+        self._tables.move_to_end(f)
+        return self._tables[f][r]
+
+    def sample(self, row: dict, rng: np.random.Generator) -> dict:
+        cfg = self.cfg
+        a, ref, targets = plan_clip(row, cfg, rng)
+        frames = decode_frames(row["source"], row["start_s"] + a, row["fps"], cfg.num_frames, cfg.frame_stride)
+        ref_frame = decode_frames(row["source"], row["start_s"] + ref.t, row["fps"], 1, 1)[0]
+        return {
+            "clip_id": row["clip_id"],
+            "frames": torch.from_numpy(np.stack([fit(f, cfg.width, cfg.height) for f in frames])),
+            "face": torch.from_numpy(crop_face(ref_frame, ref.box, cfg.face_margin, cfg.face_size)),
+            "id_embedding": torch.tensor(ref.embedding or (), dtype=torch.float32),
+            "caption": row.get("caption") or "",
+            "target_buckets": sorted(targets),
+            "ref_bucket": ref.bucket,
+            "clip_buckets": sorted({p.bucket for p in face_poses(row)}),
+        }
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack tensors; identity embeddings are kept only where a row had one (`has_id`)."""
+    has_id = torch.tensor([s["id_embedding"].numel() > 0 for s in samples])
+    dim = max(s["id_embedding"].numel() for s in samples)
+    batch = {k: [s[k] for s in samples] for k in samples[0] if k not in ("frames", "face", "id_embedding")}
+    batch["frames"] = torch.stack([s["frames"] for s in samples])
+    batch["face"] = torch.stack([s["face"] for s in samples])
+    batch["has_id"] = has_id
+    batch["id_embedding"] = torch.stack([s["id_embedding"] if s["id_embedding"].numel() else torch.zeros(dim)
+                                         for s in samples]) if dim else None
+    return batch
+
+
+def epochs_len(dataset: ClipDataset, batch_size: int) -> int:
+    """Batches per epoch for this rank."""
+    return math.ceil(len(dataset) / batch_size)

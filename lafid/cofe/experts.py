@@ -1,0 +1,162 @@
+"""The three frozen face experts: identity (ArcFace), semantic (CLIP vision), detail (DINOv2).
+
+Production weights come from local model directories/files the user supplies (no
+hub downloads). Without one, an expert is built from its config with random
+weights: the same architecture at a tiny size, which is what CPU tests train on.
+Identity embeddings precomputed by the curation pipeline are used when present.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lafid.cofe.config import IdentityConfig, VisionConfig
+
+ARCFACE_SIZE = 112
+
+
+class _IBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.PReLU(cout),
+            nn.Conv2d(cout, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout))
+        self.down = None if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + (x if self.down is None else self.down(x))
+
+
+class IResNet(nn.Module):
+    """ArcFace's IResNet (insightface arcface_torch layout), 112x112 RGB in [-1, 1] -> embedding."""
+
+    def __init__(self, layers: list[int], width: int = 64, dim: int = 512):
+        super().__init__()
+        chans = [width, width * 2, width * 4, width * 8]
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.PReLU(width))
+        stages, cin = [], width
+        for n, cout in zip(layers, chans):
+            stages += [_IBlock(cin, cout, 2)] + [_IBlock(cout, cout, 1) for _ in range(n - 1)]
+            cin = cout
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Sequential(nn.BatchNorm2d(cin), nn.Flatten(), nn.Linear(cin * 7 * 7, dim), nn.BatchNorm1d(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(self.stem(x)))
+
+
+def _load_state(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+class IdentityExpert(nn.Module):
+    """f_id: one 512-d (or `dim`) ArcFace vector per face, as a single token.
+
+    Backends: `onnx` runs an insightface ArcFace model (w600k_r50.onnx, glintr100.onnx)
+    with onnxruntime; `iresnet` runs the torch port (weights from a .safetensors or
+    state-dict file, random when none). Rows that carry a precomputed embedding skip both.
+    """
+
+    def __init__(self, cfg: IdentityConfig):
+        super().__init__()
+        self.dim = cfg.dim
+        self.session = None
+        self.net = None
+        if cfg.backend == "onnx":
+            import onnxruntime as ort
+
+            self.session = ort.InferenceSession(str(cfg.path), providers=ort.get_available_providers())
+            self.input_name = self.session.get_inputs()[0].name
+        else:
+            self.net = IResNet(cfg.layers, cfg.width, cfg.dim)
+            if cfg.path:
+                self.net.load_state_dict(_load_state(Path(cfg.path)))
+        self.requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def encode(self, faces: torch.Tensor) -> torch.Tensor:
+        """uint8 faces (B, H, W, 3) RGB -> (B, dim) L2-normalised embeddings."""
+        x = faces.permute(0, 3, 1, 2).float()
+        x = F.interpolate(x, size=(ARCFACE_SIZE, ARCFACE_SIZE), mode="bilinear", antialias=True, align_corners=False)
+        x = (x - 127.5) / 127.5
+        if self.session is not None:
+            out = self.session.run(None, {self.input_name: x.cpu().numpy().astype(np.float32)})[0]
+            emb = torch.from_numpy(out).to(faces.device)
+        else:
+            emb = self.net(x.to(next(self.net.parameters()).device))
+        return F.normalize(emb.float(), dim=-1)
+
+    def forward(self, faces: torch.Tensor, precomputed: torch.Tensor | None = None,
+                has_precomputed: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 1, dim) tokens; rows flagged in `has_precomputed` take `precomputed` as is."""
+        if precomputed is None or has_precomputed is None:
+            emb = self.encode(faces)
+        elif bool(has_precomputed.all()):
+            emb = precomputed.float()
+        else:
+            emb = torch.where(has_precomputed[:, None], precomputed.float(), self.encode(faces))
+        return F.normalize(emb, dim=-1).unsqueeze(1)
+
+
+class VisionExpert(nn.Module):
+    """Patch tokens (CLS included) of a frozen transformers vision tower: CLIP (semantic) or DINOv2 (detail)."""
+
+    MEAN_STD = {"clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+                "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+
+    def __init__(self, kind: str, cfg: VisionConfig):
+        super().__init__()
+        if kind == "clip":
+            from transformers import CLIPVisionConfig as Config, CLIPVisionModel as Model
+        else:
+            from transformers import Dinov2Config as Config, Dinov2Model as Model
+        if cfg.path:
+            self.model = Model.from_pretrained(str(cfg.path), local_files_only=True)
+        else:
+            self.model = Model(Config(**cfg.config))
+        self.image_size = self.model.config.image_size
+        self.dim = self.model.config.hidden_size
+        mean, std = self.MEAN_STD[kind]
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def forward(self, faces: torch.Tensor) -> torch.Tensor:
+        x = faces.permute(0, 3, 1, 2).float() / 255.0
+        size = (self.image_size, self.image_size)
+        x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        x = ((x - self.mean) / self.std).to(self.model.dtype)
+        return self.model(pixel_values=x).last_hidden_state
+
+
+class FaceExperts(nn.Module):
+    """The three frozen experts; `forward` gives the feature dict CoFEAdapter.faces expects."""
+
+    def __init__(self, identity: IdentityConfig, semantic: VisionConfig, detail: VisionConfig):
+        super().__init__()
+        self.identity = IdentityExpert(identity)
+        self.semantic = VisionExpert("clip", semantic)
+        self.detail = VisionExpert("dinov2", detail)
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {"id": self.identity.dim, "sem": self.semantic.dim, "det": self.detail.dim}
+
+    def train(self, mode: bool = True) -> "FaceExperts":
+        return super().train(False)  # frozen: BatchNorm/dropout stay in inference mode
+
+    def forward(self, faces: torch.Tensor, id_embedding: torch.Tensor | None = None,
+                has_id: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return {"id": self.identity(faces, id_embedding, has_id),
+                "sem": self.semantic(faces), "det": self.detail(faces)}

@@ -1,0 +1,190 @@
+"""CoFE training loop: accelerate, AdamW on CoFE (+LoRA), grad accumulation, exact resume.
+
+Checkpoints are safetensors plus JSON, never pickle: `trainable.safetensors` (CoFE +
+LoRA weights), `optimizer.safetensors` + `optimizer.json` (AdamW moments and its
+param groups), and per rank `rank{r}.safetensors` (RNG states) + `rank{r}.json`
+(step, data position, LR scheduler). Loading one and going on gives the same
+parameters as never stopping.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from lafid.cofe.config import CoFERecipe, load_cofe_recipe
+from lafid.cofe.data import ClipDataset, collate
+from lafid.cofe.model import CoFEModel
+
+CKPT_PREFIX = "checkpoint-"
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)   # one per optimizer step run in this call
+    clips: int = 0
+    seconds: float = 0.0
+    checkpoint: Path | None = None
+
+
+def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors = {f"{i}.{k}": v.contiguous() for i, s in state["state"].items() for k, v in s.items()}
+    return tensors, {"param_groups": state["param_groups"], "state_keys": {str(i): list(s) for i, s in state["state"].items()}}
+
+
+def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state = {int(i): {k: tensors[f"{i}.{k}"] for k in keys} for i, keys in meta["state_keys"].items()}
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    out = {"noise": generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return out
+
+
+def _set_rng_state(generator: torch.Generator, states: dict[str, torch.Tensor]) -> None:
+    generator.set_state(states["noise"])
+    torch.set_rng_state(states["torch"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([states[f"cuda{i}"] for i in range(torch.cuda.device_count())])
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    done = [p for p in output_dir.glob(f"{CKPT_PREFIX}*") if (p / "done").exists()]
+    return max(done, key=lambda p: int(p.name[len(CKPT_PREFIX):]), default=None)
+
+
+class Trainer:
+    def __init__(self, recipe: CoFERecipe):
+        from accelerate import Accelerator
+
+        self.recipe = recipe
+        t = recipe.train
+        self.acc = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum)
+        torch.manual_seed(t.seed)  # the same random tiny weights / CoFE init on every rank and run
+        self.model = CoFEModel(recipe)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        warmup = max(1, t.warmup_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        self.model, self.optimizer = self.acc.prepare(self.model, optimizer)
+        self.scheduler = scheduler  # stepped once per optimizer step, not per process
+        self.dataset = ClipDataset(recipe.data, rank=self.acc.process_index, world_size=self.acc.num_processes)
+        self.generator = torch.Generator().manual_seed(t.seed * 1009 + self.acc.process_index)
+        self.step, self.epoch, self.offset = 0, 0, 0
+
+    @property
+    def core(self) -> CoFEModel:
+        return self.acc.unwrap_model(self.model)
+
+    @property
+    def plain_optimizer(self) -> torch.optim.Optimizer:
+        return self.optimizer.optimizer  # accelerate's wrapper holds the torch optimizer
+
+    def save(self, folder: Path) -> Path:
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        rank = self.acc.process_index
+        if self.acc.is_main_process:
+            save_file({k: v.detach().contiguous() for k, v in self.core.trainable_state().items()},
+                      folder / "trainable.safetensors")
+            tensors, meta = _optimizer_to_files(self.plain_optimizer)
+            save_file(tensors, folder / "optimizer.safetensors")
+            (folder / "optimizer.json").write_text(json.dumps(meta))
+        save_file(_rng_state(self.generator), folder / f"rank{rank}.safetensors")
+        (folder / f"rank{rank}.json").write_text(json.dumps(
+            {"step": self.step, "epoch": self.epoch, "offset": self.offset, "scheduler": self.scheduler.state_dict()}))
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            (folder / "done").write_text(str(self.step))
+        return folder
+
+    def load(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        rank = self.acc.process_index
+        weights = load_file(str(folder / "trainable.safetensors"))
+        missing = set(self.core.trainable_state()) - set(weights)
+        if missing:
+            raise KeyError(f"{folder}: checkpoint lacks {sorted(missing)[:3]}...")
+        self.core.load_state_dict(weights, strict=False)
+        self.plain_optimizer.load_state_dict(_optimizer_from_files(load_file(str(folder / "optimizer.safetensors")),
+                                                  json.loads((folder / "optimizer.json").read_text())))
+        meta = json.loads((folder / f"rank{rank}.json").read_text())
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.step, self.epoch, self.offset = meta["step"], meta["epoch"], meta["offset"]
+        _set_rng_state(self.generator, load_file(str(folder / f"rank{rank}.safetensors")))
+
+    def batches(self):
+        """Endless (batch, size) stream from the saved data position, one epoch after another."""
+        d = self.recipe.data
+        while True:
+            self.dataset.set_position(self.epoch, self.offset)
+            loader = DataLoader(self.dataset, batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=collate)
+            for batch in loader:
+                yield batch, len(batch["clip_id"])
+            self.epoch, self.offset = self.epoch + 1, 0
+
+    def fit(self, steps: int | None = None, progress: bool = True) -> TrainResult:
+        """Run until optimizer step `steps` (default: the recipe's), checkpointing on the way."""
+        from tqdm.auto import tqdm
+
+        t = self.recipe.train
+        steps = t.steps if steps is None else steps
+        result = TrainResult(steps=self.step)
+        self.model.train()
+        stream = self.batches()
+        bar = tqdm(total=steps, initial=self.step, disable=not (progress and self.acc.is_main_process),
+                   desc="cofe", unit="step")
+        start = time.perf_counter()
+        metrics = Path(t.output_dir) / "metrics.jsonl"
+        metrics.parent.mkdir(parents=True, exist_ok=True)
+        while self.step < steps:
+            total = 0.0
+            for _ in range(t.grad_accum):
+                batch, n = next(stream)
+                with self.acc.accumulate(self.model), self.acc.autocast():
+                    loss = self.model(batch, self.generator)
+                    self.acc.backward(loss)
+                    if self.acc.sync_gradients:
+                        self.acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
+                    self.optimizer.step()
+                    if self.acc.sync_gradients:
+                        self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                self.offset += n
+                result.clips += n
+                total += loss.item() / t.grad_accum
+            self.step += 1
+            result.losses.append(total)
+            bar.update(1)
+            if self.step % t.log_every == 0 and self.acc.is_main_process:
+                bar.set_postfix(loss=f"{total:.4f}")
+                with metrics.open("a") as fh:
+                    fh.write(json.dumps({"step": self.step, "loss": total, "lr": self.scheduler.get_last_lr()[0],
+                                         "gates": self.core.adapter.gates().mean(1).tolist()}) + "\n")
+            if self.step % t.save_every == 0 or self.step == steps:
+                result.checkpoint = self.save(Path(t.output_dir) / f"{CKPT_PREFIX}{self.step}")
+        bar.close()
+        result.steps, result.seconds = self.step, time.perf_counter() - start
+        return result
+
+
+def main(recipe_path: str | Path, resume: bool = True, steps: int | None = None, progress: bool = True) -> TrainResult:
+    """Entry point of `lafid train --recipe R`: resumes from the newest finished checkpoint by default."""
+    recipe = load_cofe_recipe(recipe_path)
+    trainer = Trainer(recipe)
+    last = latest_checkpoint(Path(recipe.train.output_dir)) if resume else None
+    if last is not None:
+        trainer.load(last)
+    return trainer.fit(steps, progress=progress)
