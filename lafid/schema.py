@@ -112,7 +112,8 @@ SPEECH = [
     _field("av_lag_s", _f32, "lag of the best correlation, seconds (positive = audio later)"),
     _field("speaking_label", pa.string(), "speaking / voice_over / silent / mouthing / no_audio"),
     _field("caption", pa.string(), "caption that agrees with the speaking label"),
-    _field("caption_source", pa.string(), "captioner that wrote the caption"),
+    _field("caption_source", pa.string(),
+           "who wrote the caption: source, template or vlm; '+disambiguated' when speech claims were rewritten"),
 ]
 
 CLIP_SCHEMA = pa.schema(CORE + FACE + IDENTITY + SPEECH, metadata={"lafid_schema_version": str(SCHEMA_VERSION)})

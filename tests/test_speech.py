@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 
 import av
 import jiwer
@@ -21,7 +22,7 @@ import pytest
 from lafid import media
 from lafid.item import Item
 from lafid.schema import CLIP_SCHEMA, clip_row, to_table
-from lafid.speech.asr import FasterWhisperASR, embedded_whisper_dir
+from lafid.speech.asr import ASRError, FasterWhisperASR, WhisperXASR, embedded_whisper_dir
 from lafid.speech.audio import RATE
 from lafid.speech.captions import disambiguate
 from lafid.stage import StageWorker
@@ -262,3 +263,20 @@ def test_disambiguate(label, expect, absent):
     if label != "speaking":
         assert disambiguate(got, label, "hi there") == got  # stable on a second pass
         assert "hi there" not in disambiguate(f"A man says hi there. {got}", label, "hi there")
+
+
+def test_whisperx_runs_only_in_its_own_environment():
+    """The worker runs as a subprocess; this env has no whisperx, so it must fail loudly."""
+    asr = WhisperXASR(sys.executable, model="tiny", timeout_s=120)
+    with pytest.raises(ASRError, match="whisperx"):
+        asr.transcribe(media.speak("hello"), [(0.0, 0.5)])
+    assert "whisperx" not in sys.modules
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"asr_backend": "whisperx"}, "whisperx_python"),
+    ({"asr_backend": "none", "captioner": "vlm"}, "vlm_model_dir"),
+])
+def test_optional_backends_need_their_config(params, message):
+    with pytest.raises(ValueError, match=message):
+        StageWorker(SpeechDisambiguation(params))
