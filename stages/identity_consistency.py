@@ -123,7 +123,8 @@ class IdentityConsistency(Stage):
         if track.breaks > p.max_track_breaks:
             k = track.first_other
             return item.drop(self.name, "identity_switch",
-                             f"another person from t={frames[k]['t']:.2f}s (distance {track.nearest[k]:.2f} > {thr}); "
+                             f"a person other than the clip's main one at t={frames[k]['t']:.2f}s "
+                             f"(distance {track.nearest[k]:.2f} > {thr}); "
                              f"{n_other} of {len(matched) + n_other} face frames, {track.breaks} break(s)")
         if far_ratio > p.max_far_ratio:
             return item.drop(self.name, "inconsistent_identity",

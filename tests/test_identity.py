@@ -95,7 +95,7 @@ def test_crossfade_to_another_person_is_rejected_as_identity_switch(make_video, 
     (item,) = judge(faces, identity, clips)
     assert item.rejected and item.reject.reason == "identity_switch", item.reject
     assert item.columns["id_track_breaks"] == 1
-    assert "another person from t=" in item.reject.detail
+    assert "other than the clip's main one at t=" in item.reject.detail
 
 
 def _pair_frames():
