@@ -185,21 +185,28 @@ def truncate(src: str, dst: str, keep: float = 0.5) -> str:
     return dst
 
 
+SAMPLE_SPEECH = "the quick brown fox jumps over the lazy dog near the river bank"
+
+
 def make_sample_set(folder: str) -> list[str]:
-    """The demo's input: real faces, a hard cut between identities, a no-face clip."""
+    """The demo's input: real faces, a hard cut between identities, a no-face clip
+    and, where espeak-ng is installed, a voice-over (still portrait + speech)."""
     os.makedirs(folder, exist_ok=True)
     talk = carphone_frames()
     hopper = still(grace_hopper(), 3.0, fps=29.97, size=256)
     videos = {
-        "carphone.mp4": (talk, 29.97),
-        "carphone_mirrored.mp4": (mirror(talk), 29.97),
-        "cut_carphone_hopper.mp4": (resize(talk, 256, 256) + hopper, 29.97),
-        "no_face.mp4": (no_face_frames(3.0), 25.0),
+        "carphone.mp4": (talk, 29.97, None),
+        "carphone_mirrored.mp4": (mirror(talk), 29.97, None),
+        "cut_carphone_hopper.mp4": (resize(talk, 256, 256) + hopper, 29.97, None),
+        "no_face.mp4": (no_face_frames(3.0), 25.0, None),
     }
+    if shutil.which("espeak-ng"):
+        speech = speak(SAMPLE_SPEECH)
+        videos["astronaut_voice_over.mp4"] = (still(astronaut(), len(speech) / AUDIO_RATE + 0.5), 25.0, speech)
     paths = []
-    for name, (frames, fps) in videos.items():
+    for name, (frames, fps, audio) in videos.items():
         path = os.path.join(folder, name)
         if not os.path.exists(path):
-            write_video(path, frames, fps)
+            write_video(path, frames, fps, audio=audio)
         paths.append(path)
     return paths
