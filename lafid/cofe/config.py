@@ -25,7 +25,7 @@ class _PathOrConfig(_Strict):
     config: dict[str, Any] = Field(default_factory=dict, description="architecture config when no path is given")
 
     @model_validator(mode="after")
-    def _one_source(self):
+    def _exists(self):
         if self.path is not None and not self.path.exists():
             raise ValueError(f"model path does not exist: {self.path}")
         return self
@@ -67,6 +67,8 @@ class DataConfig(_Strict):
     face_margin: float = Field(0.3, ge=0, description="box enlargement on each side, share of the box side")
     bucket_weights: dict[str, float] = Field(default_factory=dict,
                                              description="epoch repeat factor per pose bucket (clip takes its max)")
+    id_backend: str = Field("arcface", description="use shard identity embeddings only from this id_backend "
+                                                  "(the identity expert's); others are recomputed from the face")
     seed: int = 0
     batch_size: int = 1
     num_workers: int = 0

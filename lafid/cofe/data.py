@@ -11,7 +11,6 @@ randomness is seeded by the sample's place in the epoch, not by the worker.
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -28,7 +27,7 @@ from lafid.video import sample_frames
 
 SHARD_GLOB = "clips-*.parquet"
 COLUMNS = ["clip_id", "source", "start_s", "end_s", "fps", "frame_t", "frame_yaw", "frame_pitch", "frame_box",
-           "pose_buckets", "caption", "id_ref_embedding", "id_ref_t", "id_rep_embeddings", "id_rep_t", "id_rep_yaw"]
+           "pose_buckets", "caption", "id_backend", "id_ref_embedding", "id_ref_t", "id_rep_embeddings", "id_rep_t", "id_rep_yaw"]
 
 
 def resolve_shards(sources: Sequence[str]) -> tuple[Any, list[str]]:
@@ -57,8 +56,12 @@ class FacePose:
     embedding: tuple[float, ...] | None  # precomputed identity embedding of this very face, if any
 
 
-def face_poses(row: dict) -> list[FacePose]:
-    """Reference candidates: the pipeline's representative faces when present, else every measured frame."""
+def face_poses(row: dict, id_backend: str | None = None) -> list[FacePose]:
+    """Reference candidates: the pipeline's representative faces when present, else every measured frame.
+
+    Precomputed embeddings are attached only when the row's `id_backend` is `id_backend`:
+    a dlib vector is no ArcFace vector.
+    """
     t = np.asarray(row["frame_t"] or [], np.float64)
     yaw = np.asarray([np.nan if v is None else v for v in row["frame_yaw"] or []], np.float64)
     pitch = np.asarray([np.nan if v is None else v for v in row["frame_pitch"] or []], np.float64)
@@ -66,6 +69,8 @@ def face_poses(row: dict) -> list[FacePose]:
     measured = [i for i in range(len(t)) if not np.isnan(yaw[i]) and boxes[i] is not None]
     if not measured:
         raise ValueError(f"clip {row['clip_id']} has no measured face")
+    if row.get("id_backend") != id_backend:
+        row = {**row, "id_rep_embeddings": None, "id_ref_embedding": None}
     if row.get("id_rep_embeddings"):
         out = []
         for rt, ryaw, emb in zip(row["id_rep_t"], row["id_rep_yaw"], row["id_rep_embeddings"]):
@@ -81,7 +86,7 @@ def face_poses(row: dict) -> list[FacePose]:
 def plan_clip(row: dict, cfg: DataConfig, rng: np.random.Generator) -> tuple[float, FacePose, set[str]]:
     """(target window start, reference face, target buckets): the reference's pose bucket differs from
     every target frame's whenever the clip has more than one bucket."""
-    poses = face_poses(row)
+    poses = face_poses(row, cfg.id_backend)
     duration = row["end_s"] - row["start_s"]
     span = (cfg.num_frames - 1) * cfg.frame_stride / row["fps"]
     starts = np.linspace(0.0, max(0.0, duration - span), num=16) if duration > span else np.zeros(1)
@@ -218,8 +223,3 @@ def collate(samples: list[dict]) -> dict:
     batch["id_embedding"] = torch.stack([s["id_embedding"] if s["id_embedding"].numel() else torch.zeros(dim)
                                          for s in samples]) if dim else None
     return batch
-
-
-def epochs_len(dataset: ClipDataset, batch_size: int) -> int:
-    """Batches per epoch for this rank."""
-    return math.ceil(len(dataset) / batch_size)
