@@ -86,21 +86,25 @@ def write_video(path: str, frames: Iterable[np.ndarray], fps: float = 25.0,
         vs = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         vs.width, vs.height, vs.pix_fmt = w - w % 2, h - h % 2, "yuv420p"
         vs.options = {"crf": "20", "preset": "veryfast"}
-        if audio is not None:
-            aus = out.add_stream("aac", rate=AUDIO_RATE)
-            aus.layout = "mono"
         for rgb in frames:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[: vs.height, : vs.width]), format="rgb24")
             out.mux(vs.encode(frame))
         out.mux(vs.encode(None))
         if audio is not None:
-            pcm = (np.clip(audio, -1, 1) * 32767).astype(np.int16)
-            for start in range(0, len(pcm), 1024):
-                chunk = av.AudioFrame.from_ndarray(pcm[None, start:start + 1024], format="s16", layout="mono")
-                chunk.sample_rate = AUDIO_RATE
-                out.mux(aus.encode(chunk))
-            out.mux(aus.encode(None))
+            _mux_audio(out, audio)
     return path
+
+
+def _mux_audio(out, audio: np.ndarray) -> None:
+    """Encode mono float audio at 16 kHz as an AAC stream of `out`."""
+    stream = out.add_stream("aac", rate=AUDIO_RATE)
+    stream.layout = "mono"
+    pcm = (np.clip(audio, -1, 1) * 32767).astype(np.int16)
+    for start in range(0, len(pcm), 1024):
+        chunk = av.AudioFrame.from_ndarray(pcm[None, start:start + 1024], format="s16", layout="mono")
+        chunk.sample_rate = AUDIO_RATE
+        out.mux(stream.encode(chunk))
+    out.mux(stream.encode(None))
 
 
 def still(image: np.ndarray, seconds: float, fps: float = 25.0, size: int = 256) -> list[np.ndarray]:
@@ -166,14 +170,7 @@ def no_face_frames(seconds: float, fps: float = 25.0, size: int = 256) -> list[n
 
 def write_audio_only(path: str, audio: np.ndarray) -> str:
     with av.open(path, "w") as out:
-        aus = out.add_stream("aac", rate=AUDIO_RATE)
-        aus.layout = "mono"
-        pcm = (np.clip(audio, -1, 1) * 32767).astype(np.int16)
-        for start in range(0, len(pcm), 1024):
-            chunk = av.AudioFrame.from_ndarray(pcm[None, start:start + 1024], format="s16", layout="mono")
-            chunk.sample_rate = AUDIO_RATE
-            out.mux(aus.encode(chunk))
-        out.mux(aus.encode(None))
+        _mux_audio(out, audio)
     return path
 
 

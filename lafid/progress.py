@@ -15,20 +15,6 @@ from lafid.stage import BatchStats
 
 
 @dataclass
-class StageTotals:
-    items_in: int = 0
-    items_out: int = 0
-    rejected: int = 0
-    busy_s: float = 0.0
-
-    def add(self, stats: BatchStats) -> None:
-        self.items_in += stats.items_in
-        self.items_out += stats.items_out
-        self.rejected += stats.rejected
-        self.busy_s += stats.seconds
-
-
-@dataclass
 class RunStats:
     videos_total: int = 0
     videos_skipped: int = 0
@@ -36,11 +22,11 @@ class RunStats:
     kept: int = 0
     rejected: int = 0
     reasons: Counter = field(default_factory=Counter)
-    stages: dict[str, StageTotals] = field(default_factory=dict)
+    stages: dict[str, BatchStats] = field(default_factory=dict)  # totals per stage
     started: float = field(default_factory=time.perf_counter)
 
     def stage(self, name: str, stats: BatchStats) -> None:
-        self.stages.setdefault(name, StageTotals()).add(stats)
+        self.stages.setdefault(name, BatchStats()).add(stats)
 
     def finished(self, item: Item) -> None:
         if item.rejected:
@@ -60,7 +46,7 @@ class RunStats:
         for col in ("stage", "in", "out", "rejected", "items/s per worker"):
             t.add_column(col, justify="right" if col != "stage" else "left")
         for name, s in self.stages.items():
-            rate = s.items_in / s.busy_s if s.busy_s else 0.0
+            rate = s.items_in / s.seconds if s.seconds else 0.0
             t.add_row(name, str(s.items_in), str(s.items_out), str(s.rejected), f"{rate:.2f}")
         return t
 

@@ -99,6 +99,12 @@ class BatchStats:
     rejected: int = 0
     seconds: float = 0.0
 
+    def add(self, other: "BatchStats") -> None:
+        self.items_in += other.items_in
+        self.items_out += other.items_out
+        self.rejected += other.rejected
+        self.seconds += other.seconds
+
 
 class StageWorker:
     """Runs one stage on batches, isolating failures to the items that caused them.
