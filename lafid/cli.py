@@ -149,5 +149,25 @@ def identities(
     console.print(f"output: {out / OUTPUT}")
 
 
+
+@app.command()
+def train(
+    recipe: str = typer.Option(..., "--recipe", "-r", help="CoFE recipe path or bundled name (cofe_tiny)"),
+    steps: Optional[int] = typer.Option(None, help="train up to this optimizer step (default: the recipe's)"),
+    resume: bool = typer.Option(True, help="continue from the newest finished checkpoint in train.output_dir"),
+    progress: bool = typer.Option(True, help="progress bar"),
+) -> None:
+    """Train CoFE (face experts fusion on a Wan DiT) on clip shards; see docs/cofe.md."""
+    from lafid.cofe.train import main
+
+    try:
+        result = main(recipe, resume=resume, steps=steps, progress=progress)
+    except (RecipeError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    loss = f"last loss {result.losses[-1]:.4f}, " if result.losses else ""
+    console.print(f"step {result.steps}: {loss}{result.clips} clips in {result.seconds:.1f}s; "
+                  f"checkpoint {result.checkpoint}")
+
 if __name__ == "__main__":
     app()

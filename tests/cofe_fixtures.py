@@ -71,10 +71,11 @@ def pipeline_shards(tmp_path_factory):
     return root / "shards"
 
 
-def tiny_recipe(shards, output_dir, **train):
+def tiny_recipe(shards, output_dir, num_workers: int = 0, **train):
     """The bundled tiny recipe pointed at test shards, with test-sized training settings."""
     r = load_cofe_recipe("cofe_tiny")
+    data = {"shards": [str(shards)], "num_workers": num_workers, "bucket_weights": {}}
     return r.model_copy(update={
-        "data": r.data.model_copy(update={"shards": [str(shards)], "num_workers": 0, "bucket_weights": {}}),
+        "data": r.data.model_copy(update=data),
         "train": r.train.model_copy(update={"output_dir": output_dir, **train}),
     })
