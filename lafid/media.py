@@ -86,19 +86,24 @@ def write_video(path: str, frames: Iterable[np.ndarray], fps: float = 25.0,
         vs = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         vs.width, vs.height, vs.pix_fmt = w - w % 2, h - h % 2, "yuv420p"
         vs.options = {"crf": "20", "preset": "veryfast"}
+        audio_stream = _audio_stream(out) if audio is not None else None
         for rgb in frames:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[: vs.height, : vs.width]), format="rgb24")
             out.mux(vs.encode(frame))
         out.mux(vs.encode(None))
-        if audio is not None:
-            _mux_audio(out, audio)
+        if audio_stream is not None:
+            _mux_audio(out, audio_stream, audio)
     return path
 
 
-def _mux_audio(out, audio: np.ndarray) -> None:
-    """Encode mono float audio at 16 kHz as an AAC stream of `out`."""
+def _audio_stream(out):
     stream = out.add_stream("aac", rate=AUDIO_RATE)
     stream.layout = "mono"
+    return stream
+
+
+def _mux_audio(out, stream, audio: np.ndarray) -> None:
+    """Encode mono float audio at 16 kHz into `stream` (added before any muxing)."""
     pcm = (np.clip(audio, -1, 1) * 32767).astype(np.int16)
     for start in range(0, len(pcm), 1024):
         chunk = av.AudioFrame.from_ndarray(pcm[None, start:start + 1024], format="s16", layout="mono")
@@ -170,7 +175,7 @@ def no_face_frames(seconds: float, fps: float = 25.0, size: int = 256) -> list[n
 
 def write_audio_only(path: str, audio: np.ndarray) -> str:
     with av.open(path, "w") as out:
-        _mux_audio(out, audio)
+        _mux_audio(out, _audio_stream(out), audio)
     return path
 
 
