@@ -18,10 +18,12 @@ WAN21_1_3B = dict(patch_size=[1, 2, 2], num_attention_heads=12, attention_head_d
 FULL_EXPERT_DIMS = {"id": 512, "sem": 1280, "det": 1024}
 
 
-def tiny(gate_inputs=("face",)) -> CoFEModel:
+def tiny(gate_inputs=("face",), checkpointing: bool = False) -> CoFEModel:
     r = load_cofe_recipe("cofe_tiny")
     torch.manual_seed(0)
-    return CoFEModel(r.model_copy(update={"cofe": r.cofe.model_copy(update={"gate_inputs": list(gate_inputs)})}))
+    return CoFEModel(r.model_copy(update={
+        "cofe": r.cofe.model_copy(update={"gate_inputs": list(gate_inputs)}),
+        "train": r.train.model_copy(update={"gradient_checkpointing": checkpointing})}))
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +54,9 @@ def test_backbone_output_is_reproduced_at_init(faces, gate_inputs):
     assert plain.abs().mean() > 0.1  # a real, non-trivial output was compared
 
 
-def test_gradients_reach_only_cofe_and_lora(faces):
-    model = tiny()
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradients_reach_only_cofe_and_lora(faces, checkpointing):
+    model = tiny(checkpointing=checkpointing).train()
     batch = {"frames": torch.randint(0, 256, (2, 5, 64, 64, 3), dtype=torch.uint8), "caption": ["a", "b"],
              "face": torch.cat(faces), "has_id": torch.tensor([False, False]), "id_embedding": None}
     model(batch, torch.Generator().manual_seed(0)).backward()
@@ -96,3 +99,28 @@ def test_wan21_1_3b_with_cofe_builds_on_meta():
     per_layer = sum(p.numel() for p in adapter.layers[0].parameters())
     shared = sum(p.numel() for p in adapter.projections.parameters())
     assert added == shared + 30 * per_layer
+
+
+def test_arcface_onnx_and_torch_backends_agree_and_precomputed_rows_win(faces, tmp_path):
+    from safetensors.torch import save_file
+
+    from lafid.cofe.config import IdentityConfig
+    from lafid.cofe.experts import IResNet, IdentityExpert
+
+    torch.manual_seed(0)
+    net = IResNet([1, 1, 1, 1], width=8).eval()
+    save_file(net.state_dict(), tmp_path / "arcface.safetensors")
+    torch.onnx.export(net, torch.randn(1, 3, 112, 112), tmp_path / "arcface.onnx", input_names=["data"],
+                      dynamic_axes={"data": {0: "n"}}, dynamo=False)
+    port = IdentityExpert(IdentityConfig(backend="iresnet", path=tmp_path / "arcface.safetensors",
+                                         layers=[1, 1, 1, 1], width=8))
+    onnx = IdentityExpert(IdentityConfig(backend="onnx", path=tmp_path / "arcface.onnx"))
+    both = torch.cat(faces)
+    a, b = port(both), onnx(both)
+    assert a.shape == (2, 1, 512)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    assert torch.nn.functional.cosine_similarity(a[0], a[1]).item() < 0.999  # two people, two embeddings
+    given = torch.randn(2, 512)
+    mixed = onnx(both, given, torch.tensor([True, False]))
+    torch.testing.assert_close(mixed[0, 0], torch.nn.functional.normalize(given[0], dim=-1))
+    torch.testing.assert_close(mixed[1], b[1])

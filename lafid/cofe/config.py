@@ -20,7 +20,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class _PathOrConfig(_Strict):
+class ModelSource(_Strict):
+    """A local model directory (real weights) or an architecture config (random weights)."""
+
     path: Path | None = Field(None, description="local model directory or weights file")
     config: dict[str, Any] = Field(default_factory=dict, description="architecture config when no path is given")
 
@@ -47,11 +49,7 @@ class IdentityConfig(_Strict):
         return self
 
 
-class VisionConfig(_PathOrConfig):
-    pass
-
-
-class TextConfig(_PathOrConfig):
+class TextConfig(ModelSource):
     """UMT5 encoder + tokenizer directory (Wan's), or a tiny T5 config with the file-free ByT5 tokenizer."""
 
     max_length: int = 512
@@ -112,12 +110,12 @@ class CoFERecipe(_Strict):
     name: str
     description: str = ""
     data: DataConfig
-    transformer: _PathOrConfig
-    vae: _PathOrConfig
+    transformer: ModelSource
+    vae: ModelSource
     text: TextConfig
     identity: IdentityConfig = IdentityConfig()
-    semantic: VisionConfig
-    detail: VisionConfig
+    semantic: ModelSource
+    detail: ModelSource
     cofe: CoFEConfig = CoFEConfig()
     train: TrainConfig = TrainConfig()
 

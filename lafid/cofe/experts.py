@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lafid.cofe.config import IdentityConfig, VisionConfig
+from lafid.cofe.config import IdentityConfig, ModelSource
 
 ARCFACE_SIZE = 112
 
@@ -114,7 +114,7 @@ class VisionExpert(nn.Module):
     MEAN_STD = {"clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
                 "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
 
-    def __init__(self, kind: str, cfg: VisionConfig):
+    def __init__(self, kind: str, cfg: ModelSource):
         super().__init__()
         if kind == "clip":
             from transformers import CLIPVisionConfig as Config, CLIPVisionModel as Model
@@ -143,7 +143,7 @@ class VisionExpert(nn.Module):
 class FaceExperts(nn.Module):
     """The three frozen experts; `forward` gives the feature dict CoFEAdapter.faces expects."""
 
-    def __init__(self, identity: IdentityConfig, semantic: VisionConfig, detail: VisionConfig):
+    def __init__(self, identity: IdentityConfig, semantic: ModelSource, detail: ModelSource):
         super().__init__()
         self.identity = IdentityExpert(identity)
         self.semantic = VisionExpert("clip", semantic)
@@ -152,9 +152,6 @@ class FaceExperts(nn.Module):
     @property
     def dims(self) -> dict[str, int]:
         return {"id": self.identity.dim, "sem": self.semantic.dim, "det": self.detail.dim}
-
-    def train(self, mode: bool = True) -> "FaceExperts":
-        return super().train(False)  # frozen: BatchNorm/dropout stay in inference mode
 
     def forward(self, faces: torch.Tensor, id_embedding: torch.Tensor | None = None,
                 has_id: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

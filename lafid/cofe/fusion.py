@@ -10,8 +10,7 @@ The added output projection starts at zero, so step 0 reproduces the backbone.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -126,15 +125,13 @@ class CoFEAdapter(nn.Module):
         self._projected: dict[str, torch.Tensor] | None = None
         self._handles: list = []
 
-    @contextmanager
-    def faces(self, features: dict[str, torch.Tensor] | None) -> Iterator[None]:
-        """Condition the attached backbone's forward passes on these expert features.
+    def set_faces(self, features: dict[str, torch.Tensor] | None) -> None:
+        """Condition the attached backbone's next forward passes on these expert features (None: plain backbone).
 
         The projected tokens stay set until the next call on purpose: gradient
         checkpointing re-runs blocks (and their hooks) during backward.
         """
         self._projected = None if features is None else {k: self.projections[k](features[k]) for k in EXPERTS}
-        yield
 
     def gates(self) -> torch.Tensor:
         """Fusion weights of the last forward, (blocks, batch, 3)."""

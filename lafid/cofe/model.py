@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lafid.cofe.config import CoFERecipe, TextConfig, _PathOrConfig
+from lafid.cofe.config import CoFERecipe, TextConfig, ModelSource
 from lafid.cofe.experts import FaceExperts
 from lafid.cofe.fusion import CoFEAdapter
 
 
-def build_transformer(cfg: _PathOrConfig):
+def build_transformer(cfg: ModelSource):
     from diffusers import WanTransformer3DModel
 
     if cfg.path:
@@ -26,7 +26,7 @@ def build_transformer(cfg: _PathOrConfig):
     return WanTransformer3DModel.from_config(cfg.config)
 
 
-def build_vae(cfg: _PathOrConfig):
+def build_vae(cfg: ModelSource):
     from diffusers import AutoencoderKLWan
 
     if cfg.path:
@@ -91,8 +91,10 @@ class CoFEModel(nn.Module):
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
     def train(self, mode: bool = True) -> "CoFEModel":
+        """Frozen parts stay in inference mode (IResNet BatchNorm, dropout) while CoFE trains."""
         super().train(mode)
-        self.vae.eval(), self.text.eval(), self.experts.eval()
+        for frozen in (self.vae, self.text, self.experts):
+            frozen.eval()
         return self
 
     @torch.no_grad()
@@ -114,8 +116,8 @@ class CoFEModel(nn.Module):
     def denoise(self, noisy: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
                 features: dict[str, torch.Tensor] | None) -> torch.Tensor:
         """Velocity prediction; `features=None` runs the backbone alone."""
-        with self.adapter.faces(features):
-            return self.transformer(noisy, timestep, text, return_dict=False)[0]
+        self.adapter.set_faces(features)
+        return self.transformer(noisy, timestep, text, return_dict=False)[0]
 
     def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """Flow-matching loss of a batch (forward, so DDP wrappers see the call)."""
