@@ -51,57 +51,64 @@ def resolve_shards(sources: Sequence[str]) -> tuple[Any, list[str]]:
 @dataclass(frozen=True)
 class FacePose:
     t: float          # seconds from clip start
+    pitch: float
     bucket: str
     box: tuple[float, float, float, float]
     embedding: tuple[float, ...] | None  # precomputed identity embedding of this very face, if any
 
 
-def face_poses(row: dict, id_backend: str | None = None) -> list[FacePose]:
-    """Reference candidates: the pipeline's representative faces when present, else every measured frame.
-
-    Precomputed embeddings are attached only when the row's `id_backend` is `id_backend`:
-    a dlib vector is no ArcFace vector.
-    """
+def frame_poses(row: dict) -> list[FacePose]:
+    """Every sampled frame with a measured face; carries the reference embedding at its own time."""
     t = np.asarray(row["frame_t"] or [], np.float64)
     yaw = np.asarray([np.nan if v is None else v for v in row["frame_yaw"] or []], np.float64)
-    pitch = np.asarray([np.nan if v is None else v for v in row["frame_pitch"] or []], np.float64)
+    pitch = np.nan_to_num(np.asarray([np.nan if v is None else v for v in row["frame_pitch"] or []], np.float64))
     boxes = row["frame_box"] or []
-    measured = [i for i in range(len(t)) if not np.isnan(yaw[i]) and boxes[i] is not None]
-    if not measured:
-        raise ValueError(f"clip {row['clip_id']} has no measured face")
-    if row.get("id_backend") != id_backend:
-        row = {**row, "id_rep_embeddings": None, "id_ref_embedding": None}
-    if row.get("id_rep_embeddings"):
-        out = []
-        for rt, ryaw, emb in zip(row["id_rep_t"], row["id_rep_yaw"], row["id_rep_embeddings"]):
-            i = min(measured, key=lambda j: abs(t[j] - rt))
-            out.append(FacePose(rt, pose_bucket(ryaw, float(np.nan_to_num(pitch[i]))), tuple(boxes[i]), tuple(emb)))
-        return out
     ref_t, ref_emb = row.get("id_ref_t"), row.get("id_ref_embedding")
-    return [FacePose(float(t[i]), pose_bucket(yaw[i], float(np.nan_to_num(pitch[i]))), tuple(boxes[i]),
-                     tuple(ref_emb) if ref_emb and ref_t is not None and abs(ref_t - t[i]) < 1e-3 else None)
-            for i in measured]
+    poses = [FacePose(float(t[i]), float(pitch[i]), pose_bucket(yaw[i], pitch[i]), tuple(boxes[i]),
+                      tuple(ref_emb) if ref_emb and ref_t is not None and abs(ref_t - t[i]) < 1e-3 else None)
+             for i in range(len(t)) if not np.isnan(yaw[i]) and boxes[i] is not None]
+    if not poses:
+        raise ValueError(f"clip {row['clip_id']} has no measured face")
+    return poses
 
 
-def plan_clip(row: dict, cfg: DataConfig, rng: np.random.Generator) -> tuple[float, FacePose, set[str]]:
-    """(target window start, reference face, target buckets): the reference's pose bucket differs from
-    every target frame's whenever the clip has more than one bucket."""
-    poses = face_poses(row, cfg.id_backend)
+def reference_poses(row: dict, frames: list[FacePose], id_backend: str) -> list[FacePose]:
+    """Reference candidates: the identity stage's pose-diverse representatives when present, else every frame.
+
+    Precomputed embeddings are kept only when the row's `id_backend` is the trainer's:
+    a dlib vector is no ArcFace vector.
+    """
+    if row.get("id_backend") != id_backend:
+        return [FacePose(p.t, p.pitch, p.bucket, p.box, None) for p in frames]
+    if not row.get("id_rep_embeddings"):
+        return frames
+    out = []
+    for rt, ryaw, emb in zip(row["id_rep_t"], row["id_rep_yaw"], row["id_rep_embeddings"]):
+        near = min(frames, key=lambda p: abs(p.t - rt))  # representatives store yaw only: borrow pitch, box
+        out.append(FacePose(rt, near.pitch, pose_bucket(ryaw, near.pitch), near.box, tuple(emb)))
+    return out
+
+
+def plan_clip(row: dict, cfg: DataConfig, rng: np.random.Generator) -> tuple[float, FacePose, set[str], set[str]]:
+    """(target window start, reference face, target buckets, clip buckets): the reference's pose bucket
+    differs from every target frame's whenever the clip has more than one bucket."""
+    frames = frame_poses(row)
+    refs = reference_poses(row, frames, cfg.id_backend)
     duration = row["end_s"] - row["start_s"]
     span = (cfg.num_frames - 1) * cfg.frame_stride / row["fps"]
     starts = np.linspace(0.0, max(0.0, duration - span), num=16) if duration > span else np.zeros(1)
 
     def buckets_in(a: float) -> set[str]:
-        inside = {p.bucket for p in poses if a - 1e-6 <= p.t <= a + span + 1e-6}
-        return inside or {min(poses, key=lambda p: abs(p.t - a - span / 2)).bucket}
+        inside = {p.bucket for p in frames if a - 1e-6 <= p.t <= a + span + 1e-6}
+        return inside or {min(frames, key=lambda p: abs(p.t - a - span / 2)).bucket}
 
     plans = [(a, buckets_in(a)) for a in starts]
-    useful = [(a, b) for a, b in plans if any(p.bucket not in b for p in poses)]
+    useful = [(a, b) for a, b in plans if any(p.bucket not in b for p in refs)]
     a, targets = (useful or plans)[rng.integers(len(useful or plans))]
-    other = [p for p in poses if p.bucket not in targets]
-    outside = [p for p in poses if not a <= p.t <= a + span]
-    pool = other or outside or poses
-    return float(a), pool[rng.integers(len(pool))], targets
+    other = [p for p in refs if p.bucket not in targets]
+    outside = [p for p in refs if not a <= p.t <= a + span]
+    pool = other or outside or refs
+    return float(a), pool[rng.integers(len(pool))], targets, {p.bucket for p in frames} | {p.bucket for p in refs}
 
 
 def fit(frame: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -197,7 +204,7 @@ class ClipDataset(IterableDataset):
 
     def sample(self, row: dict, rng: np.random.Generator) -> dict:
         cfg = self.cfg
-        a, ref, targets = plan_clip(row, cfg, rng)
+        a, ref, targets, clip_buckets = plan_clip(row, cfg, rng)
         frames = decode_frames(row["source"], row["start_s"] + a, row["fps"], cfg.num_frames, cfg.frame_stride)
         ref_frame = decode_frames(row["source"], row["start_s"] + ref.t, row["fps"], 1, 1)[0]
         return {
@@ -208,7 +215,7 @@ class ClipDataset(IterableDataset):
             "caption": row.get("caption") or "",
             "target_buckets": sorted(targets),
             "ref_bucket": ref.bucket,
-            "clip_buckets": sorted({p.bucket for p in face_poses(row)}),
+            "clip_buckets": sorted(clip_buckets),
         }
 
 
