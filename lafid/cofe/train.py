@@ -79,6 +79,8 @@ class Trainer:
         self.model, self.optimizer = self.acc.prepare(self.model, optimizer)
         self.scheduler = scheduler  # stepped once per optimizer step, not per process
         self.dataset = ClipDataset(recipe.data, rank=self.acc.process_index, world_size=self.acc.num_processes)
+        if len(self.dataset) == 0:
+            raise ValueError(f"no clips for rank {self.acc.process_index} of {self.acc.num_processes}")
         self.generator = torch.Generator().manual_seed(t.seed * 1009 + self.acc.process_index)
         self.step, self.epoch, self.offset = 0, 0, 0
 
