@@ -87,11 +87,15 @@ def demo(
 
 @app.command()
 def recipes() -> None:
-    """List the bundled recipes."""
-    from lafid.recipe import bundled_names
+    """List the bundled recipes: curation (for `curate`) and training (for `train`)."""
+    import yaml
+
+    from lafid.recipe import bundled_names, resolve
 
     for name in bundled_names():
-        typer.echo(name)
+        data = yaml.safe_load(resolve(name).read_text())
+        kind = "curation" if "stages" in data else "training"
+        typer.echo(f"{name:<12} {kind:<9} {data.get('description', '')}")
 
 
 @app.command()

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lafid.registry import stage_class
 from lafid.stage import Resources, Stage
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class RecipeError(ValueError):
@@ -83,18 +86,23 @@ def bundled_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("pipelines").iterdir() if p.name.endswith(".yaml"))
 
 
-def load_recipe(recipe: str | Path) -> Recipe:
+def load_yaml_model(recipe: str | Path, model: type[M]) -> M:
+    """Parse a recipe file safely into `model`; every error names the file and key."""
     path = resolve(recipe)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping with 'name' and 'stages'")
+        raise RecipeError(f"{path}: a recipe is a mapping of keys to values")
     try:
-        return Recipe(**data)
+        return model(**data)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in exc.errors()
         )
         raise RecipeError(f"{path}: {problems}") from None
+
+
+def load_recipe(recipe: str | Path) -> Recipe:
+    return load_yaml_model(recipe, Recipe)

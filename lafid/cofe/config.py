@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lafid.pose import BUCKETS
+from lafid.recipe import load_yaml_model
 
 
 class _Strict(BaseModel):
@@ -122,17 +122,4 @@ class CoFERecipe(_Strict):
 
 def load_cofe_recipe(recipe: str | Path) -> CoFERecipe:
     """A path, or the name of a bundled recipe in pipelines/ ("cofe_tiny"); errors name the key."""
-    from lafid.recipe import RecipeError, resolve
-
-    path = resolve(recipe)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a CoFE recipe is a mapping")
-    try:
-        return CoFERecipe(**data)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors())
-        raise RecipeError(f"{path}: {problems}") from None
+    return load_yaml_model(recipe, CoFERecipe)
