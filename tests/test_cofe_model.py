@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -99,6 +101,8 @@ def test_wan21_1_3b_with_cofe_builds_on_meta():
     per_layer = sum(p.numel() for p in adapter.layers[0].parameters())
     shared = sum(p.numel() for p in adapter.projections.parameters())
     assert added == shared + 30 * per_layer
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"{added:,}" in readme and f"{base:,}" in readme, "README's CoFE parameter count is stale"
 
 
 def test_arcface_onnx_and_torch_backends_agree_and_precomputed_rows_win(faces, tmp_path):
