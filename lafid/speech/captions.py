@@ -55,6 +55,9 @@ class Captioner(ABC):
         """A caption for the clip; `disambiguate` is applied afterwards by the stage."""
 
 
+STILL_HEAD_YAW = 5.0  # a yaw range below this (degrees) is described as a still head
+
+
 class TemplateCaptioner(Captioner):
     """Deterministic caption from the clip's own facts: pose range and speaking label."""
 
@@ -66,7 +69,10 @@ class TemplateCaptioner(Captioner):
             views = " and ".join(b if b in ("frontal", "extreme") else f"{b}-facing" for b in facts.pose_buckets)
             pose = f" seen in {views} views"
         if facts.yaw_min is not None and facts.yaw_max is not None:
-            pose += f", head turning between {facts.yaw_min:.0f} and {facts.yaw_max:.0f} degrees of yaw"
+            if facts.yaw_max - facts.yaw_min < STILL_HEAD_YAW:
+                pose += ", head held still"
+            else:
+                pose += f", head turning between {facts.yaw_min:+.0f} and {facts.yaw_max:+.0f} degrees of yaw"
         action = "speaks to the camera" if facts.label == "speaking" else _ACTION[facts.label]
         return f"A person{pose}. The person {action}."
 
