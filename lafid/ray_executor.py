@@ -10,10 +10,11 @@ rows (`worker_crashed`) and is restarted by Ray; the run goes on.
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayError, RayTaskError
 
 from lafid.item import Item
 from lafid.recipe import Recipe, RecipeError
@@ -71,9 +72,13 @@ class _Pool:
         self.queue: deque[Item] = deque()
 
     def close(self) -> None:
-        ray.get([a.close.remote() for a in self.actors], timeout=60)
-        for a in self.actors:
-            ray.kill(a)
+        """Tear down every actor (best effort: one that is restarting is simply killed)."""
+        for actor in self.actors:
+            try:
+                ray.get(actor.close.remote(), timeout=60)
+            except RayError:
+                pass
+            ray.kill(actor)
 
 
 def run_ray(recipe: Recipe, items, sink, address: str | None = None, num_cpus: int | None = None) -> None:
@@ -121,6 +126,10 @@ def _stream(recipe: Recipe, pools: list[_Pool], source, sink) -> None:
             try:
                 out, stats = ray.get(ref)
                 sink.stats.stage(pool.name, stats)
+            except ActorUnavailableError:  # restarting after another batch killed it: not this batch's fault
+                pool.queue.extendleft(reversed(batch))
+                time.sleep(0.5)
+                continue
             except (RayActorError, RayTaskError) as exc:
                 reason = "worker_crashed" if isinstance(exc, RayActorError) else "stage_error"
                 out = [i.drop(pool.name, reason, str(exc).splitlines()[0][:500]) for i in batch]
