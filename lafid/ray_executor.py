@@ -44,7 +44,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
+        # No dashboard; Ray maps a loopback node address to the machine's own address, so its
+        # core services listen there (see README, "Ray and the network").
+        ray.init(num_cpus=num_cpus, **kwargs)
     return True
 
 
