@@ -22,6 +22,7 @@ SCHEMA_VERSION = 1
 _f32 = pa.float32()
 _f32s = pa.list_(pa.float32())
 _box = pa.list_(pa.float32())  # x0, y0, x1, y1
+_kps = pa.list_(pa.float32())  # x0, y0, ..., x4, y4
 _word = pa.struct([("word", pa.string()), ("start", _f32), ("end", _f32), ("prob", _f32)])
 
 
@@ -52,6 +53,9 @@ FACE = [
     _field("frame_t", _f32s, "time of each sampled frame, seconds from clip start"),
     _field("frame_face_count", pa.list_(pa.int8()), "faces detected in each sampled frame"),
     _field("frame_box", pa.list_(_box), "tracked face box x0,y0,x1,y1, normalised to [0,1]"),
+    _field("frame_kps", pa.list_(_kps),
+           "tracked face's 5 landmarks x0,y0,...,x4,y4 in ArcFace order (eye centres, nose tip, mouth corners, "
+           "image-left first), normalised to [0,1] by frame width/height (null: no mesh)"),
     _field("frame_score", _f32s, "detection score of the tracked face"),
     _field("frame_yaw", _f32s, "head yaw in degrees; positive = face turned to the image's right"),
     _field("frame_pitch", _f32s, "head pitch in degrees; positive = looking up"),

@@ -1,9 +1,9 @@
 """Face Constraints: one dominant, large, sharp face whose head pose moves.
 
 Decodes each clip's sampled frames once, runs mediapipe face detection and the
-478-point face mesh, and measures per frame: face count, tracked-face box and
-score, yaw/pitch/roll, blur, area and mouth opening. Clips are kept or rejected
-by the recipe's thresholds (LaFID's face count, face proportion and face angle
+478-point face mesh, and measures per frame: face count, tracked-face box, score
+and 5 landmarks, yaw/pitch/roll, blur, area and mouth opening. Clips are kept or
+rejected by the recipe's thresholds (LaFID's face count, face proportion and face angle
 variation filters). The tracked face's crop and landmarks are handed on in
 `item.work["frames"]` (per sampled frame: time, every face measured, index of
 the tracked one) so later stages never decode or detect again.
@@ -175,11 +175,13 @@ class FaceConstraints(Stage):
             "blur": laplacian_variance(gray),
             "crop": crop,
             "yaw": np.nan, "pitch": np.nan, "roll": np.nan, "mouth_open": np.nan, "landmarks5": None,
+            "kps": None,
         }
         if face.mesh is not None:
             m["yaw"], m["pitch"], m["roll"] = head_pose(face.mesh)
             m["mouth_open"] = mouth_opening(face.mesh)
             lm5 = five_points(face.mesh)
+            m["kps"] = (lm5 / np.array([w, h], np.float32)).ravel()
             m["landmarks5"] = (lm5 @ affine[:, :2].T + affine[:, 2]).astype(np.float32)
         return m
 
@@ -208,6 +210,7 @@ class FaceConstraints(Stage):
             "frame_t": [float(t) for t in times],
             "frame_face_count": counts,
             "frame_box": [None if m is None else m["box"].tolist() for m in tracked],
+            "frame_kps": [None if m is None or m["kps"] is None else m["kps"].tolist() for m in tracked],
             "frame_score": series("score"),
             "frame_yaw": yaw.tolist(),
             "frame_pitch": pitch.tolist(),

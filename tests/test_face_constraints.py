@@ -37,6 +37,17 @@ def test_carphone_is_kept_with_a_face_in_nearly_every_frame(make_video, carphone
     assert face["crop"].shape == (224, 224, 3) and face["landmarks5"].shape == (5, 2)
 
 
+def test_frame_kps_lie_in_the_face_box_with_eyes_above_the_mouth(make_video, carphone, face_stage):
+    c = analyse(face_stage, make_video("carphone", lambda: carphone, 29.97)).columns
+    kps = np.array(c["frame_kps"], dtype=np.float32).reshape(-1, 5, 2)  # a mesh on every frame: no nulls
+    box = np.array(c["frame_box"], dtype=np.float32)[:, None]
+    assert len(kps) == len(c["frame_t"])
+    assert ((kps >= box[..., :2]) & (kps <= box[..., 2:])).all()
+    eyes, nose, mouth = kps[:, :2], kps[:, 2], kps[:, 3:]
+    assert (eyes[..., 1].max(1) < nose[:, 1]).all() and (nose[:, 1] < mouth[..., 1].min(1)).all()
+    assert (eyes[:, 0, 0] < eyes[:, 1, 0]).all() and (mouth[:, 0, 0] < mouth[:, 1, 0]).all()  # image-left first
+
+
 def test_mirrored_footage_flips_the_sign_of_yaw(make_video, carphone, face_stage):
     yaw = np.array(analyse(face_stage, make_video("carphone", lambda: carphone, 29.97)).columns["frame_yaw"])
     mirrored = np.array(analyse(face_stage, make_video("carphone_mirror", lambda: media.mirror(carphone), 29.97))
