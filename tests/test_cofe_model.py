@@ -60,7 +60,8 @@ def test_backbone_output_is_reproduced_at_init(faces, gate_inputs):
 def test_gradients_reach_only_cofe_and_lora(faces, checkpointing):
     model = tiny(checkpointing=checkpointing).train()
     batch = {"frames": torch.randint(0, 256, (2, 5, 64, 64, 3), dtype=torch.uint8), "caption": ["a", "b"],
-             "face": torch.cat(faces), "has_id": torch.tensor([False, False]), "id_embedding": None}
+             "face": torch.cat(faces), "id_face": torch.cat(faces), "has_id": torch.tensor([False, False]),
+             "id_embedding": None}
     model(batch, torch.Generator().manual_seed(0)).backward()
     trainable = model.trainable_state()
     assert trainable and all(n.startswith("adapter.") or "lora_" in n for n in trainable)

@@ -12,7 +12,7 @@ randomness is seeded by the sample's place in the epoch, not by the worker.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator, Sequence
 
 import cv2
@@ -22,12 +22,14 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from lafid.cofe.config import DataConfig
+from lafid.cofe.experts import ARCFACE_SIZE
 from lafid.pose import pose_bucket
 from lafid.video import sample_frames
 
 SHARD_GLOB = "clips-*.parquet"
 COLUMNS = ["clip_id", "source", "start_s", "end_s", "fps", "frame_t", "frame_yaw", "frame_pitch", "frame_box",
-           "pose_buckets", "caption", "id_backend", "id_ref_embedding", "id_ref_t", "id_rep_embeddings", "id_rep_t", "id_rep_yaw"]
+           "frame_kps", "pose_buckets", "caption", "id_backend", "id_ref_embedding", "id_ref_t", "id_rep_embeddings",
+           "id_rep_t", "id_rep_yaw"]
 
 
 def resolve_shards(sources: Sequence[str]) -> tuple[Any, list[str]]:
@@ -54,6 +56,7 @@ class FacePose:
     pitch: float
     bucket: str
     box: tuple[float, float, float, float]
+    kps: tuple[float, ...] | None  # 5 landmarks x0,y0,...,x4,y4 over frame size; None without a mesh
     embedding: tuple[float, ...] | None  # precomputed identity embedding of this very face, if any
 
 
@@ -63,8 +66,10 @@ def frame_poses(row: dict) -> list[FacePose]:
     yaw = np.asarray([np.nan if v is None else v for v in row["frame_yaw"] or []], np.float64)
     pitch = np.nan_to_num(np.asarray([np.nan if v is None else v for v in row["frame_pitch"] or []], np.float64))
     boxes = row["frame_box"] or []
+    kps = row.get("frame_kps") or [None] * len(boxes)  # shards written before the column have none
     ref_t, ref_emb = row.get("id_ref_t"), row.get("id_ref_embedding")
     poses = [FacePose(float(t[i]), float(pitch[i]), pose_bucket(yaw[i], pitch[i]), tuple(boxes[i]),
+                      None if kps[i] is None else tuple(kps[i]),
                       tuple(ref_emb) if ref_emb and ref_t is not None and abs(ref_t - t[i]) < 1e-3 else None)
              for i in range(len(t)) if not np.isnan(yaw[i]) and boxes[i] is not None]
     if not poses:
@@ -79,13 +84,13 @@ def reference_poses(row: dict, frames: list[FacePose], id_backend: str) -> list[
     a dlib vector is no ArcFace vector.
     """
     if row.get("id_backend") != id_backend:
-        return [FacePose(p.t, p.pitch, p.bucket, p.box, None) for p in frames]
+        return [replace(p, embedding=None) for p in frames]
     if not row.get("id_rep_embeddings"):
         return frames
     out = []
     for rt, ryaw, emb in zip(row["id_rep_t"], row["id_rep_yaw"], row["id_rep_embeddings"]):
-        near = min(frames, key=lambda p: abs(p.t - rt))  # representatives store yaw only: borrow pitch, box
-        out.append(FacePose(rt, near.pitch, pose_bucket(ryaw, near.pitch), near.box, tuple(emb)))
+        near = min(frames, key=lambda p: abs(p.t - rt))  # representatives store yaw only: borrow pitch, box, kps
+        out.append(replace(near, t=rt, bucket=pose_bucket(ryaw, near.pitch), embedding=tuple(emb)))
     return out
 
 
@@ -131,6 +136,18 @@ def crop_face(frame: np.ndarray, box: Sequence[float], margin: float, size: int)
     pad = max(0, -l, -t, l + s - w, t + s - h)
     padded = cv2.copyMakeBorder(frame, pad, pad, pad, pad, cv2.BORDER_REPLICATE) if pad else frame
     return cv2.resize(padded[t + pad:t + pad + s, l + pad:l + pad + s], (size, size), interpolation=cv2.INTER_AREA)
+
+
+def identity_face(frame: np.ndarray, face: FacePose, margin: float) -> np.ndarray:
+    """The identity expert's 112x112 input. ArcFace was trained on 5-point aligned faces, so the
+    landmarks align it (insightface `norm_crop`); only a frame without them (no mesh) gets the box crop."""
+    if face.kps is None:
+        return crop_face(frame, face.box, margin, ARCFACE_SIZE)
+    from insightface.utils import face_align
+
+    h, w = frame.shape[:2]
+    kps = np.asarray(face.kps, np.float32).reshape(5, 2) * np.array([w, h], np.float32)
+    return face_align.norm_crop(frame, landmark=kps, image_size=ARCFACE_SIZE)
 
 
 def decode_frames(source: str, start_s: float, fps: float, count: int, stride: int) -> list[np.ndarray]:
@@ -211,6 +228,7 @@ class ClipDataset(IterableDataset):
             "clip_id": row["clip_id"],
             "frames": torch.from_numpy(np.stack([fit(f, cfg.width, cfg.height) for f in frames])),
             "face": torch.from_numpy(crop_face(ref_frame, ref.box, cfg.face_margin, cfg.face_size)),
+            "id_face": torch.from_numpy(identity_face(ref_frame, ref, cfg.face_margin)),
             "id_embedding": torch.tensor(ref.embedding or (), dtype=torch.float32),
             "caption": row.get("caption") or "",
             "target_buckets": sorted(targets),
@@ -223,9 +241,9 @@ def collate(samples: list[dict]) -> dict:
     """Stack tensors; identity embeddings are kept only where a row had one (`has_id`)."""
     has_id = torch.tensor([s["id_embedding"].numel() > 0 for s in samples])
     dim = max(s["id_embedding"].numel() for s in samples)
-    batch = {k: [s[k] for s in samples] for k in samples[0] if k not in ("frames", "face", "id_embedding")}
-    batch["frames"] = torch.stack([s["frames"] for s in samples])
-    batch["face"] = torch.stack([s["face"] for s in samples])
+    stacked = ("frames", "face", "id_face")
+    batch = {k: [s[k] for s in samples] for k in samples[0] if k not in (*stacked, "id_embedding")}
+    batch.update({k: torch.stack([s[k] for s in samples]) for k in stacked})
     batch["has_id"] = has_id
     batch["id_embedding"] = torch.stack([s["id_embedding"] if s["id_embedding"].numel() else torch.zeros(dim)
                                          for s in samples]) if dim else None

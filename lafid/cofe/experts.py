@@ -154,6 +154,7 @@ class FaceExperts(nn.Module):
         return {"id": self.identity.dim, "sem": self.semantic.dim, "det": self.detail.dim}
 
     def forward(self, faces: torch.Tensor, id_embedding: torch.Tensor | None = None,
-                has_id: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return {"id": self.identity(faces, id_embedding, has_id),
+                has_id: torch.Tensor | None = None, id_faces: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """`id_faces`: the identity expert's own (ArcFace-aligned) faces; `faces` when not given."""
+        return {"id": self.identity(faces if id_faces is None else id_faces, id_embedding, has_id),
                 "sem": self.semantic(faces), "det": self.detail(faces)}

@@ -108,10 +108,10 @@ class CoFEModel(nn.Module):
         return (z - mean) / std
 
     def face_features(self, batch: dict) -> dict[str, torch.Tensor]:
-        face = batch["face"].to(self.transformer.device)
+        device = self.transformer.device
         emb = batch.get("id_embedding")
-        emb = None if emb is None else emb.to(face.device)
-        return self.experts(face, emb, batch["has_id"].to(face.device))
+        emb = None if emb is None else emb.to(device)
+        return self.experts(batch["face"].to(device), emb, batch["has_id"].to(device), batch["id_face"].to(device))
 
     def denoise(self, noisy: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
                 features: dict[str, torch.Tensor] | None) -> torch.Tensor:
