@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
@@ -16,6 +17,16 @@ from lafid.recipe import RecipeError, load_recipe
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Curate pose-annotated, identity-stable face clips; inspect them; train CoFE on them.")
 console = Console(stderr=True)
+
+
+@contextmanager
+def _exit_on(*errors: type[Exception]):
+    """Show a user's mistake (bad recipe, missing input) as one red line and exit 2, no traceback."""
+    try:
+        yield
+    except errors as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
 
 
 def _quiet_native_logs() -> None:
@@ -39,22 +50,16 @@ def curate(
     from lafid.runner import curate as run
 
     _quiet_native_logs()
-    try:
+    with _exit_on(RecipeError):
         parsed = load_recipe(recipe)
-    except RecipeError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2)
     display = ProgressDisplay(RunStats(), console, enabled=progress and console.is_terminal)
     with display:
         def update(stats: RunStats) -> None:
             display.stats = stats
             display.update()
 
-        try:
+        with _exit_on(RecipeError):
             stats = run(parsed, inputs, out, executor=executor, address=address, num_cpus=num_cpus, on_update=update)
-        except RecipeError as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(2)
         display.stats = stats
     console.print(stats.table())
     if stats.reasons:
@@ -138,11 +143,8 @@ def identities(
 
     from lafid.identity.cluster import OUTPUT, identities as run
 
-    try:
+    with _exit_on(FileNotFoundError, ValueError):
         s = run(out, threshold=threshold, cell_size=cell_size, probes=probes)
-    except (FileNotFoundError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2)
     table = Table(title=f"{len(s['sizes'])} identities over {s['clips']} clips "
                         f"({s['backend']}, threshold {s['threshold']:g}; {s['skipped']} clips without embedding)")
     table.add_column("clips per identity", justify="right")
@@ -151,7 +153,6 @@ def identities(
         table.add_row(str(size), str(count))
     console.print(table)
     console.print(f"output: {out / OUTPUT}")
-
 
 
 @app.command()
@@ -164,11 +165,8 @@ def train(
     """Train CoFE (face experts fusion on a Wan DiT) on clip shards; see docs/cofe.md."""
     from lafid.cofe.train import main
 
-    try:
+    with _exit_on(RecipeError, FileNotFoundError):
         result = main(recipe, resume=resume, steps=steps, progress=progress)
-    except (RecipeError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2)
     loss = f"last loss {result.losses[-1]:.4f}, " if result.losses else ""
     console.print(f"step {result.steps}: {loss}{result.clips} clips in {result.seconds:.1f}s; "
                   f"checkpoint {result.checkpoint}")
