@@ -1,7 +1,8 @@
-"""Summaries of a curate output: counts, reject reasons, pose histogram."""
+"""Summaries of a curate output: counts, reject reasons, pose histogram, speaking labels."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -37,10 +38,9 @@ def summary(out_dir: str | Path) -> Group:
     reasons.add_column("stage/reason")
     reasons.add_column("count", justify="right")
     if rejects is not None:
-        tally = {}
-        for stage, reason in zip(rejects["stage"].to_pylist(), rejects["reason"].to_pylist()):
-            tally[f"{stage}/{reason}"] = tally.get(f"{stage}/{reason}", 0) + 1
-        for key, n in sorted(tally.items(), key=lambda kv: -kv[1]):
+        tally = Counter(f"{stage}/{reason}" for stage, reason
+                        in zip(rejects["stage"].to_pylist(), rejects["reason"].to_pylist()))
+        for key, n in tally.most_common():
             reasons.add_row(key, str(n))
     poses = Table(title="clips by dominant pose bucket")
     poses.add_column("bucket")
@@ -52,4 +52,10 @@ def summary(out_dir: str | Path) -> Group:
         for b in BUCKETS:
             n = buckets.count(b)
             poses.add_row(b, str(n), "#" * round(30 * n / top))
-    return Group(counts, reasons, poses)
+    speech = Table(title="clips by speaking label")
+    speech.add_column("label")
+    speech.add_column("clips", justify="right")
+    if clips is not None:
+        for label, n in Counter(clips["speaking_label"].to_pylist()).most_common():
+            speech.add_row(str(label) if label else "(not analysed)", str(n))
+    return Group(counts, reasons, poses, speech)

@@ -134,6 +134,6 @@ def test_cli_curate_and_inspect(inputs, tmp_path):
                                  "--executor", "sequential", "--no-progress"])
     assert result.exit_code == 0, result.output
     report = runner.invoke(app, ["inspect", str(tmp_path)])
-    assert report.exit_code == 0 and "frontal" in report.output
+    assert report.exit_code == 0 and "frontal" in report.output and "no_audio" in report.output
     bad = runner.invoke(app, ["curate", inputs[0], "--out", str(tmp_path), "--recipe", "nope"])
     assert bad.exit_code == 2 and "recipe not found" in bad.output
