@@ -32,6 +32,7 @@ class IdentityConsistencyParams(StageParams):
     model_dir: str = Field(ArcFaceEncoder.DEFAULT_DIR,
                            description="insightface models folder (antelopev2/ or buffalo_l/ inside) or a pack folder")
     batch_size: int = Field(32, ge=1, description="faces per encoder call")
+    embed_every: int = Field(1, ge=1, description="embed every Nth sampled frame: identity needs fewer frames than lip activity")
     max_distance: float | None = Field(None, gt=0, description="same-person distance; None = the backend's own")
     track_slack: float = Field(1.1, ge=1, description="a face overlapping the last box may be this much farther")
     track_min_iou: float = Field(0.5, ge=0, le=1, description="box overlap that earns the slack")
@@ -59,6 +60,8 @@ class IdentityConsistency(Stage):
             if "frames" not in item.work:
                 raise ValueError("no face frames in the hand-off: run face_constraints before identity_consistency")
             for i, frame in enumerate(item.work["frames"]):
+                if i % self.params.embed_every:
+                    continue
                 for j, face in enumerate(frame["faces"]):
                     chip = self.encoder.align(face["crop"], face["landmarks5"])
                     if chip is not None:
@@ -82,7 +85,8 @@ class IdentityConsistency(Stage):
             return item.drop(self.name, "no_identity", "no face could be embedded in any sampled frame")
         face_of = {i: cands[i][track.chosen[i]].face for i in matched}
         for i, frame in enumerate(frames):
-            frame["tracked"] = face_of.get(i)
+            if i % p.embed_every == 0:  # frames not embedded keep Face Constraints' choice
+                frame["tracked"] = face_of.get(i)
         faces = [frames[i]["faces"][face_of[i]] for i in matched]
         emb = np.stack([embedded[i, face_of[i]][1] for i in matched])
         yaw = np.array([f["yaw"] for f in faces], np.float32)

@@ -86,6 +86,18 @@ def test_carphone_is_one_stable_track(make_video, carphone, faces, identity):
 
 # ---- tracking: a missed cut, a larger stranger ----
 
+def test_embedding_every_other_frame_halves_the_work_and_keeps_the_verdict(make_video, carphone, faces):
+    sparse = StageWorker(IdentityConsistency({"backend": "dlib", "embed_every": 2}))
+    try:
+        (item,) = sparse.run(faces.run([clip_item(make_video("carphone", lambda: carphone, 29.97))])[0])[0]
+    finally:
+        sparse.close()
+    dist = np.array(item.columns["id_frame_dist"], dtype=float)
+    assert not item.rejected, item.reject
+    assert np.isfinite(dist[::2]).all() and np.isnan(dist[1::2]).all()
+    assert item.columns["id_dist_ref_max"] < DLIB_SAME
+
+
 def test_crossfade_to_another_person_is_rejected_as_identity_switch(make_video, carphone, faces, identity):
     frames = media.crossfade(media.resize(carphone[:60], 256, 256),
                              media.still(media.astronaut(), 2.0, fps=29.97), fade_frames=20)
