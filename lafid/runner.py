@@ -7,6 +7,7 @@ the same rows. `lafid.ray_executor` is the only module that imports ray.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,15 +36,25 @@ def list_sources(inputs: Iterable[str]) -> list[str]:
 
 
 def source_items(sources: list[str], writer: ShardWriter, stats: RunStats) -> Iterator[Item]:
-    """One item per new video; finished videos (resume) and repeated content are skipped."""
-    seen: set[str] = set()
+    """One item per new video. Finished videos (resume) are skipped; a second file with
+    the same content becomes a `duplicate_content` reject, so the ledger explains it."""
+    first_path: dict[str, str] = {}
     for source in sources:
         video_id = content_id(source)
-        if video_id in writer.completed or video_id in seen:
-            stats.videos_skipped += 1
+        if video_id in first_path:
+            path_key = hashlib.sha1(os.path.abspath(source).encode()).hexdigest()[:8]
+            duplicate_id = f"{video_id}~{path_key}"
+            if duplicate_id in writer.completed:
+                stats.videos_skipped += 1
+            else:
+                yield Item(source=source, video_id=duplicate_id).drop(
+                    "input", "duplicate_content", f"same content as {first_path[video_id]}")
             continue
-        seen.add(video_id)
-        yield Item(source=source, video_id=video_id)
+        first_path[video_id] = source
+        if video_id in writer.completed:
+            stats.videos_skipped += 1
+        else:
+            yield Item(source=source, video_id=video_id)
 
 
 @dataclass
