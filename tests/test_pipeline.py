@@ -25,7 +25,9 @@ def inputs(media_dir, tmp_path_factory):
     text.write_text("not a video")
     copy = folder / "carphone_copy.mp4"
     copy.write_bytes(open(paths[0], "rb").read())
-    return paths + [str(zero), str(text), str(folder / "missing.mp4"), str(copy)]
+    truncated = media.truncate(paths[0], str(folder / "truncated.mp4"), 0.5)
+    audio_only = media.write_audio_only(str(folder / "audio_only.m4a"), media.speak("no picture here"))
+    return paths + [str(zero), str(text), str(folder / "missing.mp4"), str(copy), truncated, audio_only]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,12 @@ def test_every_input_ends_as_clips_or_rejects_exactly_once(sequential_out, input
     assert seen == ids
     assert {c["source"] for c in clips} | {r["source"] for r in rejects} == set(inputs)
     whole = [r for r in rejects if r["clip_index"] == -1]
-    assert sorted(r["reason"] for r in whole) == ["duplicate_content", "empty_file", "missing_file", "undecodable"]
+    reasons = {r["source"].rsplit("/", 1)[-1]: r["reason"] for r in whole}
+    assert reasons == {"carphone_copy.mp4": "duplicate_content", "zero.mp4": "empty_file", "text.mp4": "undecodable",
+                       "missing.mp4": "missing_file", "audio_only.m4a": "no_video_stream",
+                       "truncated.mp4": reasons.get("truncated.mp4")}
+    # a file cut in half fails at open (index lost) or mid-stream, depending on where its index sits
+    assert reasons["truncated.mp4"] in {"truncated", "undecodable", "decode_error"}
     assert any(r["reason"] == "no_face" for r in rejects)
     manifest = [json.loads(line) for line in (sequential_out / MANIFEST).read_text().splitlines()]
     done = [v for e in manifest for v in e["videos"]]
