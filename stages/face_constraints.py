@@ -5,8 +5,7 @@ Decodes each clip's sampled frames once, runs mediapipe face detection and the
 and 5 landmarks, yaw/pitch/roll, blur, area and mouth opening. Clips are kept or
 rejected by the recipe's thresholds (LaFID's face count, face proportion and face angle
 variation filters). The tracked face's crop and landmarks are handed on in
-`item.work["frames"]` (per sampled frame: time, every face measured, index of
-the tracked one) so later stages never decode or detect again.
+`item.work["frames"]` (see `lafid.handoff`) so later stages never decode or detect again.
 """
 
 from __future__ import annotations
@@ -18,12 +17,12 @@ import cv2
 import numpy as np
 from pydantic import Field
 
+from lafid.handoff import FACE_CROP_MARGIN, FACE_CROP_SIZE
 from lafid.item import Item
 from lafid.pose import five_points, head_pose, mouth_opening, pose_bucket
 from lafid.stage import Resources, Stage, StageParams
 from lafid.video import sample_frames
 
-CROP_SIZE = 224  # square face crop handed to the identity stage
 BLUR_SIZE = 128  # faces are resized to this before measuring blur, so sizes compare
 
 
@@ -66,7 +65,8 @@ def laplacian_variance(gray: np.ndarray) -> float:
     return float(cv2.Laplacian(cv2.resize(gray, (BLUR_SIZE, BLUR_SIZE)), cv2.CV_64F).var())
 
 
-def square_crop(frame: np.ndarray, box: np.ndarray, size: int, margin: float = 1.6) -> tuple[np.ndarray, np.ndarray]:
+def square_crop(frame: np.ndarray, box: np.ndarray, size: int,
+                margin: float = FACE_CROP_MARGIN) -> tuple[np.ndarray, np.ndarray]:
     """Square crop around `box` (expanded by `margin`), resized; returns crop and its 2x3 affine."""
     cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     side = max(box[2] - box[0], box[3] - box[1]) * margin
@@ -166,7 +166,7 @@ class FaceConstraints(Stage):
 
     def _measure(self, frame: np.ndarray, face: Face) -> dict:
         h, w = frame.shape[:2]
-        crop, affine = square_crop(frame, face.box, CROP_SIZE)
+        crop, affine = square_crop(frame, face.box, FACE_CROP_SIZE)
         gray = cv2.cvtColor(square_crop(frame, face.box, BLUR_SIZE, margin=1.0)[0], cv2.COLOR_RGB2GRAY)
         m = {
             "box": (face.box / np.array([w, h, w, h])).clip(0, 1).astype(np.float32),

@@ -23,9 +23,7 @@ from typing import ClassVar
 
 import numpy as np
 
-# Upstream crops are square with the detection box's long side = crop side / margin.
-CROP_MARGIN = 1.6
-
+from lafid.handoff import FACE_CROP_MARGIN
 
 def pairwise(metric: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Distances between rows of `a` (M, D) and `b` (N, D) in `metric` ("l2" or "cosine")."""
@@ -102,7 +100,7 @@ class DlibEncoder(IdentityEncoder):
     def align(self, crop: np.ndarray, landmarks5: np.ndarray | None) -> np.ndarray:
         # dlib's chip needs its own 5 points (eye corners, nose base); the detection box
         # sits centred in the crop, so no mesh is needed and profile faces still align.
-        half = crop.shape[0] / CROP_MARGIN / 2
+        half = crop.shape[0] / FACE_CROP_MARGIN / 2
         c = crop.shape[0] / 2
         box = self._dlib.rectangle(int(c - half), int(c - half), int(c + half), int(c + half))
         shape = self._landmarks(crop, box)
