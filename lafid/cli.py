@@ -46,24 +46,20 @@ def curate(
     progress: bool = typer.Option(True, help="live progress display"),
 ) -> None:
     """Turn raw videos into Parquet shards of clips plus a ledger of rejects."""
-    from lafid.progress import ProgressDisplay, RunStats
+    from lafid.progress import ProgressDisplay
+    from lafid.report import count_table
     from lafid.runner import curate as run
 
     _quiet_native_logs()
     with _exit_on(RecipeError):
         parsed = load_recipe(recipe)
-    display = ProgressDisplay(RunStats(), console, enabled=progress and console.is_terminal)
-    with display:
-        def update(stats: RunStats) -> None:
-            display.stats = stats
-            display.update()
-
+    with ProgressDisplay(console, enabled=progress and console.is_terminal) as display:
         with _exit_on(RecipeError):
-            stats = run(parsed, inputs, out, executor=executor, address=address, num_cpus=num_cpus, on_update=update)
-        display.stats = stats
+            stats = run(parsed, inputs, out, executor=executor, address=address, num_cpus=num_cpus,
+                        on_update=display.update)
     console.print(stats.table())
     if stats.reasons:
-        console.print(stats.reasons_table())
+        console.print(count_table("rejects by stage/reason", "stage/reason", stats.reasons))
     console.print(f"output: {out}")
 
 

@@ -50,34 +50,24 @@ class RunStats:
             t.add_row(name, str(s.items_in), str(s.items_out), str(s.rejected), f"{rate:.2f}")
         return t
 
-    def reasons_table(self) -> Table:
-        t = Table(title="rejects by reason")
-        t.add_column("stage/reason")
-        t.add_column("count", justify="right")
-        for reason, n in self.reasons.most_common():
-            t.add_row(reason, str(n))
-        return t
-
 
 class ProgressDisplay:
-    """Redraws the run table a few times a second on a terminal; silent otherwise."""
+    """Redraws the run table a few times a second on a terminal; silent otherwise.
 
-    def __init__(self, stats: RunStats, console: Console | None = None, enabled: bool = True):
-        self.stats = stats
-        self.console = console or Console(stderr=True)
-        self._live = Live(stats.table(), console=self.console, refresh_per_second=4, transient=False) \
-            if enabled else None
+    Transient: once the run ends the caller prints the final table once."""
+
+    def __init__(self, console: Console, enabled: bool = True):
+        self._live = Live(console=console, refresh_per_second=4, transient=True) if enabled else None
 
     def __enter__(self) -> "ProgressDisplay":
         if self._live:
             self._live.__enter__()
         return self
 
-    def update(self) -> None:
+    def update(self, stats: RunStats) -> None:
         if self._live:
-            self._live.update(self.stats.table())
+            self._live.update(stats.table())
 
     def __exit__(self, *exc) -> None:
         if self._live:
-            self._live.update(self.stats.table())
             self._live.__exit__(*exc)

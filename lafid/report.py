@@ -20,6 +20,16 @@ def read_table(out_dir: str | Path, kind: str = "clips") -> pa.Table | None:
     return ds.dataset(files, format="parquet").to_table() if files else None
 
 
+def count_table(title: str, column: str, counts: Counter) -> Table:
+    """A two-column table of counts, most common first."""
+    table = Table(title=title)
+    table.add_column(column)
+    table.add_column("count", justify="right")
+    for key, n in counts.most_common():
+        table.add_row(str(key), str(n))
+    return table
+
+
 def summary(out_dir: str | Path) -> Group:
     out_dir = Path(out_dir)
     clips, rejects = read_table(out_dir, "clips"), read_table(out_dir, "rejects")
@@ -34,14 +44,10 @@ def summary(out_dir: str | Path) -> Group:
         hours = sum(e - s for s, e in zip(clips["start_s"].to_pylist(), clips["end_s"].to_pylist())) / 3600
     counts.add_row(str(videos), str(clips.num_rows if clips else 0), str(rejects.num_rows if rejects else 0),
                    f"{hours:.3f}")
-    reasons = Table(title="rejects by stage/reason")
-    reasons.add_column("stage/reason")
-    reasons.add_column("count", justify="right")
+    reasons = Counter()
     if rejects is not None:
-        tally = Counter(f"{stage}/{reason}" for stage, reason
-                        in zip(rejects["stage"].to_pylist(), rejects["reason"].to_pylist()))
-        for key, n in tally.most_common():
-            reasons.add_row(key, str(n))
+        reasons.update(f"{stage}/{reason}" for stage, reason
+                       in zip(rejects["stage"].to_pylist(), rejects["reason"].to_pylist()))
     poses = Table(title="clips by dominant pose bucket")
     poses.add_column("bucket")
     poses.add_column("clips", justify="right")
@@ -52,10 +58,8 @@ def summary(out_dir: str | Path) -> Group:
         for b in BUCKETS:
             n = buckets.count(b)
             poses.add_row(b, str(n), "#" * round(30 * n / top))
-    speech = Table(title="clips by speaking label")
-    speech.add_column("label")
-    speech.add_column("clips", justify="right")
+    labels = Counter()
     if clips is not None:
-        for label, n in Counter(clips["speaking_label"].to_pylist()).most_common():
-            speech.add_row(str(label) if label else "(not analysed)", str(n))
-    return Group(counts, reasons, poses, speech)
+        labels.update(label or "(not analysed)" for label in clips["speaking_label"].to_pylist())
+    return Group(counts, count_table("rejects by stage/reason", "stage/reason", reasons), poses,
+                 count_table("clips by speaking label", "label", labels))

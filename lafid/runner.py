@@ -63,15 +63,15 @@ class Sink:
 
     writer: ShardWriter
     stats: RunStats
-    on_update: Callable[[], None] = lambda: None
+    on_update: Callable[[RunStats], None] | None = None
 
     def put(self, item: Item) -> bool:
-        item.work.clear()
         self.stats.finished(item)
         done = self.writer.add(item)
         if done:
             self.stats.videos_done += 1
-        self.on_update()
+        if self.on_update:
+            self.on_update(self.stats)
         return done
 
 
@@ -116,7 +116,7 @@ def curate(
     writer = ShardWriter(out_dir, recipe.output.rows_per_shard)
     sources = list_sources(inputs)
     stats = RunStats(videos_total=len(sources))
-    sink = Sink(writer, stats, (lambda: on_update(stats)) if on_update else (lambda: None))
+    sink = Sink(writer, stats, on_update)
     items = source_items(sources, writer, stats)
     if executor == "sequential":
         run_sequential(recipe, items, sink)
