@@ -13,16 +13,13 @@ from dataclasses import dataclass
 import av
 import numpy as np
 
+from lafid.video import MediaError
+
 RATE = 16000
 
 
-class AudioError(Exception):
+class AudioError(MediaError):
     """Audio that cannot be trusted; `reason` is a stable reject code."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass
