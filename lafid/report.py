@@ -14,10 +14,10 @@ from lafid.pose import BUCKETS
 from lafid.shards import read_manifest
 
 
-def read_table(out_dir: str | Path, kind: str = "clips") -> pa.Table | None:
+def read_table(out_dir: str | Path, kind: str = "clips", columns: list[str] | None = None) -> pa.Table | None:
     """All `clips-*` or `rejects-*` shards of an output as one table (None if there are none)."""
     files = sorted(str(p) for p in Path(out_dir).glob(f"{kind}-*.parquet"))
-    return ds.dataset(files, format="parquet").to_table() if files else None
+    return ds.dataset(files, format="parquet").to_table(columns=columns) if files else None
 
 
 def count_table(title: str, column: str, counts: Counter) -> Table:

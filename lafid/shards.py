@@ -30,7 +30,11 @@ def _digest(keys: list[str]) -> str:
     return hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:16]
 
 
-def _write_atomic(table, path: Path) -> None:
+SHARD_PREFIXES = ("clips-", "rejects-")
+
+
+def write_atomic(table, path: Path) -> None:
+    """Write Parquet to a temporary name, then rename: readers never see half a file."""
     tmp = path.with_name(f".tmp-{path.name}")
     pq.write_table(table, tmp, compression="zstd")
     os.replace(tmp, path)
@@ -70,8 +74,8 @@ class ShardWriter:
         self.counts: Counter[str] = Counter()
 
     def _remove_orphans(self, recorded: set[str]) -> None:
-        for path in self.out_dir.iterdir():
-            if path.suffix == ".parquet" and path.name not in recorded:
+        for path in self.out_dir.iterdir():  # only shards: identities.parquet and user files stay
+            if path.suffix == ".parquet" and path.name.startswith(SHARD_PREFIXES) and path.name not in recorded:
                 path.unlink()
 
     def add(self, item: Item) -> bool:
@@ -98,7 +102,7 @@ class ShardWriter:
             if rows:
                 keys = [f"{r['video_id']}:{r['clip_index']}" for r in rows]
                 name = f"{prefix}-{_digest(keys)}.parquet"
-                _write_atomic(to_table(rows, schema), self.out_dir / name)
+                write_atomic(to_table(rows, schema), self.out_dir / name)
                 files.append(name)
         videos = sorted({i.video_id for i in items})
         entry = {"videos": videos, "files": files, "clips": len(kept), "rejects": len(dropped)}

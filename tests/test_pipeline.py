@@ -94,9 +94,11 @@ def test_resume_after_interruption_gives_the_same_rows(recipe, inputs, sequentia
     with pytest.raises(Stop):
         curate(recipe, inputs, tmp_path, executor="sequential", on_update=stop_after_two)
     (tmp_path / "clips-orphan.parquet").write_bytes(b"left by a crash")
+    (tmp_path / "identities.parquet").write_bytes(b"not a shard: must survive")
     stats = curate(recipe, inputs, tmp_path, executor="sequential")
     assert stats.videos_skipped >= 1
     assert not (tmp_path / "clips-orphan.parquet").exists()
+    assert (tmp_path / "identities.parquet").exists()
     assert rows(tmp_path) == rows(sequential_out)
     assert rows(tmp_path, "rejects") == rows(sequential_out, "rejects")
     again = curate(recipe, inputs, tmp_path, executor="sequential")

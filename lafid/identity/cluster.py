@@ -15,17 +15,16 @@ very large outputs: lower `threshold` to trade recall for purity.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
-import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from lafid.identity.encoders import BACKENDS, pairwise, unit
+from lafid.report import read_table
 from lafid.schema import IDENTITY_SCHEMA, to_table
+from lafid.shards import write_atomic
 
 OUTPUT = "identities.parquet"
 
@@ -98,11 +97,9 @@ def identities(out_dir: str | Path, threshold: float | None = None, cell_size: i
     threshold and the sorted cluster sizes.
     """
     out_dir = Path(out_dir)
-    files = sorted(str(p) for p in out_dir.glob("clips-*.parquet"))
-    if not files:
+    table = read_table(out_dir, "clips", columns=["clip_id", "video_id", "id_backend", "id_ref_embedding"])
+    if table is None:
         raise FileNotFoundError(f"no clips-*.parquet shards in {out_dir}")
-    table = ds.dataset(files, format="parquet").to_table(
-        columns=["clip_id", "video_id", "id_backend", "id_ref_embedding"])
     emb_col = table["id_ref_embedding"].to_pylist()
     keep = [i for i, e in enumerate(emb_col) if e is not None]
     backends = {table["id_backend"][i].as_py() for i in keep}
@@ -123,8 +120,6 @@ def identities(out_dir: str | Path, threshold: float | None = None, cell_size: i
         first[lab] = min(first.get(lab, cid), cid)
     rows = [{"clip_id": cid, "video_id": vid, "identity_id": "id-" + hashlib.sha1(first[lab].encode()).hexdigest()[:12],
              "identity_size": int(sizes[lab])} for cid, vid, lab in zip(clip_ids, video_ids, inverse)]
-    tmp = out_dir / f".tmp-{OUTPUT}"
-    pq.write_table(to_table(rows, IDENTITY_SCHEMA), tmp)
-    os.replace(tmp, out_dir / OUTPUT)
+    write_atomic(to_table(rows, IDENTITY_SCHEMA), out_dir / OUTPUT)
     return {"clips": len(keep), "skipped": table.num_rows - len(keep), "backend": backend.name,
             "threshold": threshold, "sizes": sorted(sizes.tolist(), reverse=True)}
