@@ -110,13 +110,12 @@ class FaceConstraints(Stage):
             for t, frame in sample_frames(item.source, item.start_s, item.end_s, p.sample_fps, p.max_side):
                 frame = self._at_least_min_side(frame)
                 faces = self._faces(frame, mesh)
-                face = self._track(faces, previous)
-                previous = face or previous
+                index = self._track(faces, previous)
+                previous = faces[index] if index is not None else previous
                 measured = [self._measure(frame, f) for f in faces]
-                index = faces.index(face) if face else None
                 times.append(t)
                 counts.append(len(faces))
-                tracked.append(measured[index] if face else None)
+                tracked.append(measured[index] if index is not None else None)
                 frames.append({"t": t, "faces": measured, "tracked": index})
         if not times:
             return [item.drop(self.name, "no_frames", "no frames could be decoded in the clip's range")]
@@ -154,15 +153,15 @@ class FaceConstraints(Stage):
         return faces
 
     @staticmethod
-    def _track(faces: list[Face], previous: Face | None) -> Face | None:
-        """Follow the face that overlaps the last tracked one; else take the largest."""
+    def _track(faces: list[Face], previous: Face | None) -> int | None:
+        """Index of the face that overlaps the last tracked one; else of the largest."""
         if not faces:
             return None
         if previous is not None:
-            overlap = max(faces, key=lambda f: iou(f.box, previous.box))
-            if iou(overlap.box, previous.box) > 0.3:
+            overlap = max(range(len(faces)), key=lambda i: iou(faces[i].box, previous.box))
+            if iou(faces[overlap].box, previous.box) > 0.3:
                 return overlap
-        return max(faces, key=lambda f: f.area)
+        return max(range(len(faces)), key=lambda i: faces[i].area)
 
     def _measure(self, frame: np.ndarray, face: Face) -> dict:
         h, w = frame.shape[:2]

@@ -1,5 +1,6 @@
 """Face Constraints on real footage: detection, pose signs, rejects with reasons."""
 
+import cv2
 import numpy as np
 import pytest
 
@@ -103,3 +104,34 @@ def test_two_faces_are_counted_and_rejected(make_video):
     (item,) = run_stage(FaceConstraints(LOOSE), [clip_item(make_video("two_faces", pair))])
     assert item.reject.reason == "multiple_faces"
     assert max(item.columns["frame_face_count"]) == 2
+
+
+def _beside(talk, portrait, portrait_left: bool):
+    """Real two-person frames: the carphone man (larger) beside a smaller still portrait."""
+    out = []
+    for f in talk:
+        man = cv2.resize(f, (320, 262), interpolation=cv2.INTER_CUBIC)
+        side = np.full((262, 200, 3), 128, np.uint8)
+        side[31:231, 0:200] = cv2.resize(portrait, (200, 200), interpolation=cv2.INTER_AREA)
+        out.append(np.concatenate([side, man] if portrait_left else [man, side], axis=1))
+    return out
+
+
+def test_the_tracked_face_need_not_be_the_first_detection(make_video, carphone):
+    """Two real faces in frame: the talking man is followed whatever order the detector lists them in."""
+    stage = FaceConstraints({**LOOSE, "min_single_face_ratio": 0.0})
+    not_first = 0
+    for portrait_left in (True, False):
+        name = f"carphone_beside_hopper_{'left' if portrait_left else 'right'}"
+        path = make_video(name, lambda: _beside(carphone, media.grace_hopper(), portrait_left), 29.97)
+        (item,) = run_stage(stage, [clip_item(path)])
+        assert not item.rejected, item.reject
+        c, frames = item.columns, item.work["frames"]
+        assert max(c["frame_face_count"]) == 2
+        lo, hi = (200 / 520, 1.0) if portrait_left else (0.0, 320 / 520)  # the man's horizontal extent
+        boxes = np.array(c["frame_box"], np.float32)
+        assert ((boxes[:, 0] >= lo - 0.02) & (boxes[:, 2] <= hi + 0.02)).all(), boxes
+        for box, f in zip(boxes, frames):  # the hand-off names the same face as the columns
+            np.testing.assert_allclose(f["faces"][f["tracked"]]["box"], box)
+        not_first += sum(f["tracked"] != 0 for f in frames)
+    assert not_first > 0, "the detector listed the man first every time: the test would not cover that case"
