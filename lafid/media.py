@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import wave
 from fractions import Fraction
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import av
 import cv2
@@ -77,18 +77,35 @@ def read_wav(path: str) -> np.ndarray:
     return raw
 
 
+_VFR_TIME_BASE = Fraction(1, 90000)
+
+
 def write_video(path: str, frames: Iterable[np.ndarray], fps: float = 25.0,
-                audio: np.ndarray | None = None) -> str:
-    """Encode RGB frames as H.264 (+ AAC from mono float audio at 16 kHz) with PyAV."""
+                audio: np.ndarray | None = None, times: Sequence[float] | None = None,
+                rotation: int = 0) -> str:
+    """Encode RGB frames as H.264 (+ AAC from mono float audio at 16 kHz) with PyAV.
+
+    `times` (seconds, one per frame) gives each frame its own timestamp, for
+    variable-frame-rate video; `rotation` stores a display matrix that tells
+    players to rotate the frames counter-clockwise by that many degrees (as
+    phones do when they record sideways)."""
     frames = list(frames)
+    if times is not None and len(times) != len(frames):
+        raise ValueError(f"{len(times)} times for {len(frames)} frames")
     h, w = frames[0].shape[:2]
     with av.open(path, "w") as out:
         vs = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         vs.width, vs.height, vs.pix_fmt = w - w % 2, h - h % 2, "yuv420p"
         vs.options = {"crf": "20", "preset": "veryfast"}
+        if times is not None:
+            vs.codec_context.time_base = vs.time_base = _VFR_TIME_BASE
+        if rotation:
+            vs.set_display_rotation(rotation)
         audio_stream = _audio_stream(out) if audio is not None else None
-        for rgb in frames:
+        for i, rgb in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[: vs.height, : vs.width]), format="rgb24")
+            if times is not None:
+                frame.pts, frame.time_base = round(times[i] / _VFR_TIME_BASE), _VFR_TIME_BASE
             out.mux(vs.encode(frame))
         out.mux(vs.encode(None))
         if audio_stream is not None:

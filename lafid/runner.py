@@ -20,19 +20,57 @@ from lafid.shards import ShardWriter
 from lafid.stage import StageWorker
 from lafid.video import content_id
 
-VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv"}
+# Folder scans list files with these extensions: video containers and audio
+# containers (an audio-only file becomes a `no_video_stream` reject row rather than
+# being skipped unseen). Files given by name are attempted whatever their extension.
+VIDEO_EXTENSIONS = frozenset({
+    ".mp4", ".m4v", ".mov", ".qt", ".mkv", ".webm", ".avi", ".divx", ".flv", ".f4v", ".wmv", ".asf",
+    ".mpg", ".mpeg", ".m2v", ".vob", ".ts", ".mts", ".m2ts", ".m2t", ".3gp", ".3g2", ".ogv", ".mxf",
+    ".dv", ".rm", ".rmvb", ".y4m", ".h264", ".264", ".h265", ".265", ".hevc",
+    ".m4a", ".mp3", ".wav", ".aac", ".flac", ".ogg", ".oga", ".opus", ".wma", ".mka", ".weba",
+    ".amr", ".aif", ".aiff",
+})
 
 
 def list_sources(inputs: Iterable[str]) -> list[str]:
-    """Files as given (even missing ones: they become reject rows); folders searched for videos."""
+    """Absolute paths of the sources to curate, each once, in a stable order.
+
+    A file given by name is listed whatever its extension, even when it is missing
+    or unreadable (it becomes a reject row). A folder is searched recursively for
+    files with a media extension (`VIDEO_EXTENSIONS`), following symlinked folders;
+    a folder already searched (by its real path) is not searched again, so symlink
+    loops end."""
     out: list[str] = []
+    seen_files: set[str] = set()
+    seen_dirs: set[str] = set()
+
+    def add(path: str) -> None:
+        path = os.path.abspath(path)
+        if path not in seen_files:
+            seen_files.add(path)
+            out.append(path)
+
     for entry in inputs:
-        path = Path(entry)
-        if path.is_dir():
-            out.extend(str(p) for p in sorted(path.rglob("*")) if p.suffix.lower() in VIDEO_EXTENSIONS)
+        if os.path.isdir(entry):
+            for path in _scan(entry, seen_dirs):
+                add(path)
         else:
-            out.append(str(path))
+            add(entry)
     return out
+
+
+def _scan(folder: str, seen_dirs: set[str]) -> list[str]:
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen_dirs:
+            dirs[:] = []
+            continue
+        seen_dirs.add(real)
+        dirs.sort()
+        found.extend(os.path.join(root, name) for name in files
+                     if os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS)
+    return sorted(found)
 
 
 def source_items(sources: list[str], writer: ShardWriter, stats: RunStats) -> Iterator[Item]:

@@ -2,10 +2,16 @@
 
 Nothing here loads a whole video: `probe` reads headers and one frame, and
 `sample_frames` yields frames at a chosen rate while decoding forward.
+
+Times come from frame timestamps (pts), measured from the video stream's start,
+so variable-frame-rate sources place every frame where it is shown. Frames are
+returned as displayed: a display-matrix rotation (phone footage stored sideways)
+is applied, and `probe` reports width and height after it.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from dataclasses import asdict, dataclass
@@ -36,6 +42,7 @@ class VideoInfo:
     height: int
     has_audio: bool
     codec: str
+    rotation: int = 0  # degrees counter-clockwise applied to stored frames for display
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -58,8 +65,16 @@ def content_id(path: str) -> str:
 
 def probe(path: str) -> VideoInfo:
     """Read stream facts and decode one frame; raise `MediaError` on unusable input."""
-    if not os.path.exists(path):
-        raise MediaError("missing_file", f"no such file: {path}")
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise MediaError("symlink_loop", f"symbolic links loop back on themselves: {path}") from exc
+        if os.path.islink(path):
+            raise MediaError("broken_symlink", f"symbolic link to a missing file: {path} -> {os.readlink(path)}") from exc
+        if exc.errno == errno.ENOENT:
+            raise MediaError("missing_file", f"no such file: {path}") from exc
+        raise MediaError("unreadable", f"{exc.strerror}: {path}") from exc
     if not os.path.isfile(path) or not os.access(path, os.R_OK):
         raise MediaError("unreadable", f"not a readable file: {path}")
     if os.path.getsize(path) == 0:
@@ -82,14 +97,20 @@ def probe(path: str) -> VideoInfo:
             first = next(container.decode(stream), None)
             if first is None:
                 raise MediaError("undecodable", "the video stream yields no frames")
+            width = stream.codec_context.width or first.width
+            height = stream.codec_context.height or first.height
+            rotation = frame_rotation(first)
+            if rotation % 180:
+                width, height = height, width
             return VideoInfo(
                 duration_s=duration,
                 fps=fps,
                 frame_count=frames,
-                width=stream.codec_context.width or first.width,
-                height=stream.codec_context.height or first.height,
+                width=width,
+                height=height,
                 has_audio=bool(container.streams.audio),
                 codec=stream.codec_context.name,
+                rotation=rotation,
             )
     except MediaError:
         raise
@@ -102,19 +123,24 @@ def sample_frames(
 ) -> Iterator[tuple[float, np.ndarray]]:
     """Yield (seconds from `start_s`, RGB frame) at about `fps`, decoding forward once.
 
+    Times are frame timestamps from the stream's start, so a frame is taken at
+    (or just after) every multiple of 1/`fps` whatever the source's frame rate.
     `max_side` > 0 downsizes frames (keeping aspect) inside FFmpeg's scaler.
+    Frames are rotated as displayed (see `frame_rotation`).
     """
     step = 1.0 / fps
     next_t = start_s
     with av.open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        origin = stream.start_time or 0
         if start_s > 0:
-            container.seek(int(start_s / stream.time_base), stream=stream, backward=True, any_frame=False)
+            target = origin + int(start_s / stream.time_base)
+            container.seek(target, stream=stream, backward=True, any_frame=False)
         for frame in container.decode(stream):
             if frame.pts is None:
                 continue
-            t = float(frame.pts * stream.time_base)
+            t = float((frame.pts - origin) * stream.time_base)
             if t >= end_s - 1e-6:
                 break
             if t + 1e-6 < next_t:
@@ -123,6 +149,24 @@ def sample_frames(
             scale = max_side / max(width, height) if max_side else 1.0
             if scale < 1.0:
                 width, height = int(round(width * scale)) // 2 * 2, int(round(height * scale)) // 2 * 2
-            yield t - start_s, frame.to_ndarray(format="rgb24", width=width, height=height)
+            yield t - start_s, displayed(frame.to_ndarray(format="rgb24", width=width, height=height),
+                                         frame_rotation(frame))
             while next_t <= t + 1e-6:
                 next_t += step
+
+
+def frame_rotation(frame: av.VideoFrame) -> int:
+    """Counter-clockwise display rotation of a decoded frame in degrees (0, 90, 180, 270),
+    from its display matrix; 0 when there is none."""
+    try:
+        degrees = frame.rotation
+    except (AttributeError, ValueError):
+        return 0
+    return int(round((degrees or 0) / 90.0)) % 4 * 90
+
+
+def displayed(rgb: np.ndarray, rotation: int) -> np.ndarray:
+    """Stored frame -> frame as shown, for a counter-clockwise `rotation` in degrees."""
+    if not rotation:
+        return rgb
+    return np.ascontiguousarray(np.rot90(rgb, k=rotation // 90))

@@ -1,9 +1,11 @@
 """Shot split: cut a source video into single-shot clips with PySceneDetect.
 
-One decode pass runs the cut detector and records each frame's mean luma, so
-black or faded frames at shot edges are trimmed without reading the video again.
-Shots longer than `max_clip_s` are split into equal parts; shorter than
-`min_clip_s` become reject rows.
+One decode pass runs the cut detector and records each frame's timestamp and
+mean luma, so black or faded frames at shot edges are trimmed without reading
+the video again. Clip times come from the frames' timestamps (not frame index
+over the average rate), so variable-frame-rate sources are cut where the shot
+changes. Shots longer than `max_clip_s` are split into equal parts; shorter
+than `min_clip_s` become reject rows.
 """
 
 from __future__ import annotations
@@ -30,14 +32,17 @@ class ShotSplitParams(StageParams):
     min_frames_ratio: float = Field(0.9, gt=0, le=1, description="decoded/declared frames below this = truncated")
 
 
-class LumaRecorder(SceneDetector):
-    """Records each frame's mean brightness during the cut-detection pass; reports no cuts."""
+class FrameRecorder(SceneDetector):
+    """Records each frame's time (seconds from the stream's start, from its pts) and
+    mean brightness during the cut-detection pass; reports no cuts."""
 
     def __init__(self):
         super().__init__()
+        self.times: list[float] = []
         self.values: list[float] = []
 
     def process_frame(self, timecode, frame_img):
+        self.times.append(float(timecode.seconds))
         self.values.append(float(frame_img.mean()))
         return []
 
@@ -46,12 +51,13 @@ class ShotSplit(Stage):
     name = "shot_split"
     Params = ShotSplitParams
     default_resources = Resources(cpus=1)
+    writes = ("fps", "width", "height", "has_audio", "start_frame", "end_frame")
 
     def process_item(self, item: Item) -> list[Item]:
         p: ShotSplitParams = self.params
         try:
             info = probe(item.source)
-            shots, luma = self._detect(item.source, info)
+            shots, times, luma = self._detect(item.source, info)
         except MediaError as err:
             return [item.drop(self.name, err.reason, err.detail)]
         decoded = len(luma)
@@ -63,8 +69,8 @@ class ShotSplit(Stage):
             if end - start <= 0:
                 clips.append((start, max(end, start), "dark_shot"))
                 continue
-            for a, b in self._split_long(start, end, info.fps):
-                short = (b - a) / info.fps < p.min_clip_s
+            for a, b in self._split_long(times, start, end):
+                short = times[b] - times[a] < p.min_clip_s
                 clips.append((a, b, "too_short" if short else None))
         base = {
             "fps": info.fps,
@@ -79,18 +85,20 @@ class ShotSplit(Stage):
                 video_id=item.video_id,
                 clip_index=index,
                 clip_count=len(clips),
-                start_s=a / info.fps,
-                end_s=b / info.fps,
+                start_s=float(times[a]),
+                end_s=float(times[b]),
                 columns={**base, "start_frame": a, "end_frame": b},
             )
             if reason:
-                clip.drop(self.name, reason, f"frames {a}-{b} ({(b - a) / info.fps:.2f}s)")
+                clip.drop(self.name, reason, f"frames {a}-{b} ({times[b] - times[a]:.2f}s)")
             out.append(clip)
         if not out:
             return [item.drop(self.name, "no_shots", "no frames left after trimming")]
         return out
 
-    def _detect(self, path: str, info: VideoInfo) -> tuple[list[tuple[int, int]], np.ndarray]:
+    def _detect(self, path: str, info: VideoInfo) -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray]:
+        """Shots as (first frame, frame after the last) in decode order; each frame's
+        start time plus, at the end, when the last frame stops being shown; mean lumas."""
         p: ShotSplitParams = self.params
         if p.detector == "adaptive":
             kwargs = {"adaptive_threshold": p.threshold} if p.threshold else {}
@@ -98,7 +106,7 @@ class ShotSplit(Stage):
         else:
             kwargs = {"threshold": p.threshold} if p.threshold else {}
             detector = ContentDetector(min_scene_len=p.min_scene_frames, **kwargs)
-        luma = LumaRecorder()
+        luma = FrameRecorder()
         try:
             video = open_video(path, backend="pyav")
             manager = SceneManager()
@@ -109,10 +117,11 @@ class ShotSplit(Stage):
             scenes = manager.get_scene_list(start_in_scene=True)
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a reject reason
             raise MediaError("decode_error", f"{type(exc).__name__}: {exc}") from exc
-        shots = [(s.frame_num, e.frame_num) for s, e in scenes]
-        if not shots and luma.values:
-            shots = [(0, len(luma.values))]
-        return shots, np.asarray(luma.values, dtype=np.float32)
+        times = _frame_times(luma.times, info)
+        n = len(luma.values)
+        starts = sorted({_frame_at(times[:n], s.seconds) for s, _ in scenes} | {0}) if n else []
+        shots = list(zip(starts, starts[1:] + [n]))
+        return shots, times, np.asarray(luma.values, dtype=np.float32)
 
     def _trim_dark(self, luma: np.ndarray, start: int, end: int) -> tuple[int, int]:
         threshold = self.params.dark_luma
@@ -125,8 +134,28 @@ class ShotSplit(Stage):
             end -= 1
         return start, end
 
-    def _split_long(self, start: int, end: int, fps: float) -> list[tuple[int, int]]:
-        limit = int(self.params.max_clip_s * fps)
-        parts = max(1, math.ceil((end - start) / limit))
-        bounds = np.linspace(start, end, parts + 1).round().astype(int)
-        return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+    def _split_long(self, times: np.ndarray, start: int, end: int) -> list[tuple[int, int]]:
+        """Equal parts in time, cut at the frames nearest the part boundaries."""
+        duration = times[end] - times[start]
+        parts = max(1, math.ceil(duration / self.params.max_clip_s - 1e-9))
+        targets = np.linspace(times[start], times[end], parts + 1)[1:-1]
+        inner = [_frame_at(times[start:end], t) + start for t in targets]
+        bounds = [start] + sorted(set(b for b in inner if start < b < end)) + [end]
+        return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _frame_times(starts: list[float], info: VideoInfo) -> np.ndarray:
+    """Frame start times plus one entry for the end of the last frame (as long as the
+    frame before it, or 1/fps when there is only one)."""
+    times = np.asarray(starts, dtype=np.float64)
+    if len(times) == 0:
+        return np.zeros(1)
+    if len(times) > 1 and (np.diff(times) <= 0).any():  # timestamps missing or out of order
+        times = np.arange(len(times)) / info.fps
+    last = times[-1] - times[-2] if len(times) > 1 else 1.0 / info.fps
+    return np.append(times, times[-1] + max(last, 0.0))
+
+
+def _frame_at(times: np.ndarray, seconds: float) -> int:
+    """Index of the frame whose start time is nearest `seconds`."""
+    return int(np.abs(times - seconds).argmin())

@@ -72,3 +72,30 @@ def test_bad_inputs_become_rejects_with_reasons(bad_inputs):
         allowed = {"truncated", "undecodable", "decode_error"} if expected == "truncated" else {expected}
         assert item.reject.reason in allowed, (expected, item.reject)
         assert item.reject.detail
+
+
+def test_variable_frame_rate_cut_is_timed_by_frame_timestamps(media_dir, carphone):
+    """10 fps talking head for 4 s, then a hard cut to a 30 fps portrait for 3 s."""
+    talk = media.resize(carphone, 256, 256)[:40]
+    hopper = media.still(media.grace_hopper(), 3.0, fps=30.0)
+    times = [i / 10 for i in range(40)] + [4.0 + i / 30 for i in range(90)]
+    path = media.write_video(str(media_dir / "vfr_cut.mp4"), talk + hopper, times=times)
+    first, second = run_stage(ShotSplit({"min_clip_s": 0.5}), [video_item(path)])
+    assert not first.rejected and not second.rejected
+    frame = 1 / 30  # the shorter frame duration on either side of the cut
+    assert abs(second.columns["start_frame"] - 40) <= 1
+    assert abs(first.end_s - 4.0) <= frame + 1e-6 and abs(second.start_s - 4.0) <= frame + 1e-6
+    assert first.start_s == 0.0 and abs(second.end_s - 7.0) <= frame + 1e-6
+    # control: frame index over the average frame rate puts the cut about 2 s early
+    fps = second.columns["fps"]
+    assert 17 < fps < 20 and abs(second.columns["start_frame"] / fps - 4.0) > 1.5
+
+
+def test_variable_frame_rate_long_shot_is_split_into_equal_times(media_dir, carphone):
+    """One shot whose frame rate drops from 30 to 10 fps halfway: equal parts in seconds."""
+    frames = media.resize(carphone, 128, 128)[:90]
+    times = [i / 30 for i in range(60)] + [2.0 + i / 10 for i in range(30)]
+    path = media.write_video(str(media_dir / "vfr_long.mp4"), frames, times=times)
+    clips = run_stage(ShotSplit({"min_clip_s": 0.5, "max_clip_s": 2.5}), [video_item(path)])
+    assert [(round(c.start_s, 2), round(c.end_s, 2)) for c in clips] == [(0.0, 2.5), (2.5, 5.0)]
+    assert [c.columns["end_frame"] for c in clips] == [65, 90]
