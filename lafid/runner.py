@@ -1,24 +1,37 @@
 """Run a recipe over source videos: sequentially in-process, or on Ray.
 
-Both executors feed the same `StageWorker`s, send rejected items straight to the
-writer, and hand every finished item to one `ShardWriter`, so their outputs are
-the same rows. `lafid.ray_executor` is the only module that imports ray.
+Both executors feed the same `StageWorker`s and hand every batch's result to one
+`Router` (`lafid.router`), which sends rejected and finished items to one
+`ShardWriter`, so their outputs are the same rows. `lafid.ray_executor` is the
+only module that imports ray.
+
+`curate` first proves the output folder is usable and takes its lock (one run per
+folder), logs the run to `_curate.log` there (tracebacks included), and does not
+start an executor when every input is already done.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
+import json
+import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from lafid.item import Item
 from lafid.progress import RunStats
 from lafid.recipe import Recipe
+from lafid.registry import stage_class
+from lafid.router import Router, setup_failed
 from lafid.shards import ShardWriter
 from lafid.stage import StageWorker
+from lafid.storage import OutputLock, prepare_output, remove_stale_temporaries
 from lafid.video import content_id
+
+LOG = "_curate.log"
+log = logging.getLogger("lafid.run")
 
 # Folder scans list files with these extensions: video containers and audio
 # containers (an audio-only file becomes a `no_video_stream` reject row rather than
@@ -95,50 +108,56 @@ def source_items(sources: list[str], writer: ShardWriter, stats: RunStats) -> It
             yield Item(source=source, video_id=video_id)
 
 
-@dataclass
-class Sink:
-    """Where finished items go: the writer, the run counters and the display."""
+def recipe_fingerprint(recipe: Recipe) -> str:
+    """Hash of what decides the rows: the stages in order and every parameter (defaults included).
 
-    writer: ShardWriter
-    stats: RunStats
-    on_update: Callable[[RunStats], None] | None = None
-
-    def put(self, item: Item) -> bool:
-        self.stats.finished(item)
-        done = self.writer.add(item)
-        if done:
-            self.stats.videos_done += 1
-        if self.on_update:
-            self.on_update(self.stats)
-        return done
+    Workers, batch sizes and output sizes change how a run is scheduled, not its rows."""
+    stages = [[spec.stage, stage_class(spec.stage).Params(**spec.params).model_dump(mode="json")]
+              for spec in recipe.stages]
+    return hashlib.sha256(json.dumps(stages, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_sequential(recipe: Recipe, items: Iterable[Item], sink: Sink) -> None:
+def run_sequential(recipe: Recipe, items: Iterable[Item], router: Router) -> None:
     """Every stage in this process, depth first: each batch goes all the way to the
-    writer before the next is started, so memory does not grow with video length."""
+    writer before the next is started, so memory does not grow with video length.
+    Every stage is set up before the first video is read."""
     stages = recipe.build_stages()
-    workers = [StageWorker(stage, last=i == len(stages) - 1) for i, stage in enumerate(stages)]
-
-    def push(pending: list[Item], level: int) -> None:
-        spec, worker = recipe.stages[level], workers[level]
-        for start in range(0, len(pending), spec.batch_size):
-            out, stats = worker.run(pending[start:start + spec.batch_size])
-            sink.stats.stage(spec.stage, stats)
-            onward = []
-            for item in out:
-                if item.rejected or level + 1 == len(workers):
-                    sink.put(item)
-                else:
-                    onward.append(item)
-            if onward:
-                push(onward, level + 1)
-
+    workers: list[StageWorker] = []
     try:
+        for i, stage in enumerate(stages):
+            try:
+                workers.append(StageWorker(stage, last=i == len(stages) - 1))
+            except Exception as exc:
+                log.exception("stage %s failed to set up", stage.name)
+                raise setup_failed(stage.name, exc) from exc
+
+        def push(pending: list[Item], level: int) -> None:
+            spec, worker = recipe.stages[level], workers[level]
+            for start in range(0, len(pending), spec.batch_size):
+                given = pending[start:start + spec.batch_size]
+                out, stats = worker.run(given)
+                router.stats.stage(spec.stage, stats)
+                onward = router.done(level, given, out)
+                if onward:
+                    push(onward, level + 1)
+
         for video in items:
-            push([video], 0)
+            first = router.admit(video)
+            if first:
+                push(first, 0)
     finally:
         for worker in workers:
             worker.close()
+
+
+def _log_to(out_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(out_dir / LOG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("lafid")
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    return handler
 
 
 def curate(
@@ -149,20 +168,57 @@ def curate(
     address: str | None = None,
     num_cpus: int | None = None,
     on_update: Callable[[RunStats], None] | None = None,
+    retry_failed: bool = False,
+    allow_recipe_change: bool = False,
 ) -> RunStats:
-    """Curate `inputs` into `out_dir`; resumable and idempotent (see lafid.shards)."""
-    writer = ShardWriter(out_dir, recipe.output.rows_per_shard)
+    """Curate `inputs` into `out_dir`; resumable and idempotent (see lafid.shards).
+
+    `retry_failed` redoes finished videos that have `worker_crashed` or `stage_error`
+    rows, replacing all their rows. Raises `lafid.storage.OutputError` for an unusable
+    or busy output folder or a recipe other than the one it was written with, and
+    `lafid.router.RunFailed` when the run cannot go on (a stage that cannot set up)."""
+    if executor not in ("ray", "sequential"):
+        raise ValueError(f"unknown executor {executor!r}: use 'ray' or 'sequential'")
+    out = prepare_output(out_dir)
+    with OutputLock(out):
+        handler = _log_to(out)
+        try:
+            return _curate_locked(recipe, inputs, out, executor, address, num_cpus, on_update,
+                                  retry_failed, allow_recipe_change)
+        except BaseException:
+            log.exception("run into %s failed", out)
+            raise
+        finally:
+            logging.getLogger("lafid").removeHandler(handler)
+            handler.close()
+
+
+def _curate_locked(recipe, inputs, out, executor, address, num_cpus, on_update, retry_failed,
+                   allow_recipe_change) -> RunStats:
+    fingerprint = recipe_fingerprint(recipe)
+    log.info("run: recipe %s (fingerprint %s), executor %s", recipe.name, fingerprint, executor)
+    stale = remove_stale_temporaries(out)
+    if stale:
+        log.info("removed %d temporary files left by an interrupted run", len(stale))
+    writer = ShardWriter(out, recipe.output.rows_per_shard, fingerprint, allow_recipe_change)
+    if retry_failed:
+        log.info("retrying %d videos with worker_crashed/stage_error rows", writer.retract(writer.failed_videos()))
     sources = list_sources(inputs)
     stats = RunStats(videos_total=len(sources))
-    sink = Sink(writer, stats, on_update)
+    router = Router([spec.stage for spec in recipe.stages], writer, stats, on_update)
     items = source_items(sources, writer, stats)
+    first = next(items, None)
+    if first is None:
+        log.info("nothing to do: all %d videos are done", len(sources))
+        return stats
+    items = itertools.chain([first], items)
     if executor == "sequential":
-        run_sequential(recipe, items, sink)
-    elif executor == "ray":
+        run_sequential(recipe, items, router)
+    else:
         from lafid.ray_executor import run_ray
 
-        run_ray(recipe, items, sink, address=address, num_cpus=num_cpus)
-    else:
-        raise ValueError(f"unknown executor {executor!r}: use 'ray' or 'sequential'")
+        run_ray(recipe, items, router, address=address, num_cpus=num_cpus)
     writer.close()
+    router.finish()
+    log.info("done: %d videos, %d clips kept, %d rows rejected", stats.videos_done, stats.kept, stats.rejected)
     return stats

@@ -1,43 +1,47 @@
 """Parquet output with exactly-once, resumable writes.
 
-Rows are held per video until every clip of that video has arrived, then
-buffered; a flush writes a clips shard and a rejects shard atomically (temp file,
-then rename) with names derived from their content, and only then appends the
+The router hands over a video only when all its rows are in; they are buffered,
+and a flush writes a clips shard and a rejects shard atomically (see
+`lafid.storage`) with names derived from their content, and only then appends the
 videos to `_manifest.jsonl`. A rerun reads the manifest, deletes shards no
 manifest line names (left by a crash between write and record) and skips
-finished videos, so every video ends in the output exactly once.
+finished videos, so every video ends in the output exactly once. Each manifest
+line records the fingerprint of the recipe that wrote it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from lafid.item import Item
 from lafid.schema import CLIP_SCHEMA, REJECT_SCHEMA, clip_row, reject_row, to_table
+from lafid.storage import OutputError, append_line, write_atomic, write_text_atomic
+
+__all__ = ["MANIFEST", "RETRYABLE", "RecipeChanged", "ShardWriter", "read_manifest", "write_atomic"]
 
 MANIFEST = "_manifest.jsonl"
 STATS = "_stats.json"
+SHARD_PREFIXES = ("clips-", "rejects-")
+# Reject reasons that say the run failed, not the media: `--retry-failed` redoes their videos.
+RETRYABLE = ("worker_crashed", "stage_error")
+
+
+class RecipeChanged(OutputError):
+    """The output folder was written with another recipe."""
 
 
 def _digest(keys: list[str]) -> str:
     return hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:16]
 
 
-SHARD_PREFIXES = ("clips-", "rejects-")
-
-
-def write_atomic(table, path: Path) -> None:
-    """Write Parquet to a temporary name, then rename: readers never see half a file."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+def _shard_name(prefix: str, rows: list[dict]) -> str:
+    keys = [f"{r['video_id']}:{r['clip_index']}" for r in rows]
+    return f"{prefix}-{_digest(keys)}.parquet"
 
 
 def read_manifest(out_dir: Path) -> list[dict]:
@@ -53,23 +57,23 @@ def read_manifest(out_dir: Path) -> list[dict]:
     return entries
 
 
-@dataclass
-class _Video:
-    expected: int | None = None
-    items: list[Item] = field(default_factory=list)
-
-
 class ShardWriter:
-    """Collects finished items and writes them as shards; see the module docstring."""
+    """Collects finished videos and writes them as shards; see the module docstring."""
 
-    def __init__(self, out_dir: str | Path, rows_per_shard: int = 1000):
+    def __init__(self, out_dir: str | Path, rows_per_shard: int = 1000, recipe: str | None = None,
+                 allow_recipe_change: bool = False):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.rows_per_shard = rows_per_shard
+        self.recipe = recipe
         entries = read_manifest(self.out_dir)
+        written_with = {e["recipe"] for e in entries if e.get("recipe")}
+        if recipe and written_with and recipe not in written_with and not allow_recipe_change:
+            raise RecipeChanged(f"{self.out_dir} was written with another recipe (fingerprint "
+                                f"{', '.join(sorted(written_with))}, now {recipe}); use another --out, "
+                                "or --allow-recipe-change to add to it anyway")
         self.completed: set[str] = {v for e in entries for v in e["videos"]}
         self._remove_orphans({f for e in entries for f in e["files"]})
-        self._open: dict[str, _Video] = defaultdict(_Video)
         self._ready: list[Item] = []
         self.counts: Counter[str] = Counter()
 
@@ -78,18 +82,11 @@ class ShardWriter:
             if path.suffix == ".parquet" and path.name.startswith(SHARD_PREFIXES) and path.name not in recorded:
                 path.unlink()
 
-    def add(self, item: Item) -> bool:
-        """Take one finished item; True when this completed its video."""
-        video = self._open[item.video_id]
-        video.expected = item.clip_count
-        video.items.append(item)
-        if len(video.items) < video.expected:
-            return False
-        del self._open[item.video_id]
-        self._ready.extend(video.items)
+    def add_video(self, items: list[Item]) -> None:
+        """Take every row of one finished video."""
+        self._ready.extend(items)
         if sum(not i.rejected for i in self._ready) >= self.rows_per_shard:
             self.flush()
-        return True
 
     def flush(self) -> None:
         if not self._ready:
@@ -100,24 +97,66 @@ class ShardWriter:
         files = []
         for prefix, rows, schema in (("clips", kept, CLIP_SCHEMA), ("rejects", dropped, REJECT_SCHEMA)):
             if rows:
-                keys = [f"{r['video_id']}:{r['clip_index']}" for r in rows]
-                name = f"{prefix}-{_digest(keys)}.parquet"
+                name = _shard_name(prefix, rows)
                 write_atomic(to_table(rows, schema), self.out_dir / name)
                 files.append(name)
         videos = sorted({i.video_id for i in items})
-        entry = {"videos": videos, "files": files, "clips": len(kept), "rejects": len(dropped)}
-        with open(self.out_dir / MANIFEST, "a") as fh:
-            fh.write(json.dumps(entry) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        entry = {"videos": videos, "files": files, "clips": len(kept), "rejects": len(dropped),
+                 "recipe": self.recipe}
+        append_line(json.dumps(entry), self.out_dir / MANIFEST)
         self.completed.update(videos)
         self.counts.update(clips=len(kept), rejects=len(dropped), videos=len(videos))
         self._ready = []
 
     def close(self) -> None:
-        """Flush what is buffered; videos still open (run cut short) are left to the rerun."""
+        """Flush what is buffered."""
         self.flush()
 
-    @property
-    def open_videos(self) -> list[str]:
-        return sorted(self._open)
+    def failed_videos(self) -> set[str]:
+        """Finished videos with a row that says the run failed them (`RETRYABLE` reasons)."""
+        failed: set[str] = set()
+        for entry in read_manifest(self.out_dir):
+            for name in entry["files"]:
+                if name.startswith("rejects-"):
+                    table = pq.read_table(self.out_dir / name, columns=["video_id", "reason"])
+                    failed.update(v for v, r in zip(table["video_id"].to_pylist(), table["reason"].to_pylist())
+                                  if r in RETRYABLE)
+        return failed
+
+    def retract(self, videos: set[str]) -> int:
+        """Take finished videos out of the output (all their rows), so that this run redoes them.
+
+        Shards holding them are rewritten without their rows under new content names, the
+        manifest is replaced as a whole, then the old shards are deleted: a crash at any
+        point leaves either the old output or the new one (old shards become orphans)."""
+        entries = read_manifest(self.out_dir)
+        videos = videos & {v for e in entries for v in e["videos"]}
+        if not videos:
+            return 0
+        stale, kept_entries = [], []
+        for entry in entries:
+            if not videos.intersection(entry["videos"]):
+                kept_entries.append(entry)
+                continue
+            files, counts = [], {}
+            for name in entry["files"]:
+                table = pq.read_table(self.out_dir / name)
+                rows = [r for r in table.to_pylist() if r["video_id"] not in videos]
+                prefix = name.split("-", 1)[0]
+                counts[prefix] = len(rows)
+                stale.append(name)
+                if rows:
+                    new = _shard_name(prefix, rows)
+                    write_atomic(to_table(rows, table.schema), self.out_dir / new)
+                    files.append(new)
+            left = [v for v in entry["videos"] if v not in videos]
+            if left:
+                kept_entries.append({**entry, "videos": left, "files": files,
+                                     "clips": counts.get("clips", 0), "rejects": counts.get("rejects", 0)})
+        write_text_atomic("".join(json.dumps(e) + "\n" for e in kept_entries), self.out_dir / MANIFEST)
+        recorded = {f for e in kept_entries for f in e["files"]}
+        for name in stale:
+            if name not in recorded:
+                (self.out_dir / name).unlink(missing_ok=True)
+        self.completed -= videos
+        return len(videos)

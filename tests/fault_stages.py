@@ -1,0 +1,113 @@
+"""Stages that misbehave on purpose, for the failure tests.
+
+`register()` adds them to the stage registry and has cloudpickle ship this module
+by value, so Ray workers run them without importing the tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+
+from pydantic import Field
+
+from lafid import registry
+from lafid.item import Item
+from lafid.stage import Resources, Stage, StageParams
+
+
+class CrashParams(StageParams):
+    poison_dir: str = Field("", description="a file here named like the source kills the worker")
+
+
+class CrashOnMarker(Stage):
+    """Kills its own process on a poisoned source, as a segfaulting decoder would."""
+
+    name = "crash_on_marker"
+    Params = CrashParams
+    default_resources = Resources(cpus=0.25)
+
+    def process_item(self, item: Item) -> list[Item]:
+        if os.path.exists(os.path.join(self.params.poison_dir, os.path.basename(item.source))):
+            os._exit(1)
+        return [item]
+
+
+class MisrouteParams(StageParams):
+    drop: str = Field("drop", description="items whose source name contains this are returned as nothing")
+    duplicate: str = Field("dup", description="items whose source name contains this are returned twice")
+
+
+class Misroute(Stage):
+    """Returns no item, or two items, for some clips: a stage with a bug."""
+
+    name = "misroute"
+    Params = MisrouteParams
+    default_resources = Resources(cpus=0.25)
+
+    def process_item(self, item: Item) -> list[Item]:
+        name = os.path.basename(item.source)
+        if self.params.drop in name:
+            return []
+        if self.params.duplicate in name:
+            return [item, copy.deepcopy(item)]
+        return [item]
+
+
+class SetupParams(StageParams):
+    model_dir: str = Field("/nonexistent/model", description="where the (missing) model lives")
+
+
+class FailSetup(Stage):
+    """A stage whose model directory is missing: `setup()` raises."""
+
+    name = "fail_setup"
+    Params = SetupParams
+    default_resources = Resources(cpus=0.25)
+
+    def setup(self) -> None:
+        raise FileNotFoundError(f"model_dir {self.params.model_dir} does not exist")
+
+    def process_item(self, item: Item) -> list[Item]:
+        return [item]
+
+
+class GateParams(StageParams):
+    open_when: str = Field("", description="items wait until this file exists")
+
+
+class Gate(Stage):
+    """Holds every item until a file appears: keeps a run busy for as long as a test needs."""
+
+    name = "gate"
+    Params = GateParams
+    default_resources = Resources(cpus=0.25)
+
+    def process_item(self, item: Item) -> list[Item]:
+        deadline = time.monotonic() + 300
+        while not os.path.exists(self.params.open_when):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.params.open_when} never appeared")
+            time.sleep(0.05)
+        return [item]
+
+
+STAGES = (CrashOnMarker, Misroute, FailSetup, Gate)
+
+
+def register() -> None:
+    from ray import cloudpickle
+
+    for cls in STAGES:
+        registry.STAGES[cls.name] = f"{__name__}:{cls.__name__}"
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def unregister() -> None:
+    from ray import cloudpickle
+
+    for cls in STAGES:
+        registry.STAGES.pop(cls.name, None)
+    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
