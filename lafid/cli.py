@@ -44,19 +44,33 @@ def curate(
     executor: str = typer.Option("ray", help="'ray' or 'sequential' (in-process, for debugging)"),
     num_cpus: Optional[int] = typer.Option(None, help="CPUs for a local Ray (default: all)"),
     progress: bool = typer.Option(True, help="live progress display"),
+    retry_failed: bool = typer.Option(False, "--retry-failed",
+                                      help="redo videos with worker_crashed/stage_error rows, replacing their rows"),
+    allow_recipe_change: bool = typer.Option(False, "--allow-recipe-change",
+                                             help="add to an output folder written with a different recipe"),
 ) -> None:
     """Turn raw videos into Parquet shards of clips plus a ledger of rejects."""
     from lafid.progress import ProgressDisplay
     from lafid.report import count_table
-    from lafid.runner import curate as run
+    from lafid.router import RunFailed, SetupFailed
+    from lafid.runner import LOG, curate as run
+    from lafid.storage import OutputError
 
     _quiet_native_logs()
     with _exit_on(RecipeError):
         parsed = load_recipe(recipe)
     with ProgressDisplay(console, enabled=progress and console.is_terminal) as display:
-        with _exit_on(RecipeError):
-            stats = run(parsed, inputs, out, executor=executor, address=address, num_cpus=num_cpus,
-                        on_update=display.update)
+        with _exit_on(RecipeError, OutputError, SetupFailed):
+            try:
+                stats = run(parsed, inputs, out, executor=executor, address=address, num_cpus=num_cpus,
+                            on_update=display.update, retry_failed=retry_failed,
+                            allow_recipe_change=allow_recipe_change)
+            except (RecipeError, OutputError, SetupFailed):
+                raise
+            except Exception as exc:  # the full traceback is in the run's log
+                what = str(exc) if isinstance(exc, RunFailed) else f"{type(exc).__name__}: {exc}"
+                console.print(f"[red]error:[/red] {what} (full traceback: {out / LOG})")
+                raise typer.Exit(1) from None
     console.print(stats.table())
     if stats.reasons:
         console.print(count_table("rejects by stage/reason", "stage/reason", stats.reasons))
@@ -82,7 +96,7 @@ def demo(
 
     inputs = make_sample_set(str(out / "input"))
     curate(inputs=inputs, out=out / "shards", recipe="demo", address=None, executor=executor,
-           num_cpus=num_cpus, progress=True)
+           num_cpus=num_cpus, progress=True, retry_failed=False, allow_recipe_change=False)
     inspect(out / "shards")
 
 

@@ -60,6 +60,8 @@ class Recipe(_Strict):
     stages: list[StageSpec] = Field(min_length=1)
     output: OutputSpec = Field(default_factory=OutputSpec)
     max_videos_in_flight: int = Field(4, ge=1, description="videos decoded at once: bounds memory")
+    max_item_retries: int = Field(2, ge=1, description="times an item, run alone, may kill its worker "
+                                  "before it becomes a worker_crashed reject (Ray runner)")
 
     @model_validator(mode="after")
     def _valid_params(self) -> "Recipe":
