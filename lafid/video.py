@@ -3,8 +3,10 @@
 Nothing here loads a whole video: `probe` reads headers and one frame, and
 `sample_frames` yields frames at a chosen rate while decoding forward.
 
-Times come from frame timestamps (pts), measured from the video stream's start,
-so variable-frame-rate sources place every frame where it is shown. Frames are
+Times come from frame timestamps (pts), measured from the start of the source's
+timeline (`timeline_start`, as `ffmpeg -ss` measures), so variable-frame-rate
+sources place every frame where it is shown and audio (lafid.speech.audio)
+lines up with video. Frames are
 returned as displayed: a display-matrix rotation (phone footage stored sideways)
 is applied, and `probe` reports width and height after it.
 """
@@ -43,6 +45,7 @@ class VideoInfo:
     has_audio: bool
     codec: str
     rotation: int = 0  # degrees counter-clockwise applied to stored frames for display
+    video_start_s: float = 0.0  # first video timestamp on the source's timeline
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -100,6 +103,7 @@ def probe(path: str) -> VideoInfo:
             width = stream.codec_context.width or first.width
             height = stream.codec_context.height or first.height
             rotation = frame_rotation(first)
+            video_start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
             if rotation % 180:
                 width, height = height, width
             return VideoInfo(
@@ -111,6 +115,7 @@ def probe(path: str) -> VideoInfo:
                 has_audio=bool(container.streams.audio),
                 codec=stream.codec_context.name,
                 rotation=rotation,
+                video_start_s=video_start - timeline_start(container),
             )
     except MediaError:
         raise
@@ -123,7 +128,7 @@ def sample_frames(
 ) -> Iterator[tuple[float, np.ndarray]]:
     """Yield (seconds from `start_s`, RGB frame) at about `fps`, decoding forward once.
 
-    Times are frame timestamps from the stream's start, so a frame is taken at
+    Times are frame timestamps on the source's timeline, so a frame is taken at
     (or just after) every multiple of 1/`fps` whatever the source's frame rate.
     `max_side` > 0 downsizes frames (keeping aspect) inside FFmpeg's scaler.
     Frames are rotated as displayed (see `frame_rotation`).
@@ -133,14 +138,13 @@ def sample_frames(
     with av.open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        origin = stream.start_time or 0
+        origin = timeline_start(container)
         if start_s > 0:
-            target = origin + int(start_s / stream.time_base)
-            container.seek(target, stream=stream, backward=True, any_frame=False)
+            container.seek(int((start_s + origin) / stream.time_base), stream=stream, backward=True, any_frame=False)
         for frame in container.decode(stream):
             if frame.pts is None:
                 continue
-            t = float((frame.pts - origin) * stream.time_base)
+            t = float(frame.pts * stream.time_base) - origin
             if t >= end_s - 1e-6:
                 break
             if t + 1e-6 < next_t:
@@ -153,6 +157,13 @@ def sample_frames(
                                          frame_rotation(frame))
             while next_t <= t + 1e-6:
                 next_t += step
+
+
+def timeline_start(container) -> float:
+    """Where the source's timeline starts, in seconds: the earliest stream start.
+    Every time lafid reports, for video and audio alike, is measured from it."""
+    start = container.start_time
+    return start / av.time_base if start is not None else 0.0
 
 
 def frame_rotation(frame: av.VideoFrame) -> int:

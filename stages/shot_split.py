@@ -119,7 +119,7 @@ class ShotSplit(Stage):
             raise MediaError("decode_error", f"{type(exc).__name__}: {exc}") from exc
         times = _frame_times(luma.times, info)
         n = len(luma.values)
-        starts = sorted({_frame_at(times[:n], s.seconds) for s, _ in scenes} | {0}) if n else []
+        starts = sorted({_frame_at(times[:n], s.seconds + info.video_start_s) for s, _ in scenes} | {0}) if n else []
         shots = list(zip(starts, starts[1:] + [n]))
         return shots, times, np.asarray(luma.values, dtype=np.float32)
 
@@ -145,15 +145,16 @@ class ShotSplit(Stage):
 
 
 def _frame_times(starts: list[float], info: VideoInfo) -> np.ndarray:
-    """Frame start times plus one entry for the end of the last frame (as long as the
-    frame before it, or 1/fps when there is only one)."""
+    """Frame start times on the source's timeline (see lafid.video) plus one entry for
+    the end of the last frame (as long as the frame before it, or 1/fps when alone)."""
     times = np.asarray(starts, dtype=np.float64)
     if len(times) == 0:
         return np.zeros(1)
     if len(times) > 1 and (np.diff(times) <= 0).any():  # timestamps missing or out of order
         times = np.arange(len(times)) / info.fps
     last = times[-1] - times[-2] if len(times) > 1 else 1.0 / info.fps
-    return np.append(times, times[-1] + max(last, 0.0))
+    # the detector measures from the first video frame; clips are on the source's timeline
+    return np.append(times, times[-1] + max(last, 0.0)) + info.video_start_s
 
 
 def _frame_at(times: np.ndarray, seconds: float) -> int:

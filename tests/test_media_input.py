@@ -141,3 +141,28 @@ def test_every_listed_input_gets_a_clip_or_a_reason(tree):
     assert reasons["dangling.mp4"] == {"broken_symlink"}
     for name in ("talk.mp4", "linked_in.mov", "recording.dat"):
         assert not reasons[name] and len(results[name]) == 1 and results[name][0].end_s > 3.9, name
+
+
+def test_clip_times_frames_and_audio_share_the_source_timeline(media_dir, carphone):
+    """Video that starts 1 s into the file (audio from 0 s); a cut to a portrait at 3 s,
+    where a tone starts in the audio."""
+    from lafid.speech.audio import RATE, extract_audio
+
+    talk = media.resize(carphone, 128, 128)[:60]
+    hopper = media.still(media.grace_hopper(), 2.0, fps=30.0, size=128)
+    times = [1.0 + i / 30 for i in range(120)]
+    audio = np.zeros(5 * RATE, np.float32)
+    audio[3 * RATE:] = 0.3 * np.sin(np.arange(2 * RATE) * 2 * np.pi * 440 / RATE)
+    path = media.write_video(str(media_dir / "late_video.mp4"), talk + hopper, audio=audio, times=times)
+    first, second = run_stage(ShotSplit({"min_clip_s": 0.5}), [video_item(path)])
+    assert (first.start_s, second.start_s) == pytest.approx((1.0, 3.0), abs=1e-3)
+    assert second.end_s == pytest.approx(5.0, abs=1e-3)
+    t, frame = next(sample_frames(path, second.start_s, second.end_s, 5.0))
+    assert t == pytest.approx(0.0, abs=1e-3) and _diff(frame, hopper[0]) < _diff(frame, talk[-1])
+
+    def rms(clip, a, b):
+        samples = extract_audio(path, clip.start_s, clip.end_s).samples
+        return float(np.sqrt(np.mean(samples[int(a * RATE):int(b * RATE)] ** 2)))
+
+    assert rms(first, 1.6, 1.9) < 0.01  # silence until the cut ...
+    assert rms(second, 0.05, 0.3) > 0.1  # ... the tone right after it

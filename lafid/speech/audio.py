@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import av
 import numpy as np
 
-from lafid.video import MediaError
+from lafid.video import MediaError, timeline_start
 
 RATE = 16000
 
@@ -47,8 +47,10 @@ def extract_audio(path: str, start_s: float, end_s: float, max_bad_ratio: float 
                 return None
             stream = container.streams.audio[0]
             resampler = av.AudioResampler(format="flt", layout="mono", rate=RATE)
+            origin = timeline_start(container)  # clip times are measured from it, as video frames are
             if start_s > 0:
-                container.seek(int(start_s / stream.time_base), stream=stream, backward=True, any_frame=False)
+                container.seek(int((start_s + origin) / stream.time_base), stream=stream, backward=True,
+                               any_frame=False)
             for packet in container.demux(stream):
                 if packet.size == 0:  # the demuxer's end-of-stream marker
                     continue
@@ -58,7 +60,7 @@ def extract_audio(path: str, start_s: float, end_s: float, max_bad_ratio: float 
                 except av.error.FFmpegError:
                     bad += 1
                     continue
-                if _place(samples, frames, resampler, start_s, end_s):
+                if _place(samples, frames, resampler, start_s + origin, end_s + origin):
                     break
     except av.error.FFmpegError as exc:
         raise AudioError("corrupt_audio", f"{type(exc).__name__}: {exc}") from exc
