@@ -37,7 +37,7 @@ CORE = [
     _field("video_id", pa.string(), "hash of the source file's content"),
     _field("source", pa.string(), "absolute source path (symlinks kept as listed) or URI"),
     _field("clip_index", pa.int32(), "index of the clip within its video"),
-    _field("start_s", pa.float64(), "clip start in the source, seconds from the first frame (frame timestamps)"),
+    _field("start_s", pa.float64(), "clip start, seconds on the source's timeline (from frame timestamps)"),
     _field("end_s", pa.float64(), "clip end in the source, seconds (exclusive)"),
     _field("start_frame", pa.int64(), "first source frame of the clip"),
     _field("end_frame", pa.int64(), "source frame after the clip's last frame"),
