@@ -29,7 +29,7 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lafid import media  # noqa: E402
-from lafid.identity.encoders import ArcFaceEncoder, DlibEncoder, IdentityEncoder  # noqa: E402
+from lafid.face.embed import ArcFaceEncoder, DlibEncoder, IdentityEncoder  # noqa: E402
 from lafid.item import Item  # noqa: E402
 from lafid.stage import StageWorker, pin_native_threads  # noqa: E402
 from lafid.video import content_id, probe  # noqa: E402

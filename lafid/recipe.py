@@ -1,7 +1,10 @@
 """Recipes: YAML files that name the stages, their workers and their parameters.
 
 Parsed with `yaml.safe_load` and validated by pydantic, including every stage's
-own `Params`, so a wrong key or value fails before any video is touched.
+own `Params`, and in order: every column or work field a stage declares it reads
+(`Stage.reads`, `Stage.reads_work`) must be written by an earlier stage, and no
+stage may be listed twice. A wrong key, value or order fails before any video is
+touched.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lafid.registry import stage_class
+from lafid.schema import CLIP_COLUMNS, ITEM_COLUMNS
 from lafid.stage import Resources, Stage
 
 
@@ -24,11 +28,13 @@ class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the file, key and problem."""
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """A recipe section: unknown keys are an error."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class StageSpec(_Strict):
+class StageSpec(StrictModel):
     stage: str = Field(description="stage name, see lafid.registry")
     workers: int = Field(1, ge=1, description="actors in this stage's pool (Ray runner)")
     cpus: float | None = Field(None, gt=0, description="CPUs per worker; default: the stage's own")
@@ -50,11 +56,11 @@ class StageSpec(_Strict):
         return cls(cls.Params(**self.params), res)
 
 
-class OutputSpec(_Strict):
+class OutputSpec(StrictModel):
     rows_per_shard: int = Field(1000, ge=1, description="clip rows per Parquet shard")
 
 
-class Recipe(_Strict):
+class Recipe(StrictModel):
     name: str
     description: str = ""
     stages: list[StageSpec] = Field(min_length=1)
@@ -69,8 +75,46 @@ class Recipe(_Strict):
             stage_class(spec.stage).Params(**spec.params)
         return self
 
+    @model_validator(mode="after")
+    def _stage_order(self) -> "Recipe":
+        check_order([stage_class(spec.stage) for spec in self.stages])
+        return self
+
     def build_stages(self) -> list[Stage]:
         return [spec.build() for spec in self.stages]
+
+
+def check_order(stages: list[type[Stage]]) -> None:
+    """Every column and work field a stage reads is written by an earlier stage; no stage twice."""
+    seen: set[str] = set()
+    columns, work = set(ITEM_COLUMNS), set()
+    for cls in stages:
+        if cls.name in seen:
+            raise ValueError(f"stage {cls.name!r} is listed twice")
+        seen.add(cls.name)
+        unknown = sorted(set(cls.reads + cls.writes) - CLIP_COLUMNS)
+        if unknown:
+            raise ValueError(f"stage {cls.name!r} declares columns not in lafid.schema: {', '.join(unknown)}")
+        missing = [c for c in cls.reads if c not in columns] + [f"work.{w}" for w in cls.reads_work if w not in work]
+        if missing:
+            later = sorted(_writers(missing))
+            hint = f" (written by {', '.join(later)}: list it earlier)" if later else ""
+            raise ValueError(f"stage {cls.name!r} reads {', '.join(missing)}, which no earlier stage writes{hint}")
+        columns |= set(cls.writes)
+        work |= set(cls.writes_work)
+
+
+def _writers(missing) -> set[str]:
+    """Names of the registered stages that write any of `missing`."""
+    from lafid.registry import STAGES
+
+    wanted = set(missing)
+    found = set()
+    for name in STAGES:
+        cls = stage_class(name)
+        if wanted & (set(cls.writes) | {f"work.{w}" for w in cls.writes_work}):
+            found.add(name)
+    return found
 
 
 def resolve(recipe: str | Path) -> Path:

@@ -10,7 +10,7 @@ import pyarrow.dataset as ds
 from rich.console import Group
 from rich.table import Table
 
-from lafid.pose import BUCKETS
+from lafid.face.pose import BUCKETS
 from lafid.shards import read_manifest
 
 

@@ -82,7 +82,8 @@ FACE = [
 # L2 for dlib, cosine distance 1 - cos for ArcFace; lower = more alike, and
 # `id_threshold` is the same-person bound the clip was judged with.
 IDENTITY = [
-    _field("id_backend", pa.string(), "identity encoder backend (arcface, dlib)"),
+    _field("id_backend", pa.string(), "identity encoder: dlib, or arcface:<model> (e.g. arcface:w600k_mbf); "
+           "embeddings compare only within one backend"),
     _field("id_metric", pa.string(), "distance used: l2 (dlib) or cosine = 1 - cos (arcface)"),
     _field("id_threshold", _f32, "same-person distance bound used for this clip"),
     _field("id_ref_embedding", _f32s, "embedding of the reference face (most frontal, sharpest)"),
@@ -92,8 +93,10 @@ IDENTITY = [
     _field("id_rep_embeddings", pa.list_(_f32s), "pose-diverse representative embeddings, reference first"),
     _field("id_rep_yaw", _f32s, "yaw of each representative embedding"),
     _field("id_rep_t", _f32s, "time of each representative embedding"),
-    _field("id_frame_dist", _f32s, "per frame: the person's distance to the reference (nearest face if absent)"),
-    _field("id_frame_box", pa.list_(_box), "per frame: box of the identity-tracked face (null: person absent)"),
+    _field("id_frame_dist", _f32s, "per frame: the subject's distance to the reference (NaN: no face or not embedded)"),
+    _field("id_frame_box", pa.list_(_box),
+           "per frame: the subject's box (= frame_box) where identity verified it is the clip's person "
+           "(null: no face, not embedded, or someone else)"),
     _field("id_dist_ref_max", _f32, "largest frame-to-reference distance on the track"),
     _field("id_dist_ref_median", _f32, "median frame-to-reference distance on the track"),
     _field("id_dist_centroid_max", _f32, "largest frame-to-centroid distance on the track"),
@@ -148,6 +151,13 @@ IDENTITY_SCHEMA = pa.schema(
 )
 
 CLIP_COLUMNS = frozenset(CLIP_SCHEMA.names)
+# Clip columns the writer fills from the item itself (no stage writes them).
+ITEM_COLUMNS = ("schema_version", "clip_id", "video_id", "source", "clip_index", "start_s", "end_s")
+
+
+def names(fields: list[pa.Field]) -> tuple[str, ...]:
+    """Column names of a group of fields (for a stage's `reads` / `writes`)."""
+    return tuple(f.name for f in fields)
 
 
 def clip_id(video_id: str, start_s: float, end_s: float) -> str:

@@ -52,6 +52,13 @@ class Stage:
     name: ClassVar[str] = "stage"
     Params: ClassVar[type[StageParams]] = StageParams
     default_resources: ClassVar[Resources] = Resources()
+    # The clip record this stage needs and adds: column names from `lafid.schema`,
+    # and `Item.work` fields handed from stage to stage. `lafid.recipe` checks that
+    # every read is written by an earlier stage of the recipe.
+    reads: ClassVar[tuple[str, ...]] = ()
+    writes: ClassVar[tuple[str, ...]] = ()
+    reads_work: ClassVar[tuple[str, ...]] = ()
+    writes_work: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: StageParams | dict[str, Any] | None = None,
                  resources: Resources | None = None):

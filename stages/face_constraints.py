@@ -1,29 +1,31 @@
 """Face Constraints: one dominant, large, sharp face whose head pose moves.
 
 Decodes each clip's sampled frames once, runs mediapipe face detection and the
-478-point face mesh, and measures per frame: face count, tracked-face box, score
-and 5 landmarks, yaw/pitch/roll, blur, area and mouth opening. Clips are kept or
-rejected by the recipe's thresholds (LaFID's face count, face proportion and face angle
-variation filters). The tracked face's crop and landmarks are handed on in
-`item.work["frames"]` (see `lafid.handoff`) so later stages never decode or detect again.
+478-point face mesh (`lafid.face.detect`), chooses the clip's subject once
+(`lafid.face.track.follow`) and measures per frame: face count, the subject's box,
+score and 5 landmarks, yaw/pitch/roll, blur, area and mouth opening. Clips are kept
+or rejected by the recipe's thresholds (LaFID's face count, face proportion and face
+angle variation filters). Every face's crop and landmarks, and which one is the
+subject, are handed on in `item.work["frames"]` (see `lafid.handoff`) so later
+stages never decode, detect or choose again.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
 from pydantic import Field
 
+from lafid.face.detect import MediapipeFaces, face_blur, square_crop
+from lafid.face.pose import five_points, head_pose, mouth_opening, pose_bucket
+from lafid.face.track import follow
 from lafid.handoff import FACE_CROP_MARGIN, FACE_CROP_SIZE
 from lafid.item import Item
-from lafid.pose import five_points, head_pose, mouth_opening, pose_bucket
+from lafid.schema import FACE, names
 from lafid.stage import Resources, Stage, StageParams
 from lafid.video import sample_frames
-
-BLUR_SIZE = 128  # faces are resized to this before measuring blur, so sizes compare
 
 
 class FaceConstraintsParams(StageParams):
@@ -42,76 +44,30 @@ class FaceConstraintsParams(StageParams):
     large_pose_yaw: float = Field(45.0, ge=0, le=90, description="|yaw| counted as large pose")
 
 
-@dataclass
-class Face:
-    box: np.ndarray  # x0, y0, x1, y1 in pixels of the analysed frame
-    score: float
-    mesh: np.ndarray | None = None  # (478, 3) pixels, z scaled like x
-
-    @property
-    def area(self) -> float:
-        return float(max(0.0, self.box[2] - self.box[0]) * max(0.0, self.box[3] - self.box[1]))
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    x0, y0 = max(a[0], b[0]), max(a[1], b[1])
-    x1, y1 = min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
-
-
-def laplacian_variance(gray: np.ndarray) -> float:
-    return float(cv2.Laplacian(cv2.resize(gray, (BLUR_SIZE, BLUR_SIZE)), cv2.CV_64F).var())
-
-
-def square_crop(frame: np.ndarray, box: np.ndarray, size: int,
-                margin: float = FACE_CROP_MARGIN) -> tuple[np.ndarray, np.ndarray]:
-    """Square crop around `box` (expanded by `margin`), resized; returns crop and its 2x3 affine."""
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    side = max(box[2] - box[0], box[3] - box[1]) * margin
-    scale = size / side
-    affine = np.array([[scale, 0, size / 2 - scale * cx], [0, scale, size / 2 - scale * cy]], dtype=np.float32)
-    crop = cv2.warpAffine(frame, affine, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
-    return crop, affine
-
-
 class FaceConstraints(Stage):
     name = "face_constraints"
     Params = FaceConstraintsParams
     default_resources = Resources(cpus=1)
+    writes = names(FACE)
+    writes_work = ("frames",)  # per sampled frame: every face and which one is the subject (lafid.handoff)
 
     def setup(self) -> None:
-        import mediapipe as mp
-
         p: FaceConstraintsParams = self.params
-        self._mp = mp
-        self._detector = mp.solutions.face_detection.FaceDetection(
-            model_selection=p.detector_range, min_detection_confidence=p.min_det_score
-        )
+        self._faces = MediapipeFaces(p.detector_range, p.min_det_score, p.max_faces, p.minor_face_ratio)
 
     def teardown(self) -> None:
-        self._detector.close()
-
-    def _mesh(self):
-        """A fresh tracking face mesh per clip: tracking state must not cross a cut."""
-        return self._mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=False,
-            max_num_faces=self.params.max_faces,
-            refine_landmarks=True,
-            min_detection_confidence=self.params.min_det_score,
-        )
+        self._faces.close()
 
     def process_item(self, item: Item) -> list[Item]:
         p: FaceConstraintsParams = self.params
         times, counts, tracked, frames = [], [], [], []
-        previous: Face | None = None
-        with self._mesh() as mesh:
+        previous = None  # the subject's last box
+        with self._faces.mesh() as mesh:
             for t, frame in sample_frames(item.source, item.start_s, item.end_s, p.sample_fps, p.max_side):
                 frame = self._at_least_min_side(frame)
-                faces = self._faces(frame, mesh)
-                index = self._track(faces, previous)
-                previous = faces[index] if index is not None else previous
+                faces = self._faces.detect(frame, mesh)
+                index = follow([f.box for f in faces], previous)
+                previous = faces[index].box if index is not None else previous
                 measured = [self._measure(frame, f) for f in faces]
                 times.append(t)
                 counts.append(len(faces))
@@ -134,44 +90,14 @@ class FaceConstraints(Stage):
         scale = self.params.min_side / short
         return cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
 
-    def _faces(self, frame: np.ndarray, mesh) -> list[Face]:
-        h, w = frame.shape[:2]
-        faces = []
-        for det in self._detector.process(frame).detections or []:
-            rel = det.location_data.relative_bounding_box
-            box = np.array([rel.xmin * w, rel.ymin * h, (rel.xmin + rel.width) * w, (rel.ymin + rel.height) * h])
-            faces.append(Face(box=box, score=float(det.score[0])))
-        if faces:
-            largest = max(f.area for f in faces)
-            faces = [f for f in faces if f.area >= self.params.minor_face_ratio * largest]
-        for landmarks in mesh.process(frame).multi_face_landmarks or []:
-            pts = np.array([(lm.x * w, lm.y * h, lm.z * w) for lm in landmarks.landmark], dtype=np.float32)
-            mesh_box = np.array([*pts[:, :2].min(0), *pts[:, :2].max(0)])
-            best = max(faces, key=lambda f: iou(f.box, mesh_box), default=None)
-            if best is not None and best.mesh is None and iou(best.box, mesh_box) > 0.3:
-                best.mesh = pts
-        return faces
-
-    @staticmethod
-    def _track(faces: list[Face], previous: Face | None) -> int | None:
-        """Index of the face that overlaps the last tracked one; else of the largest."""
-        if not faces:
-            return None
-        if previous is not None:
-            overlap = max(range(len(faces)), key=lambda i: iou(faces[i].box, previous.box))
-            if iou(faces[overlap].box, previous.box) > 0.3:
-                return overlap
-        return max(range(len(faces)), key=lambda i: faces[i].area)
-
     def _measure(self, frame: np.ndarray, face: Face) -> dict:
         h, w = frame.shape[:2]
-        crop, affine = square_crop(frame, face.box, FACE_CROP_SIZE)
-        gray = cv2.cvtColor(square_crop(frame, face.box, BLUR_SIZE, margin=1.0)[0], cv2.COLOR_RGB2GRAY)
+        crop, affine = square_crop(frame, face.box, FACE_CROP_SIZE, FACE_CROP_MARGIN)
         m = {
             "box": (face.box / np.array([w, h, w, h])).clip(0, 1).astype(np.float32),
             "score": face.score,
             "area": face.area / (w * h),
-            "blur": laplacian_variance(gray),
+            "blur": face_blur(frame, face.box),
             "crop": crop,
             "yaw": np.nan, "pitch": np.nan, "roll": np.nan, "mouth_open": np.nan, "landmarks5": None,
             "kps": None,

@@ -13,7 +13,7 @@ import pytest
 
 from lafid import media
 from lafid.cofe.config import load_cofe_recipe
-from lafid.pose import pose_bucket
+from lafid.face.pose import pose_bucket
 from lafid.schema import CLIP_SCHEMA, to_table
 
 FPS = 29.97

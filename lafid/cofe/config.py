@@ -10,17 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from lafid.pose import BUCKETS
-from lafid.recipe import load_yaml_model
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from lafid.face.pose import BUCKETS
+from lafid.recipe import StrictModel, load_yaml_model
 
 
-class ModelSource(_Strict):
+class ModelSource(StrictModel):
     """A local model directory (real weights) or an architecture config (random weights)."""
 
     path: Path | None = Field(None, description="local model directory or weights file")
@@ -33,7 +29,7 @@ class ModelSource(_Strict):
         return self
 
 
-class IdentityConfig(_Strict):
+class IdentityConfig(StrictModel):
     backend: Literal["onnx", "iresnet"] = "iresnet"
     path: Path | None = Field(None, description="ArcFace .onnx (backend onnx) or IResNet weights (iresnet)")
     dim: int = Field(512, description="embedding size; must match precomputed shard embeddings when used")
@@ -55,7 +51,7 @@ class TextConfig(ModelSource):
     max_length: int = 512
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     shards: list[str] = Field(..., description="folders (searched for clips-*.parquet) or shard files; any fsspec URL")
     num_frames: int = Field(5, ge=1, description="target frames per clip (Wan: 4k+1)")
     frame_stride: int = Field(2, ge=1, description="source frames between target frames")
@@ -79,7 +75,7 @@ class DataConfig(_Strict):
         return self
 
 
-class CoFEConfig(_Strict):
+class CoFEConfig(StrictModel):
     face_tokens: int = Field(4, ge=1, description="tokens each expert is resampled to")
     heads: int = Field(8, description="heads of the shared projections' resampler")
     expert_hidden: int | None = Field(None, description="hidden width of each per-block expert (default dim/4)")
@@ -90,7 +86,7 @@ class CoFEConfig(_Strict):
     lora_targets: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     output_dir: Path = Path("out/cofe")
     steps: int = 100
     lr: float = 1e-4
@@ -106,7 +102,7 @@ class TrainConfig(_Strict):
     seed: int = 0
 
 
-class CoFERecipe(_Strict):
+class CoFERecipe(StrictModel):
     name: str
     description: str = ""
     data: DataConfig

@@ -22,8 +22,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from lafid.cofe.config import DataConfig
-from lafid.cofe.experts import ARCFACE_SIZE
-from lafid.pose import pose_bucket
+from lafid.face.detect import square_crop
+from lafid.face.embed import ARCFACE_SIZE, arcface_align
+from lafid.face.pose import pose_bucket
 from lafid.video import sample_frames
 
 SHARD_GLOB = "clips-*.parquet"
@@ -126,28 +127,19 @@ def fit(frame: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def crop_face(frame: np.ndarray, box: Sequence[float], margin: float, size: int) -> np.ndarray:
-    """Square crop around a normalised box, enlarged by `margin`, edge-padded, resized to `size`."""
+    """Square crop around a normalised box, enlarged by `margin` on each side, edge-padded, resized to `size`."""
     h, w = frame.shape[:2]
-    x0, y0, x1, y1 = box[0] * w, box[1] * h, box[2] * w, box[3] * h
-    side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    l, t = int(round(cx - side / 2)), int(round(cy - side / 2))
-    s = max(2, int(round(side)))
-    pad = max(0, -l, -t, l + s - w, t + s - h)
-    padded = cv2.copyMakeBorder(frame, pad, pad, pad, pad, cv2.BORDER_REPLICATE) if pad else frame
-    return cv2.resize(padded[t + pad:t + pad + s, l + pad:l + pad + s], (size, size), interpolation=cv2.INTER_AREA)
+    pixels = np.asarray(box, np.float64) * np.array([w, h, w, h])
+    return square_crop(frame, pixels, size, 1 + 2 * margin, cv2.BORDER_REPLICATE, antialias=True)[0]
 
 
 def identity_face(frame: np.ndarray, face: FacePose, margin: float) -> np.ndarray:
-    """The identity expert's 112x112 input. ArcFace was trained on 5-point aligned faces, so the
-    landmarks align it (insightface `norm_crop`); only a frame without them (no mesh) gets the box crop."""
+    """The identity expert's 112x112 input, aligned as the identity stage aligns it (`arcface_align`,
+    insightface `norm_crop` on the 5 landmarks); only a frame without them (no mesh) gets the box crop."""
     if face.kps is None:
         return crop_face(frame, face.box, margin, ARCFACE_SIZE)
-    from insightface.utils import face_align
-
     h, w = frame.shape[:2]
-    kps = np.asarray(face.kps, np.float32).reshape(5, 2) * np.array([w, h], np.float32)
-    return face_align.norm_crop(frame, landmark=kps, image_size=ARCFACE_SIZE)
+    return arcface_align(frame, np.asarray(face.kps, np.float32).reshape(5, 2) * np.array([w, h], np.float32))
 
 
 def decode_frames(source: str, start_s: float, fps: float, count: int, stride: int) -> list[np.ndarray]:

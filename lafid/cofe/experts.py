@@ -10,14 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lafid.cofe.config import IdentityConfig, ModelSource
-
-ARCFACE_SIZE = 112
+from lafid.face.embed import ARCFACE_MEAN, ARCFACE_SIZE, ARCFACE_STD, ArcFaceEncoder
 
 
 class _IBlock(nn.Module):
@@ -62,21 +60,20 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
 class IdentityExpert(nn.Module):
     """f_id: one 512-d (or `dim`) ArcFace vector per face, as a single token.
 
-    Backends: `onnx` runs an insightface ArcFace model (w600k_r50.onnx, glintr100.onnx)
-    with onnxruntime; `iresnet` runs the torch port (weights from a .safetensors or
-    state-dict file, random when none). Rows that carry a precomputed embedding skip both.
+    Backends: `onnx` runs an insightface ArcFace model (w600k_r50.onnx, glintr100.onnx,
+    w600k_mbf.onnx) through the curation pipeline's own encoder (`lafid.face.embed`:
+    insightface `model_zoo`, same input scaling), so both see a face alike; `iresnet`
+    runs the torch port (weights from a .safetensors or state-dict file, random when
+    none). Rows that carry a precomputed embedding skip both.
     """
 
     def __init__(self, cfg: IdentityConfig):
         super().__init__()
         self.dim = cfg.dim
-        self.session = None
+        self.arcface = None
         self.net = None
         if cfg.backend == "onnx":
-            import onnxruntime as ort
-
-            self.session = ort.InferenceSession(str(cfg.path), providers=ort.get_available_providers())
-            self.input_name = self.session.get_inputs()[0].name
+            self.arcface = ArcFaceEncoder(cfg.path, threads=torch.get_num_threads(), use_gpu=torch.cuda.is_available())
         else:
             self.net = IResNet(cfg.layers, cfg.width, cfg.dim)
             if cfg.path:
@@ -85,15 +82,16 @@ class IdentityExpert(nn.Module):
 
     @torch.no_grad()
     def encode(self, faces: torch.Tensor) -> torch.Tensor:
-        """uint8 faces (B, H, W, 3) RGB -> (B, dim) L2-normalised embeddings."""
+        """uint8 faces (B, H, W, 3) RGB, ArcFace-aligned -> (B, dim) L2-normalised embeddings."""
         x = faces.permute(0, 3, 1, 2).float()
-        x = F.interpolate(x, size=(ARCFACE_SIZE, ARCFACE_SIZE), mode="bilinear", antialias=True, align_corners=False)
-        x = (x - 127.5) / 127.5
-        if self.session is not None:
-            out = self.session.run(None, {self.input_name: x.cpu().numpy().astype(np.float32)})[0]
-            emb = torch.from_numpy(out).to(faces.device)
+        if x.shape[-2:] != (ARCFACE_SIZE, ARCFACE_SIZE):
+            x = F.interpolate(x, size=(ARCFACE_SIZE, ARCFACE_SIZE), mode="bilinear", antialias=True,
+                              align_corners=False).round().clamp(0, 255)  # an image again, as both backends take
+        if self.arcface is not None:
+            chips = x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            emb = torch.from_numpy(self.arcface.embed(list(chips))).to(faces.device)
         else:
-            emb = self.net(x.to(next(self.net.parameters()).device))
+            emb = self.net(((x - ARCFACE_MEAN) / ARCFACE_STD).to(next(self.net.parameters()).device))
         return F.normalize(emb.float(), dim=-1)
 
     def forward(self, faces: torch.Tensor, precomputed: torch.Tensor | None = None,

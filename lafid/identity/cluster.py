@@ -1,7 +1,7 @@
 """Cross-clip identity clusters for `lafid identities DIR`.
 
 Method (scales to millions of clips on one machine): blocking with an IVF-style
-coarse quantiser. k-means (numpy, trained on a sample) splits the reference
+coarse quantiser. k-means (scipy's `kmeans2`, trained on a sample) splits the reference
 embeddings into cells of about `cell_size`; every embedding joins its `probes`
 nearest cells, so two close embeddings near a cell border still share one. Inside
 each cell all pairs are compared exactly, in row chunks, and pairs within the
@@ -18,29 +18,25 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+from scipy.cluster.vq import kmeans2
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from lafid.identity.encoders import BACKENDS, pairwise, unit
+from lafid.face.embed import pairwise, unit
 from lafid.report import read_table
-from lafid.schema import IDENTITY_SCHEMA, to_table
+from lafid.schema import IDENTITY_SCHEMA
 from lafid.shards import write_atomic
 
 OUTPUT = "identities.parquet"
 
 
 def kmeans(x: np.ndarray, k: int, iters: int = 10, sample: int = 256, seed: int = 0) -> np.ndarray:
-    """Lloyd's k-means on at most `sample` points per centroid; returns (k, D) centroids."""
+    """k-means++ seeded Lloyd (scipy) on at most `sample` points per centroid; returns (k, D) centroids."""
     rng = np.random.default_rng(seed)
     train = x[rng.choice(len(x), min(len(x), k * sample), replace=False)]
-    cent = train[rng.choice(len(train), k, replace=False)].copy()
-    for _ in range(iters):
-        near = nearest_cells(train, cent, 1)[:, 0]
-        for c in range(k):
-            members = train[near == c]
-            if len(members):
-                cent[c] = members.mean(0)
-    return cent
+    cent, _ = kmeans2(train.astype(np.float64), k, iter=iters, minit="++", seed=seed)
+    return cent.astype(np.float32)
 
 
 def nearest_cells(x: np.ndarray, cent: np.ndarray, probes: int, chunk: int = 65536) -> np.ndarray:
@@ -97,20 +93,21 @@ def identities(out_dir: str | Path, threshold: float | None = None, cell_size: i
     threshold and the sorted cluster sizes.
     """
     out_dir = Path(out_dir)
-    table = read_table(out_dir, "clips", columns=["clip_id", "video_id", "id_backend", "id_ref_embedding"])
+    table = read_table(out_dir, "clips", columns=["clip_id", "video_id", "id_backend", "id_metric", "id_threshold",
+                                                   "id_ref_embedding"])
     if table is None:
         raise FileNotFoundError(f"no clips-*.parquet shards in {out_dir}")
     emb_col = table["id_ref_embedding"].to_pylist()
     keep = [i for i, e in enumerate(emb_col) if e is not None]
-    backends = {table["id_backend"][i].as_py() for i in keep}
     if not keep:
         raise ValueError(f"no clip in {out_dir} has id_ref_embedding: run the identity_consistency stage")
+    backends = {table["id_backend"][i].as_py() for i in keep}
     if len(backends) > 1:
         raise ValueError(f"clips embedded by different backends {sorted(backends)} cannot be clustered together")
-    backend = BACKENDS[backends.pop()]
-    threshold = threshold or backend.threshold
-    labels = cluster(np.array([emb_col[i] for i in keep], np.float32), backend.metric, threshold,
-                     cell_size, probes)
+    backend = backends.pop()
+    metric = table["id_metric"][keep[0]].as_py()
+    threshold = threshold or round(min(table["id_threshold"][i].as_py() for i in keep), 6)  # stored as float32
+    labels = cluster(np.array([emb_col[i] for i in keep], np.float32), metric, threshold, cell_size, probes)
     clip_ids = [table["clip_id"][i].as_py() for i in keep]
     video_ids = [table["video_id"][i].as_py() for i in keep]
     _, inverse, sizes = np.unique(labels, return_inverse=True, return_counts=True)
@@ -120,6 +117,6 @@ def identities(out_dir: str | Path, threshold: float | None = None, cell_size: i
         first[lab] = min(first.get(lab, cid), cid)
     rows = [{"clip_id": cid, "video_id": vid, "identity_id": "id-" + hashlib.sha1(first[lab].encode()).hexdigest()[:12],
              "identity_size": int(sizes[lab])} for cid, vid, lab in zip(clip_ids, video_ids, inverse)]
-    write_atomic(to_table(rows, IDENTITY_SCHEMA), out_dir / OUTPUT)
-    return {"clips": len(keep), "skipped": table.num_rows - len(keep), "backend": backend.name,
+    write_atomic(pa.Table.from_pylist(rows, schema=IDENTITY_SCHEMA), out_dir / OUTPUT)
+    return {"clips": len(keep), "skipped": table.num_rows - len(keep), "backend": backend,
             "threshold": threshold, "sizes": sorted(sizes.tolist(), reverse=True)}

