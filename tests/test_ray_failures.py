@@ -1,48 +1,140 @@
-"""A worker process that dies mid-batch costs only its batch: reject rows, and the run goes on."""
+"""Failures of the machinery are retried, never recorded as the media's fault; broken
+stages are caught by the router; a stage that cannot set up stops the run before any row.
 
-import os
-import sys
+The misbehaving stages live in tests/fault_stages.py."""
+
+import json
+from pathlib import Path
 
 import pytest
-from ray import cloudpickle
+from typer.testing import CliRunner
 
-from lafid import registry
-from lafid.item import Item
+import fault_stages
+from lafid import media
+from lafid.cli import app
 from lafid.recipe import Recipe
 from lafid.report import read_table
+from lafid.router import SetupFailed
 from lafid.runner import curate
-from lafid.stage import Resources, Stage
+from lafid.shards import MANIFEST
 
-
-class CrashOnName(Stage):
-    """Kills its own process on a source named *crash*, as a segfaulting decoder would."""
-
-    name = "crash_on_name"
-    default_resources = Resources(cpus=0.25)
-
-    def process_item(self, item: Item) -> list[Item]:
-        if "crash" in os.path.basename(item.source):
-            os._exit(1)
-        return [item]
+SPLIT = {"stage": "shot_split", "cpus": 0.25, "params": {"min_clip_s": 0.5}}
 
 
 @pytest.fixture
-def crash_stage(monkeypatch):
-    monkeypatch.setitem(registry.STAGES, CrashOnName.name, f"{__name__}:CrashOnName")
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import the tests
+def faults():
+    fault_stages.register()
     yield
-    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    fault_stages.unregister()
+
+
+def rows(out_dir, kind="clips"):
+    table = read_table(out_dir, kind)
+    if table is None:
+        return []
+    if kind == "rejects":
+        table = table.drop(["detail"])
+    return sorted(json.dumps(r, sort_keys=True, default=bytes.hex) for r in table.to_pylist())
+
+
+def manifest_videos(out_dir):
+    return [v for line in (Path(out_dir) / MANIFEST).read_text().splitlines() for v in json.loads(line)["videos"]]
+
+
+@pytest.fixture(scope="module")
+def corpus(make_video, carphone):
+    """Nine videos of distinct content; one has a hard cut (two clips)."""
+    mirrored = media.mirror(carphone)
+    hopper = media.still(media.grace_hopper(), 3.0, fps=29.97, size=256)
+    healthy = [
+        make_video("f_carphone", lambda: carphone, 29.97),
+        make_video("f_mirrored", lambda: mirrored, 29.97),
+        make_video("f_cut", lambda: media.resize(carphone, 256, 256) + hopper, 29.97),
+        make_video("f_late20", lambda: carphone[20:], 29.97),
+        make_video("f_late40", lambda: carphone[40:], 29.97),
+        make_video("f_mirrored30", lambda: mirrored[30:], 29.97),
+    ]
+    poison = [
+        make_video("f_poison10", lambda: carphone[10:], 29.97),
+        make_video("f_poison30", lambda: carphone[30:], 29.97),
+        make_video("f_poison_m10", lambda: mirrored[10:], 29.97),
+    ]
+    return healthy, poison
 
 
 @pytest.mark.ray
-def test_dead_worker_turns_its_batch_into_rejects(ray_cluster, crash_stage, make_video, carphone, tmp_path):
-    good = make_video("carphone", lambda: carphone, 29.97)
-    crash = make_video("crash", lambda: carphone[:60], 29.97)
-    recipe = Recipe(name="crash", stages=[{"stage": "shot_split", "cpus": 0.25, "params": {"min_clip_s": 0.5}},
-                                          {"stage": "crash_on_name", "cpus": 0.25}])
-    stats = curate(recipe, [good, crash], tmp_path, executor="ray")
-    assert stats.videos_done == 2 and stats.kept == 1
-    (reject,) = read_table(tmp_path, "rejects").to_pylist()
-    assert reject["source"] == crash and reject["stage"] == "crash_on_name"
-    assert reject["reason"] == "worker_crashed"
-    assert read_table(tmp_path).column("source").to_pylist() == [good]
+@pytest.mark.timeout(600)
+def test_poison_inputs_cost_only_themselves_and_retry_failed_redoes_them(
+        ray_cluster, faults, corpus, tmp_path):
+    healthy, poison = corpus
+    inputs = healthy[:3] + poison[:1] + healthy[3:5] + poison[1:] + healthy[5:]
+    poison_dir = tmp_path / "poison"
+    poison_dir.mkdir()
+    recipe = Recipe(name="poison", max_item_retries=2, stages=[
+        SPLIT, {"stage": "crash_on_marker", "workers": 2, "batch_size": 2, "params": {"poison_dir": str(poison_dir)}}])
+    clean = tmp_path / "clean"
+    curate(recipe, inputs, clean, executor="sequential")  # nothing poisoned yet: the truth
+    healthy_clips = [r for r in rows(clean) if json.loads(r)["source"] in healthy]
+    assert len(healthy_clips) == 7  # six videos, the cut one gives two clips
+
+    for path in poison:
+        (poison_dir / Path(path).name).touch()
+    out = tmp_path / "out"
+    stats = curate(recipe, inputs, out, executor="ray")
+    assert stats.videos_done == 9
+    assert rows(out) == healthy_clips  # every healthy clip kept, though batches with poison died
+    rejects = read_table(out, "rejects").to_pylist()
+    assert sorted(r["source"] for r in rejects) == sorted(poison)
+    assert {(r["stage"], r["reason"]) for r in rejects} == {("crash_on_marker", "worker_crashed")}
+    assert all("died 2 times" in r["detail"] and "\x1b" not in r["detail"] for r in rejects)
+
+    for marker in poison_dir.iterdir():
+        marker.unlink()
+    again = curate(recipe, inputs, out, executor="ray")
+    assert again.videos_skipped == 9 and again.videos_done == 0  # rejects are final without --retry-failed
+    retried = curate(recipe, inputs, out, executor="ray", retry_failed=True)
+    assert retried.videos_done == 3 and retried.kept == 3
+    assert rows(out) == rows(clean) and read_table(out, "rejects") is None
+    done = manifest_videos(out)
+    assert len(done) == len(set(done)) == 9
+
+
+@pytest.mark.parametrize("executor", ["sequential", pytest.param("ray", marks=pytest.mark.ray)])
+def test_setup_failure_stops_the_run_before_any_row(request, executor, faults, corpus, tmp_path):
+    if executor == "ray":
+        request.getfixturevalue("ray_cluster")
+    healthy, _ = corpus
+    recipe = Recipe(name="setup", stages=[SPLIT, {"stage": "fail_setup", "params": {"model_dir": "/no/such/model"}}])
+    with pytest.raises(SetupFailed, match="fail_setup.*FileNotFoundError: model_dir /no/such/model does not exist"):
+        curate(recipe, healthy[:2], tmp_path, executor=executor)
+    assert not list(tmp_path.glob("*.parquet")) and not (tmp_path / MANIFEST).exists()
+    assert "Traceback" in (tmp_path / "_curate.log").read_text()
+    # the command line: the stage's own error on one line, non-zero exit
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps(recipe.model_dump()))
+    result = CliRunner().invoke(app, ["curate", healthy[0], "--out", str(tmp_path), "--recipe", str(path),
+                                      "--executor", executor, "--no-progress"])
+    assert result.exit_code == 2 and "model_dir /no/such/model does not exist" in " ".join(result.output.split())
+    assert "Traceback" not in result.output and not list(tmp_path.glob("*.parquet"))
+
+
+@pytest.mark.parametrize("executor", ["sequential", pytest.param("ray", marks=pytest.mark.ray)])
+@pytest.mark.timeout(300)
+def test_a_stage_that_drops_or_doubles_a_clip_gets_a_stage_error_row(
+        request, executor, faults, make_video, carphone, tmp_path):
+    if executor == "ray":
+        request.getfixturevalue("ray_cluster")
+    inputs = [make_video("m_keep", lambda: carphone, 29.97),
+              make_video("m_drop", lambda: carphone[5:], 29.97),
+              make_video("m_dup", lambda: carphone[15:], 29.97)]
+    recipe = Recipe(name="misroute", stages=[SPLIT, {"stage": "misroute"}])
+    stats = curate(recipe, inputs, tmp_path, executor=executor)
+    assert stats.videos_done == 3
+    assert read_table(tmp_path).column("source").to_pylist() == [inputs[0]]
+    rejects = {r["source"]: r for r in read_table(tmp_path, "rejects").to_pylist()}
+    assert set(rejects) == set(inputs[1:])  # one row each: the doubled clip is not written twice
+    assert rejects[inputs[1]]["reason"] == rejects[inputs[2]]["reason"] == "stage_error"
+    assert rejects[inputs[1]]["detail"] == "returned no item for this clip"
+    assert rejects[inputs[2]]["detail"] == "returned 2 items for this clip"
+    assert rejects[inputs[1]]["clip_index"] == rejects[inputs[2]]["clip_index"] == 0
+    assert sorted(manifest_videos(tmp_path)) == sorted(set(manifest_videos(tmp_path)))
