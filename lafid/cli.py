@@ -86,6 +86,26 @@ def inspect(out: Path = typer.Argument(..., help="a curate output folder")) -> N
 
 
 @app.command()
+def report(
+    outputs: List[Path] = typer.Argument(..., help="a curate output folder; two or more are compared side by side"),
+    html: Path = typer.Option(Path("report.html"), "--out", "-o", help="the HTML file to write"),
+    png_dir: Optional[Path] = typer.Option(None, help="also write every plot and face crop as PNG files here"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="also write the report's numbers as JSON here"),
+    faces: int = typer.Option(4, help="face crops per pose bucket on the contact sheet"),
+) -> None:
+    """One self-contained HTML page: pose, clips, identity, speech, reject funnel, faces, run facts."""
+    from lafid.report_html import report as make
+
+    with _exit_on(FileNotFoundError):
+        runs = make(outputs, html, png_dir=png_dir, json_path=json_path, per_bucket=faces)
+    for run in runs:
+        c = run.stats["counts"]
+        console.print(f"{run.label}: {c['input_videos']} videos, {c['clips_kept']} clips kept, "
+                      f"{c['clips_rejected'] + c['videos_rejected']} rejects")
+    console.print(f"report: {html}")
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("out/demo"), "--out", "-o", help="output folder"),
     executor: str = typer.Option("ray", help="'ray' or 'sequential'"),
