@@ -35,6 +35,26 @@ class CrashOnMarker(Stage):
         return [item]
 
 
+class BreakParams(StageParams):
+    broken: str = Field("", description="once this file exists, setup fails (the machine broke)")
+
+
+class CrashAndBreak(Stage):
+    """Kills its worker and leaves the machine unable to start another (a GPU that fell off)."""
+
+    name = "crash_and_break"
+    Params = BreakParams
+    default_resources = Resources(cpus=0.25)
+
+    def setup(self) -> None:
+        if os.path.exists(self.params.broken):
+            raise RuntimeError("device lost")
+
+    def process_item(self, item: Item) -> list[Item]:
+        open(self.params.broken, "w").close()
+        os._exit(1)
+
+
 class MisrouteParams(StageParams):
     drop: str = Field("drop", description="items whose source name contains this are returned as nothing")
     duplicate: str = Field("dup", description="items whose source name contains this are returned twice")
@@ -94,7 +114,7 @@ class Gate(Stage):
         return [item]
 
 
-STAGES = (CrashOnMarker, Misroute, FailSetup, Gate)
+STAGES = (CrashOnMarker, CrashAndBreak, Misroute, FailSetup, Gate)
 
 
 def register() -> None:

@@ -14,7 +14,7 @@ from lafid import media
 from lafid.cli import app
 from lafid.recipe import Recipe
 from lafid.report import read_table
-from lafid.router import SetupFailed
+from lafid.router import RunFailed, SetupFailed
 from lafid.runner import curate
 from lafid.shards import MANIFEST
 
@@ -138,3 +138,15 @@ def test_a_stage_that_drops_or_doubles_a_clip_gets_a_stage_error_row(
     assert rejects[inputs[2]]["detail"] == "returned 2 items for this clip"
     assert rejects[inputs[1]]["clip_index"] == rejects[inputs[2]]["clip_index"] == 0
     assert sorted(manifest_videos(tmp_path)) == sorted(set(manifest_videos(tmp_path)))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_pool_that_cannot_replace_its_dead_workers_fails_the_run(ray_cluster, faults, corpus, tmp_path):
+    healthy, _ = corpus
+    recipe = Recipe(name="broken", stages=[SPLIT, {"stage": "crash_and_break",
+                                                   "params": {"broken": str(tmp_path / "broken")}}])
+    with pytest.raises(RunFailed, match="'crash_and_break' has no live worker and cannot start one: .*device lost"):
+        curate(recipe, healthy[:2], tmp_path / "out", executor="ray")
+    assert not list((tmp_path / "out").glob("*.parquet"))  # nothing recorded as done
+    assert "RuntimeError: device lost" in (tmp_path / "out" / "_curate.log").read_text()
