@@ -259,7 +259,19 @@ def test_arcface_backend_aligns_batches_and_normalises(arcface_dir, carphone_fra
     pooled = x.reshape(len(x), 14, 8, 14, 8, 3).mean((2, 4)).transpose(0, 3, 1, 2).reshape(len(x), -1)
     ref = pooled @ w
     np.testing.assert_allclose(emb, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-4)
-    assert small.align(tracked[0]["crop"], None) is None  # no landmarks, no ArcFace alignment
+
+
+def test_faces_without_a_mesh_are_aligned_on_scrfd_landmarks(carphone_frames_out):
+    """The embedded SCRFD finds the 5 points on the hand-off crop; ArcFace sees the same person."""
+    encoder = ArcFaceEncoder("/nonexistent")
+    tracked = [f["faces"][f["tracked"]] for f in carphone_frames_out.work["frames"]][::4]
+    by_mesh = encoder.embed([encoder.align(f["crop"], f["landmarks5"]) for f in tracked])
+    by_scrfd = encoder.embed([encoder.align(f["crop"], None) for f in tracked])
+    assert (np.diag(pairwise("cosine", by_mesh, by_scrfd)) < 0.3).all()
+    scrfd_kps = encoder._scrfd_landmarks(tracked[0]["crop"])
+    assert np.abs(scrfd_kps - tracked[0]["landmarks5"]).max() < 12  # pixels of a 224 crop
+    encoder._scrfd = None  # control: without a detector such a face is not embedded
+    assert encoder.align(tracked[0]["crop"], None) is None
 
 
 def test_arcface_stage_runs_from_a_model_dir(arcface_dir, carphone_frames_out):

