@@ -62,7 +62,8 @@ class DataConfig(StrictModel):
     bucket_weights: dict[str, float] = Field(default_factory=dict,
                                              description="epoch repeat factor per pose bucket (clip takes its max)")
     id_backend: str = Field("arcface", description="use shard identity embeddings only from this id_backend "
-                                                  "(the identity expert's); others are recomputed from the face")
+                                                  "(the identity expert's model, e.g. arcface:w600k_r50); "
+                                                  "others are recomputed from the face")
     seed: int = 0
     batch_size: int = 1
     num_workers: int = 0
