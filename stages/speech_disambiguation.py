@@ -1,18 +1,20 @@
 """Speech Disambiguation: is there speech, and is the visible person the speaker?
 
 Per clip: the audio is extracted once (16 kHz mono), Silero VAD finds speech,
-only the speech goes to ASR (word timestamps, language, confidence), lip
-activity comes from the mouth openings Face Constraints measured (no second
-face pass; raise that stage's `sample_fps` to >= 10 for speech clips), and the
-sync score correlates mouth opening with the speech envelope inside the speech.
+only the speech goes to ASR (word timestamps, language, confidence). Lip
+activity comes from the mouth openings Face Constraints measured for pose; for
+the sync decision the mouth is measured again at the video's own frame rate,
+inside the speech only, on the subject track's box (`lafid.speech.mouth`), and
+compared with the voice's articulation envelope (`lafid.speech.sync`).
 Label:
 - `no_audio`   the file has no audio stream
 - `silent`     no speech, lips still
 - `mouthing`   no speech, lips move
-- `speaking`   speech, lips move, and they move with the voice (sync >= min_av_sync;
-               when too few face frames fall inside speech to measure sync, moving
-               lips alone decide)
-- `voice_over` speech, but lips still or out of step with it
+- `speaking`   speech, lips move, and they move with the voice (sync score >= min_sync_score)
+- `voice_over` speech, but lips still or clearly out of step with it (score < max_unsynced_score)
+- `uncertain`  speech and moving lips, but the evidence is weak either way (score
+               in between, or too few mouth frames to measure): the caption claims
+               neither an on-screen nor an off-camera speaker
 The caption (the clip's own `caption` column if an upstream source set one,
 else the configured captioner's) is then rewritten to agree with the label.
 Corrupt audio rejects the clip (`corrupt_audio`); nothing else here rejects.
@@ -23,13 +25,15 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lafid.item import Item
 from lafid.speech.asr import ASRBackend, FasterWhisperASR, Transcript, WhisperXASR
 from lafid.speech.audio import AudioError, extract_audio
 from lafid.speech.captions import Captioner, ClipFacts, TemplateCaptioner, VLMCaptioner, disambiguate
+from lafid.schema import SPEECH, names
 from lafid.speech.lip import lip_activity, lip_series
+from lafid.speech.mouth import MouthTracker
 from lafid.speech.sync import av_sync
 from lafid.speech.vad import SileroVAD
 from lafid.stage import Resources, Stage, StageParams
@@ -43,10 +47,13 @@ class SpeechDisambiguationParams(StageParams):
     vad_pad_s: float = Field(0.3, ge=0, description="padding on each side of a speech segment (Whisper needs onset context)")
     min_speech_s: float = Field(0.5, ge=0, description="less speech than this in a clip counts as no speech")
     min_lip_activity: float = Field(0.1, ge=0, description="mouth-opening change per second above which lips move")
-    min_av_sync: float = Field(0.4, ge=-1, le=1, description="lip/voice correlation needed for `speaking`")
-    max_lag_s: float = Field(0.2, ge=0, description="audio-video offset searched for the best correlation")
-    min_sync_frames: int = Field(8, ge=3, description="face frames inside speech needed to measure sync")
+    min_sync_score: float = Field(2.0, description="sync z-score at or above which moving lips are `speaking`")
+    max_unsynced_score: float = Field(1.5, description="sync z-score below which moving lips are `voice_over`")
+    max_lag_s: float = Field(0.15, ge=0, le=0.5, description="audio-video offset searched for the best agreement")
+    min_sync_frames: int = Field(25, ge=5, description="mouth frames inside speech needed to measure sync")
+    mouth_min_fps: float = Field(25.0, gt=0, description="mouth pass rate: the video's own fps, at least this")
     max_bad_audio_ratio: float = Field(0.1, ge=0, le=1, description="more failed audio packets = corrupt_audio")
+
     asr_backend: Literal["faster_whisper", "whisperx", "none"] = "faster_whisper"
     asr_model_dir: str | None = Field(None, description="CTranslate2 Whisper dir; None = embedded Whisper-base")
     asr_compute_type: str = Field("int8", description="CTranslate2 compute type (int8, float32, float16 on GPU)")
@@ -59,15 +66,24 @@ class SpeechDisambiguationParams(StageParams):
     vlm_model_dir: str | None = Field(None, description="local transformers image-text-to-text model dir")
     vlm_frames: int = Field(4, ge=1, description="frames shown to the VLM captioner")
 
+    @model_validator(mode="after")
+    def _scores_ordered(self):
+        if self.max_unsynced_score > self.min_sync_score:
+            raise ValueError("max_unsynced_score must not exceed min_sync_score")
+        return self
+
 
 class SpeechDisambiguation(Stage):
     name = "speech_disambiguation"
     Params = SpeechDisambiguationParams
     default_resources = Resources(cpus=1)
+    reads = ("fps", "frame_t", "frame_box", "frame_mouth_open")
+    writes = names(SPEECH)
 
     def setup(self) -> None:
         p: SpeechDisambiguationParams = self.params
         threads = self.resources.threads
+        self.mouth = MouthTracker()
         self.vad = SileroVAD(threads, p.vad_threshold, p.vad_min_speech_s, p.vad_min_silence_s, p.vad_pad_s)
         self.asr = self._asr(p, threads)
         self.captioner = self._captioner(p)
@@ -117,16 +133,34 @@ class SpeechDisambiguation(Stage):
             if speech_s < p.min_speech_s:
                 label = "mouthing" if moving else "silent"
             else:
-                sync, lag = av_sync(t, mouth, audio.samples, segments, p.max_lag_s, min_frames=p.min_sync_frames)
-                cols["av_sync"], cols["av_lag_s"] = sync, lag
-                in_step = sync is None or sync >= p.min_av_sync
-                label = "speaking" if moving and in_step else "voice_over"
+                label = "voice_over"
+                if moving:
+                    sync = self._sync(item, segments, audio.samples)
+                    if sync is not None:
+                        cols["av_sync"], cols["av_lag_s"] = sync.score, sync.lag_s
+                    label = self._sync_label(sync)
                 if self.asr is not None:
                     cols.update(self.asr.transcribe(audio.samples, segments).as_columns())
         cols["speaking_label"] = label
         cols["caption"], cols["caption_source"] = self._caption(item, label, cols["transcript"])
         item.columns.update(cols)
         return [item]
+
+    def _sync(self, item: Item, segments: list[tuple[float, float]], samples: np.ndarray):
+        """Mouth at the source frame rate inside speech, against the voice."""
+        p: SpeechDisambiguationParams = self.params
+        c = item.columns
+        fps = max(float(c.get("fps") or 0.0), p.mouth_min_fps)
+        t, mouth = self.mouth.series(item.source, item.start_s, segments, c.get("frame_t"), c.get("frame_box"), fps)
+        return av_sync(t, mouth, samples, p.max_lag_s, min_frames=p.min_sync_frames)
+
+    def _sync_label(self, sync) -> str:
+        p: SpeechDisambiguationParams = self.params
+        if sync is None:
+            return "uncertain"
+        if sync.score >= p.min_sync_score:
+            return "speaking"
+        return "voice_over" if sync.score < p.max_unsynced_score else "uncertain"
 
     def _caption(self, item: Item, label: str, transcript: str) -> tuple[str, str]:
         """The source caption or the captioner's, made to agree with `label`."""

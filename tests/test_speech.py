@@ -1,11 +1,11 @@
-"""Speech Disambiguation on clips built from real media (GUIDE §3).
+"""Speech Disambiguation on clips built from real faces and espeak-ng speech.
 
-The talking clip is honest about sync: carphone's own mouth openings (measured
-by Face Constraints on the silent copy) shape the loudness of the espeak-ng
-speech laid under it, so the voice rises when the visible mouth opens. The same
-speech under a still face is a voice-over; the same speech shaped by a
-time-shifted mouth track under carphone is a voice out of step with the lips.
-Media and model are built once per session.
+These clips check VAD, ASR, the labels that need no lip/voice sync (voice-over
+under a still face, silence, mouthing, no audio) and captions. Whether moving
+lips belong to the voice is judged on real talking footage only
+(tests/test_speech_real.py): a fixture that builds speech from the measured
+mouth would agree with the sync measure by construction. Media and model are
+built once per session.
 """
 
 from __future__ import annotations
@@ -33,11 +33,10 @@ from stages.speech_disambiguation import SpeechDisambiguation
 
 FPS = 29.97
 SECONDS = 8.0
-SENTENCES = ["The quick brown fox jumps over the lazy dog near the river bank.",
+SENTENCES = ["The quick brown fox jumps over the lazy dog near the riverbank.",
              "She sells sea shells by the sea shore every summer."]
-LABELS = {"speaking": "speaking", "voice_over": "voice_over", "mouthing": "mouthing", "silent": "silent",
-          "unsynced": "voice_over", "no_audio": "no_audio", "long_silence": "voice_over"}
-SYNC_SHIFT_S = 2.7  # the unsynced clip's mouth track is shifted this much against the video
+LABELS = {"voice_over": "voice_over", "mouthing": "mouthing", "silent": "silent", "no_audio": "no_audio",
+          "long_silence": "voice_over"}
 
 
 def wer(reference: str, hypothesis: str) -> float:
@@ -53,17 +52,6 @@ def fit(audio: np.ndarray, seconds: float, lead_s: float = 0.0) -> np.ndarray:
     n = min(len(audio), len(out) - lead)
     out[lead:lead + n] = audio[:n]
     return out
-
-
-def shaped_by_mouth(speech: np.ndarray, t: np.ndarray, mouth: np.ndarray, shift_s: float) -> np.ndarray:
-    """Speech whose loudness follows the mouth opening at (time + shift_s)."""
-    ok = ~np.isnan(mouth)
-    times = (np.arange(len(speech)) / RATE + shift_s) % SECONDS
-    opening = np.interp(times, t[ok], mouth[ok])
-    lo, hi = np.percentile(opening, [10, 90])
-    gain = np.clip((opening - lo) / (hi - lo), 0.05, 1.0)
-    shaped = speech * gain
-    return (shaped / np.abs(shaped).max() * 0.8).astype(np.float32)
 
 
 def with_garbage_audio(src: str, dst: str) -> str:
@@ -119,22 +107,17 @@ def clips(tmp_path_factory, upstream):
     def build(name, frames, audio=None):
         return str(media.write_video(str(folder / f"{name}.mp4"), frames, FPS, audio=audio))
 
-    items = {"mouthing": upstream(build("mouthing", talk, silence))}
-    t = np.asarray(items["mouthing"][0].columns["frame_t"])
-    mouth = np.asarray(items["mouthing"][0].columns["frame_mouth_open"], dtype=float)
-    synced = shaped_by_mouth(speech, t, mouth, 0.0)
     first = media.speak(SENTENCES[0])
     paths = {
-        "speaking": build("speaking", talk, synced),
-        "voice_over": build("voice_over", face, synced),
+        "mouthing": build("mouthing", talk, silence),
+        "voice_over": build("voice_over", face, speech),
         "silent": build("silent", face, silence),
-        "unsynced": build("unsynced", talk, shaped_by_mouth(speech, t, mouth, SYNC_SHIFT_S)),
         "no_audio": media.carphone_path(),
         "long_silence": build("long_silence", media.still(media.astronaut(), 9.5, fps=FPS),
                               fit(first, 9.5, lead_s=5.0)),
     }
     paths["corrupt_audio"] = with_garbage_audio(paths["voice_over"], str(folder / "corrupt_audio.mp4"))
-    items.update({name: upstream(path) for name, path in paths.items()})
+    items = {name: upstream(path) for name, path in paths.items()}
     for name, got in items.items():
         assert len(got) == 1 and not got[0].rejected, (name, got[0].reject if got else None)
     return {name: got[0] for name, got in items.items()}
@@ -185,21 +168,13 @@ def test_labels(labelled, name):
                                                              ("lip_activity", "av_sync", "speech_ratio")}
 
 
-def test_sync_is_what_separates_speaking_from_unsynced(labelled):
-    speaking, unsynced, voice_over = (labelled[n].columns for n in ("speaking", "unsynced", "voice_over"))
-    assert speaking["av_sync"] >= 0.4 > unsynced["av_sync"]
-    assert abs(speaking["av_lag_s"]) <= 0.1
-    # both talking clips move their lips; the still face does not
-    assert min(speaking["lip_activity"], unsynced["lip_activity"]) > 0.1 > voice_over["lip_activity"]
-
-
 def test_speech_columns_and_transcript(labelled):
-    c = labelled["speaking"].columns
+    c = labelled["voice_over"].columns
     assert 0.8 < c["speech_ratio"] <= 1.0
-    assert wer(" ".join(SENTENCES), c["transcript"]) <= 0.40, c["transcript"]  # AAC + loudness shaping
+    assert wer(" ".join(SENTENCES), c["transcript"]) <= 0.40, c["transcript"]  # through AAC
     assert c["language"] == "en" and c["words"]
     assert all(0 <= w["start"] <= w["end"] <= SECONDS + 0.05 for w in c["words"])
-    assert c["transcript"].lower().rstrip(".") in c["caption"].lower()
+    assert c["transcript"][:20].lower() not in c["caption"].lower()  # not the visible person's words
     table = to_table([clip_row(labelled[n]) for n in LABELS], CLIP_SCHEMA)  # shards accept every row
     assert table.num_rows == len(LABELS)
 
@@ -210,7 +185,7 @@ def test_long_silence_only_speech_reaches_asr(labelled):
     assert 4.5 <= start <= 5.3 and end <= 9.5
     assert c["speech_ratio"] < 0.55
     # through AAC at 16 kHz Whisper-base slips a word or two more than on the clean
-    # sentence (test_embedded_asr_wer holds the 20% bar); "riverbank" alone costs 2 of 13
+    # sentence (test_embedded_asr_wer holds the 20% bar)
     assert wer(SENTENCES[0], c["transcript"]) <= 0.40, c["transcript"]
     assert c["words"][0]["start"] >= start  # word times mapped back to the clip
 
@@ -228,14 +203,13 @@ def test_corrupt_audio_rejected_with_reason(labelled):
 
 
 def test_captions_agree_with_labels(labelled):
-    transcript = labelled["speaking"].columns["transcript"]
-    for name, label in LABELS.items():
+    transcript = labelled["voice_over"].columns["transcript"]
+    assert transcript
+    for name in LABELS:
         c = labelled[name].columns
-        # the template already agrees with the label; only the speaking clip's transcript is added
-        assert c["caption_source"] == ("template+disambiguated" if label == "speaking" else "template")
-        if label != "speaking":
-            assert "speaks to the camera" not in c["caption"]
-            assert transcript.lower().rstrip(".")[:20] not in c["caption"].lower()
+        assert c["caption_source"] == "template"  # the template already agrees with the label
+        assert "speaks to the camera" not in c["caption"]
+        assert transcript.lower().rstrip(".")[:20] not in c["caption"].lower()
     assert "off-camera" in labelled["voice_over"].columns["caption"]
 
 
@@ -254,6 +228,7 @@ def test_source_caption_rewritten_on_voice_over(clips, speech_stage):
     ("silent", "Two men are silent.", "chatting"),
     ("mouthing", "Two men are moving their lips without audible speech.", "chatting"),
     ("no_audio", "Two men are shown (the clip has no sound).", "chatting"),
+    ("uncertain", "Two men are shown while speech can be heard.", "chatting"),
     ("speaking", 'Two men are chatting in a car. They say: "hi there"', None),
 ])
 def test_disambiguate(label, expect, absent):
@@ -265,8 +240,8 @@ def test_disambiguate(label, expect, absent):
         assert "hi there" not in disambiguate(f"A man says hi there. {got}", label, "hi there")
 
 
-def test_whisperx_runs_only_in_its_own_environment():
-    """The worker runs as a subprocess; this env has no whisperx, so it must fail loudly."""
+def test_whisperx_fails_loudly_where_it_is_not_installed_and_is_never_imported_here():
+    """The worker runs as a subprocess of the given python; this env has no whisperx."""
     asr = WhisperXASR(sys.executable, model="tiny", timeout_s=120)
     with pytest.raises(ASRError, match="whisperx"):
         asr.transcribe(media.speak("hello"), [(0.0, 0.5)])

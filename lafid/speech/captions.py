@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-LABELS = ("speaking", "voice_over", "silent", "mouthing", "no_audio")
+LABELS = ("speaking", "voice_over", "uncertain", "silent", "mouthing", "no_audio")
 
 # What the visible person does, per label; spliced in where a caption claimed speech.
 _ACTION = {
     "voice_over": "is shown while someone off-camera speaks",
+    "uncertain": "is shown while speech can be heard",  # claims neither an on-screen nor an off-camera speaker
     "silent": "is silent",
     "mouthing": "is moving their lips without audible speech",
     "no_audio": "is shown (the clip has no sound)",
