@@ -99,9 +99,15 @@ def test_wan21_1_3b_with_cofe_builds_on_meta():
     print(f"\nWan2.1-1.3B: backbone {base:,} params; CoFE adds {added:,} ({added / base:.1%})")
     assert 1.2e9 < base < 1.5e9 and len(adapter.layers) == 30
     assert all(p.is_meta for p in adapter.parameters())
-    per_layer = sum(p.numel() for p in adapter.layers[0].parameters())
-    shared = sum(p.numel() for p in adapter.projections.parameters())
-    assert added == shared + 30 * per_layer
+    # with CoFE: every one of the 30 blocks fuses (pre-hook) and injects after its text cross-attention
+    assert all(len(b._forward_pre_hooks) == 1 and len(b.attn2._forward_hooks) == 1 for b in transformer.blocks)
+    # the count is the paper's layout, from the config alone: d = 12 x 128, experts d/4 wide, gate 256, 4 tokens
+    d, h, g, t = 1536, 1536 // 4, 256, 4
+    gate = 3 * d * g + g + g * 3 + 3  # W1 on concat(P_id, P_sem, P_det), W2 -> 3 weights
+    experts = 3 * (2 * d + d * h + h + h * d + d)  # LayerNorm, Linear, GELU, Linear
+    cross = 3 * (d * d + d) + d  # to_k, to_v, to_out, RMSNorm on k
+    shared = sum(e * d + d + t * d + 4 * d * d + 4 * d + 2 * d for e in FULL_EXPERT_DIMS.values())  # proj, queries, MHA, norm
+    assert added == shared + 30 * (gate + experts + cross)
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert f"{added:,}" in readme and f"{base:,}" in readme, "README's CoFE parameter count is stale"
 

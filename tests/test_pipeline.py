@@ -77,10 +77,18 @@ def test_every_input_ends_as_clips_or_rejects_exactly_once(sequential_out, input
 
 
 def test_shards_carry_the_declared_schema(sequential_out):
-    from lafid.schema import CLIP_SCHEMA
+    from lafid.schema import CLIP_SCHEMA, REJECT_SCHEMA, SCHEMA_VERSION
 
-    for path in sequential_out.glob("clips-*.parquet"):
-        assert pq.read_schema(path).names == CLIP_SCHEMA.names
+    for pattern, schema in (("clips-*.parquet", CLIP_SCHEMA), ("rejects-*.parquet", REJECT_SCHEMA)):
+        paths = sorted(sequential_out.glob(pattern))
+        assert paths, f"no {pattern} written"
+        for path in paths:
+            written = pq.read_schema(path)
+            assert written.equals(schema), f"{path.name}: names, types or nullability differ from lafid.schema"
+            assert [f.metadata for f in written] == [f.metadata for f in schema]  # column docs travel too
+            assert written.metadata[b"lafid_schema_version"] == str(SCHEMA_VERSION).encode()
+            table = pq.read_table(path)
+            assert set(table["schema_version"].to_pylist()) == {SCHEMA_VERSION}
 
 
 def test_resume_after_interruption_gives_the_same_rows(recipe, inputs, sequential_out, tmp_path):
