@@ -579,6 +579,17 @@ def _table(runs: list[Run], rows: list[tuple[str, list[Any]]], key: str = "") ->
     return f"<table><tr><th></th>{head}</tr>{body}</table>"
 
 
+def _pose_table(runs: list[Run]) -> str:
+    """EFHQ buckets down, clips and sampled face frames of each run across."""
+    head = "".join(f"<th>{_e(r.label)}: clips</th><th>{_e(r.label)}: frames</th>" for r in runs)
+    body = "".join(
+        f"<tr><th>{b}</th>" + "".join(
+            f'<td class="n" data-key="pose.clips {b}">{r.stats["pose"]["clips_by_bucket"][b]}</td>'
+            f'<td class="n" data-key="pose.frames {b}">{r.stats["pose"]["frames_by_bucket"][b]}</td>' for r in runs)
+        + "</tr>" for b in BUCKETS)
+    return f"<table><tr><th>EFHQ bucket</th>{head}</tr>{body}</table>"
+
+
 def _summary_rows(runs: list[Run], section: str, names: list[str]) -> list[tuple[str, list[Any]]]:
     rows = []
     for name in names:
@@ -592,14 +603,54 @@ def _figs(figs: dict[str, bytes], names: list[str]) -> str:
     return '<div class="figs">' + "".join(_img(figs[n], n, n) for n in names if n in figs) + "</div>"
 
 
+def _faces(runs: list[Run], sheets: list[list[dict[str, Any]]]) -> str:
+    """The contact sheet: a few faces per EFHQ bucket, each linking its clip's row."""
+    parts = ["<h2 id=faces>Faces by pose bucket</h2>",
+             '<p class="note">Cut from the source videos when this report was made, along each clip\'s subject '
+             "track (<code>frame_box</code> at <code>frame_t</code>); the most frontal frame for "
+             "<i>frontal</i>, the most extreme for the other buckets.</p>"]
+    for k, (run, sheet) in enumerate(zip(runs, sheets)):
+        if len(runs) > 1:
+            parts.append(f"<h3>{_e(run.label)}</h3>")
+        for bucket in BUCKETS:
+            faces = [s for s in sheet if s["bucket"] == bucket]
+            if not faces:
+                continue
+            cells = []
+            for s in faces:
+                pic = (_img(s["png"], f"{bucket} face of clip {s['clip_id']}") if s["png"]
+                       else '<div class="missing">source unavailable</div>')
+                cells.append(f'<figure><a href="#clip-{k}-{_e(s["clip_id"])}">{pic}</a><figcaption>'
+                             f'{_e(s["clip_id"])}<br>yaw {s["yaw"]:.0f} pitch {s["pitch"]:.0f}</figcaption></figure>')
+            parts.append(f"<p><b>{_e(bucket)}</b></p><div class=sheet>{''.join(cells)}</div>")
+        empty = [b for b in BUCKETS if not any(s["bucket"] == b for s in sheet)]
+        if empty:
+            parts.append(f'<p class="note">No face frames in: {", ".join(empty)}.</p>')
+        shown = {s["clip_id"]: s for s in sheet}
+        if shown:
+            rows = "".join(f'<tr id="clip-{k}-{_e(c)}"><td><code>{_e(c)}</code></td><td>{_e(s["source"])}</td>'
+                           f'<td class="n">{s["start_s"]:.2f}</td><td class="n">{s["t"]:.2f}</td></tr>'
+                           for c, s in shown.items())
+            parts.append("<table><tr><th>clip_id</th><th>source</th><th>clip start, s</th>"
+                         f"<th>face at, s from clip start</th></tr>{rows}</table>")
+    return "\n".join(parts)
+
+
 def render(runs: list[Run], figs: dict[str, bytes], sheets: list[list[dict[str, Any]]]) -> str:
     """The whole page as one HTML string (no external references)."""
     title = "lafid report: " + " vs ".join(r.label for r in runs)
     counts = [(k, [r.stats["counts"][k] for r in runs]) for k in runs[0].stats["counts"]]
+    nav = " · ".join(f'<a href="#{k}">{v}</a>' for k, v in (
+        ("faces", "faces"), ("funnel", "funnel"), ("pose", "pose"), ("clips", "clips"), ("identity", "identity"),
+        ("speech", "speech"), ("run", "run facts")))
     parts = [f"<h1>{_e(title)}</h1>",
              "<p>" + "<br>".join(f"<b>{_e(r.label)}</b>: <code>{_e(r.out_dir)}</code>" for r in runs) + "</p>",
-             "<h2 id=counts>Counts</h2>", _table(runs, counts, "counts."),
-             "<h2 id=funnel>Reject funnel</h2>", _figs(figs, ["funnel", "rejects"])]
+             f"<p>{nav}</p>",
+             "<h2 id=counts>Counts</h2>",
+             '<div class="figs">' + _table(runs, counts, "counts.") + _img(figs["funnel"], "funnel", "funnel")
+             + "</div>",
+             _faces(runs, sheets),
+             "<h2 id=funnel>Reject funnel</h2>", '<div class="figs">', _img(figs["rejects"], "rejects", "rejects")]
     for k, run in enumerate(runs):
         f = run.stats["funnel"]
         rows = [("input videos", [f["input_videos"]]), ("videos rejected", [f["videos_rejected"]]),
@@ -613,10 +664,8 @@ def render(runs: list[Run], figs: dict[str, bytes], sheets: list[list[dict[str, 
             rows.append((f"{s['stage']}: reasons", [lost or None]))
         rows.append(("clips kept", [f["clips_kept"]]))
         parts.append(_table([run], rows, f"funnel.{k}."))
-    parts += ["<h2 id=pose>Head pose</h2>",
-              _table(runs, [(f"clips {b}", [r.stats["pose"]["clips_by_bucket"][b] for r in runs]) for b in BUCKETS]
-                     + [(f"frames {b}", [r.stats["pose"]["frames_by_bucket"][b] for r in runs]) for b in BUCKETS],
-                     "pose."),
+    parts += ["</div>", "<h2 id=pose>Head pose</h2>",
+              _pose_table(runs),
               _figs(figs, ["pose_clips", "pose_frames", "yaw", "pitch", "yaw_range"]),
               "<h2 id=clips>Clips</h2>",
               _table(runs, _summary_rows(runs, "clips", ["duration_s", "face_area_median", "blur_median"]),
@@ -634,32 +683,7 @@ def render(runs: list[Run], figs: dict[str, bytes], sheets: list[list[dict[str, 
     parts += ["<h2 id=speech>Speech</h2>",
               _table(runs, [(lab, [r.stats["speech"]["labels"].get(lab, 0) for r in runs]) for lab in labels]
                      + _summary_rows(runs, "speech", ["speech_ratio"]), "speech."),
-              _figs(figs, ["speaking", "av_sync", "speech_ratio"]),
-              "<h2 id=faces>Faces by pose bucket</h2>",
-              '<p class="note">Cut from the source videos when this report was made, along each clip\'s subject '
-              "track (<code>frame_box</code> at <code>frame_t</code>); the most frontal frame for "
-              "<i>frontal</i>, the most extreme for the other buckets.</p>"]
-    for run, sheet in zip(runs, sheets):
-        if len(runs) > 1:
-            parts.append(f"<h3>{_e(run.label)}</h3>")
-        for bucket in BUCKETS:
-            faces = [s for s in sheet if s["bucket"] == bucket]
-            if not faces:
-                continue
-            cells = []
-            for s in faces:
-                pic = (_img(s["png"], f"{bucket} face of clip {s['clip_id']}") if s["png"]
-                       else '<div class="missing">source unavailable</div>')
-                cells.append(f'<figure><a href="#clip-{_e(s["clip_id"])}">{pic}</a><figcaption>'
-                             f'{_e(s["clip_id"])}<br>yaw {s["yaw"]:.0f} pitch {s["pitch"]:.0f}</figcaption></figure>')
-            parts.append(f"<p><b>{_e(bucket)}</b></p><div class=sheet>{''.join(cells)}</div>")
-        shown = {s["clip_id"]: s for s in sheet}
-        if shown:
-            rows = "".join(f'<tr id="clip-{_e(c)}"><td><code>{_e(c)}</code></td><td>{_e(s["source"])}</td>'
-                           f'<td class="n">{s["start_s"]:.2f}</td><td class="n">{s["t"]:.2f}</td></tr>'
-                           for c, s in shown.items())
-            parts.append("<table><tr><th>clip_id</th><th>source</th><th>clip start, s</th>"
-                         f"<th>face at, s from clip start</th></tr>{rows}</table>")
+              _figs(figs, ["speaking", "av_sync", "speech_ratio"])]
     parts.append("<h2 id=run>Run facts</h2>"
                  '<p class="note">What the output folder records about the run that made it. Keys under '
                  "<i>not_recorded</i> are not written by the run.</p>")
