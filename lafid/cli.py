@@ -91,7 +91,7 @@ def report(
     html: Path = typer.Option(Path("report.html"), "--out", "-o", help="the HTML file to write"),
     png_dir: Optional[Path] = typer.Option(None, help="also write every plot and face crop as PNG files here"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="also write the report's numbers as JSON here"),
-    faces: int = typer.Option(4, help="face crops per pose bucket on the contact sheet"),
+    faces: int = typer.Option(6, help="face crops per pose bucket on the contact sheet"),
 ) -> None:
     """One self-contained HTML page: pose, clips, identity, speech, reject funnel, faces, run facts."""
     from lafid.report_html import report as make

@@ -202,7 +202,7 @@ def _curate_locked(recipe, inputs, out, executor, address, num_cpus, on_update, 
         log.info("removed %d temporary files left by an interrupted run", len(stale))
     writer = ShardWriter(out, recipe.output.rows_per_shard, fingerprint, allow_recipe_change)
     if retry_failed:
-        log.info("retrying %d videos with worker_crashed/stage_error rows", writer.retract(writer.failed_videos()))
+        log.info("%d finished videos have worker_crashed/stage_error rows: redone if given", writer.retry_failed())
     sources = list_sources(inputs)
     stats = RunStats(videos_total=len(sources))
     router = Router([spec.stage for spec in recipe.stages], writer, stats, on_update)

@@ -6,7 +6,9 @@ and a flush writes a clips shard and a rejects shard atomically (see
 videos to `_manifest.jsonl`. A rerun reads the manifest, deletes shards no
 manifest line names (left by a crash between write and record) and skips
 finished videos, so every video ends in the output exactly once. Each manifest
-line records the fingerprint of the recipe that wrote it.
+line records the fingerprint of the recipe that wrote it. Redoing a finished
+video (`retry_failed`) replaces its rows: the manifest is then rewritten as a
+whole (temp file, rename) with the old rows out and the new ones in.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lafid.item import Item
-from lafid.schema import CLIP_SCHEMA, REJECT_SCHEMA, clip_row, reject_row, to_table
+from lafid.schema import CLIP_SCHEMA, REJECT_SCHEMA, clip_row, reject_row
 from lafid.storage import OutputError, append_line, write_atomic, write_text_atomic
 
 __all__ = ["MANIFEST", "RETRYABLE", "RecipeChanged", "ShardWriter", "read_manifest", "write_atomic"]
@@ -75,6 +78,7 @@ class ShardWriter:
         self.completed: set[str] = {v for e in entries for v in e["videos"]}
         self._remove_orphans({f for e in entries for f in e["files"]})
         self._ready: list[Item] = []
+        self.retrying: set[str] = set()  # finished videos this run redoes (see retry_failed)
         self.counts: Counter[str] = Counter()
 
     def _remove_orphans(self, recorded: set[str]) -> None:
@@ -92,18 +96,29 @@ class ShardWriter:
         if not self._ready:
             return
         items = sorted(self._ready, key=lambda i: (i.video_id, i.clip_index))
+        videos = sorted({i.video_id for i in items})
+        redone = self.retrying.intersection(videos)
+        if redone:  # their old rows come out first, under new shard names, still unrecorded
+            entries, stale = self._without(redone)
         kept = [clip_row(i) for i in items if not i.rejected]
         dropped = [reject_row(i) for i in items if i.rejected]
         files = []
         for prefix, rows, schema in (("clips", kept, CLIP_SCHEMA), ("rejects", dropped, REJECT_SCHEMA)):
             if rows:
                 name = _shard_name(prefix, rows)
-                write_atomic(to_table(rows, schema), self.out_dir / name)
+                write_atomic(pa.Table.from_pylist(rows, schema=schema), self.out_dir / name)
                 files.append(name)
-        videos = sorted({i.video_id for i in items})
         entry = {"videos": videos, "files": files, "clips": len(kept), "rejects": len(dropped),
                  "recipe": self.recipe}
-        append_line(json.dumps(entry), self.out_dir / MANIFEST)
+        if redone:  # one atomic manifest replacement: old rows out, new rows in
+            entries.append(entry)
+            write_text_atomic("".join(json.dumps(e) + "\n" for e in entries), self.out_dir / MANIFEST)
+            recorded = {f for e in entries for f in e["files"]}
+            for name in stale - recorded:
+                (self.out_dir / name).unlink(missing_ok=True)
+            self.retrying -= redone
+        else:
+            append_line(json.dumps(entry), self.out_dir / MANIFEST)
         self.completed.update(videos)
         self.counts.update(clips=len(kept), rejects=len(dropped), videos=len(videos))
         self._ready = []
@@ -123,20 +138,23 @@ class ShardWriter:
                                   if r in RETRYABLE)
         return failed
 
-    def retract(self, videos: set[str]) -> int:
-        """Take finished videos out of the output (all their rows), so that this run redoes them.
+    def retry_failed(self) -> int:
+        """Redo the finished videos that `failed_videos()` names, if this run is given them:
+        they count as not done, and when a video's new rows are flushed its old rows are
+        removed in the same manifest replacement. Videos not given keep their rows."""
+        self.retrying = self.failed_videos()
+        self.completed -= self.retrying
+        return len(self.retrying)
 
-        Shards holding them are rewritten without their rows under new content names, the
-        manifest is replaced as a whole, then the old shards are deleted: a crash at any
-        point leaves either the old output or the new one (old shards become orphans)."""
-        entries = read_manifest(self.out_dir)
-        videos = videos & {v for e in entries for v in e["videos"]}
-        if not videos:
-            return 0
-        stale, kept_entries = [], []
-        for entry in entries:
+    def _without(self, videos: set[str]) -> tuple[list[dict], set[str]]:
+        """Manifest entries with `videos` taken out: shards holding them are rewritten without
+        their rows under new content names (unrecorded until the manifest is replaced).
+        Returns the entries and the shard files they no longer need."""
+        stale: set[str] = set()
+        out = []
+        for entry in read_manifest(self.out_dir):
             if not videos.intersection(entry["videos"]):
-                kept_entries.append(entry)
+                out.append(entry)
                 continue
             files, counts = [], {}
             for name in entry["files"]:
@@ -144,19 +162,13 @@ class ShardWriter:
                 rows = [r for r in table.to_pylist() if r["video_id"] not in videos]
                 prefix = name.split("-", 1)[0]
                 counts[prefix] = len(rows)
-                stale.append(name)
+                stale.add(name)
                 if rows:
                     new = _shard_name(prefix, rows)
-                    write_atomic(to_table(rows, table.schema), self.out_dir / new)
+                    write_atomic(pa.Table.from_pylist(rows, schema=table.schema), self.out_dir / new)
                     files.append(new)
             left = [v for v in entry["videos"] if v not in videos]
             if left:
-                kept_entries.append({**entry, "videos": left, "files": files,
-                                     "clips": counts.get("clips", 0), "rejects": counts.get("rejects", 0)})
-        write_text_atomic("".join(json.dumps(e) + "\n" for e in kept_entries), self.out_dir / MANIFEST)
-        recorded = {f for e in kept_entries for f in e["files"]}
-        for name in stale:
-            if name not in recorded:
-                (self.out_dir / name).unlink(missing_ok=True)
-        self.completed -= videos
-        return len(videos)
+                out.append({**entry, "videos": left, "files": files,
+                            "clips": counts.get("clips", 0), "rejects": counts.get("rejects", 0)})
+        return out, stale

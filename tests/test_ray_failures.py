@@ -153,3 +153,17 @@ def test_a_pool_that_cannot_replace_its_dead_workers_fails_the_run(ray_cluster, 
         curate(recipe, healthy[:2], tmp_path / "out", executor="ray")
     assert not list((tmp_path / "out").glob("*.parquet"))  # nothing recorded as done
     assert "RuntimeError: device lost" in (tmp_path / "out" / "_curate.log").read_text()
+
+
+def test_retry_failed_replaces_rows_only_of_videos_it_is_given(faults, make_video, carphone, tmp_path):
+    keep, drop = make_video("m_keep", lambda: carphone, 29.97), make_video("m_drop", lambda: carphone[5:], 29.97)
+    other = make_video("r_drop_other", lambda: carphone[25:], 29.97)
+    recipe = Recipe(name="misroute", stages=[SPLIT, {"stage": "misroute"}])
+    curate(recipe, [keep, drop, other], tmp_path, executor="sequential")
+    before = rows(tmp_path, "rejects")
+    assert len(before) == 2
+    stats = curate(recipe, [keep, drop], tmp_path, executor="sequential", retry_failed=True)
+    assert stats.videos_done == 1 and stats.videos_skipped == 1  # only the failed video is redone
+    assert rows(tmp_path, "rejects") == before  # replaced by the same row; the one not given is untouched
+    assert rows(tmp_path, "rejects") != [] and sorted(manifest_videos(tmp_path)) == sorted(set(manifest_videos(tmp_path)))
+    assert len(manifest_videos(tmp_path)) == 3
