@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lafid import media  # noqa: E402
 from lafid.report import read_table  # noqa: E402
 from lafid.report_html import CLIP_COLUMNS, collect, contact_sheet, figures, render  # noqa: E402
-from lafid.schema import CLIP_SCHEMA, IDENTITY_SCHEMA, REJECT_SCHEMA, SCHEMA_VERSION, to_table  # noqa: E402
+from lafid.schema import CLIP_SCHEMA, IDENTITY_SCHEMA, REJECT_SCHEMA, SCHEMA_VERSION  # noqa: E402
 
 FRAMES = 40
 REASONS = [("shot_split", "too_short"), ("face_constraints", "no_face"), ("face_constraints", "small_face"),
@@ -73,13 +74,13 @@ def synthetic(out: Path, n: int, seed: int = 0) -> None:
         videos = sorted({r["video_id"] for r in chunk})
         rej = [r for r in reject_rows if r["video_id"] in set(videos)]
         files = [f"clips-{s:08d}.parquet", f"rejects-{s:08d}.parquet"]
-        pq.write_table(to_table(chunk, CLIP_SCHEMA), out / files[0])
-        pq.write_table(to_table(rej, REJECT_SCHEMA), out / files[1])
+        pq.write_table(pa.Table.from_pylist(chunk, schema=CLIP_SCHEMA), out / files[0])
+        pq.write_table(pa.Table.from_pylist(rej, schema=REJECT_SCHEMA), out / files[1])
         manifest.append({"videos": videos, "files": files, "clips": len(chunk), "rejects": len(rej)})
     (out / "_manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in manifest))
     ident = [{"clip_id": r["clip_id"], "video_id": r["video_id"], "identity_id": f"id{int(r['video_id'][1:]) // 3}",
               "identity_size": 0} for r in clip_rows]
-    pq.write_table(to_table(ident, IDENTITY_SCHEMA), out / "identities.parquet")
+    pq.write_table(pa.Table.from_pylist(ident, schema=IDENTITY_SCHEMA), out / "identities.parquet")
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """Every column lafid writes, in one place.
 
 Stages fill `Item.columns` with names from this module; the writer turns items
-into Arrow tables here and nowhere else. Bump `SCHEMA_VERSION` when a column
+into rows here (`clip_row`, `reject_row`) and rows into tables with
+`pa.Table.from_pylist(rows, schema=...)`. Bump `SCHEMA_VERSION` when a column
 changes meaning or type; adding a nullable column is backward compatible.
 
 Per-frame arrays hold one value per *sampled* frame (`frame_t`); NaN marks a
@@ -11,7 +12,7 @@ frame where no face was measured.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 
@@ -199,8 +200,3 @@ def reject_row(item: Item) -> dict[str, Any]:
         "reason": item.reject.reason,
         "detail": item.reject.detail,
     }
-
-
-def to_table(rows: Iterable[dict[str, Any]], schema: pa.Schema) -> pa.Table:
-    rows = list(rows)
-    return pa.Table.from_pydict({name: [r.get(name) for r in rows] for name in schema.names}, schema=schema)

@@ -8,13 +8,14 @@ itself (a man facing the camera) never does; `pipeline_shards` runs `lafid.runne
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from lafid import media
 from lafid.cofe.config import load_cofe_recipe
 from lafid.face.pose import pose_bucket
-from lafid.schema import CLIP_SCHEMA, to_table
+from lafid.schema import CLIP_SCHEMA
 
 FPS = 29.97
 BOX = [0.3, 0.25, 0.7, 0.7]
@@ -55,7 +56,7 @@ def pose_shards(tmp_path_factory):
     out = root / "shards"
     out.mkdir()
     for i in range(3):
-        pq.write_table(to_table(rows[i * 4:(i + 1) * 4], CLIP_SCHEMA), out / f"clips-{i:04d}.parquet")
+        pq.write_table(pa.Table.from_pylist(rows[i * 4:(i + 1) * 4], schema=CLIP_SCHEMA), out / f"clips-{i:04d}.parquet")
     return out, rows
 
 
@@ -79,3 +80,68 @@ def tiny_recipe(shards, output_dir, num_workers: int = 0, **train):
         "data": r.data.model_copy(update=data),
         "train": r.train.model_copy(update={"output_dir": output_dir, **train}),
     })
+
+
+# Real people for the identity-only test: (video, start s, seconds); one person each.
+PEOPLE = {
+    "jwp": ("jwpIntro.mp4", 0.5, 3.0),
+    "wolfgang": ("WolfgangLanger_Pexels.mp4", 10.0, 3.0),
+    "single_face": ("single_face_pingpong.mp4", 0.5, 3.0),
+    "obama": ("extra/obama_speech.mp4", 1.0, 3.0),
+    "testmovie": ("extra/testMovie.mp4", 1.0, 3.0),
+    "carphone": (None, 0.2, 3.0),
+}
+SAME_CAPTION = "a person looks at the camera"
+
+
+def face_rows(people: dict[str, str], caption: str, sample_fps: float = 4.0) -> list[dict]:
+    """One shard row per person: the largest SCRFD face (box, 5 landmarks) in frames `sample_fps` apart.
+
+    Yaw is left at 0 (these clips face the camera), so the dataset takes each
+    reference face from outside the target window.
+    """
+    from lafid.face.detect import ScrfdFaces
+    from lafid.face.embed import EMBEDDED_SCRFD, embedded_model
+    from lafid.video import probe, sample_frames
+
+    scrfd = ScrfdFaces(embedded_model(EMBEDDED_SCRFD), det_size=640)
+    rows = []
+    for name, (path, start, seconds) in people.items():
+        info = probe(path)
+        t, boxes, kps = [], [], []
+        for ft, frame in sample_frames(path, start, start + seconds, sample_fps):
+            faces = scrfd.detect(frame)
+            if not faces:
+                continue
+            h, w = frame.shape[:2]
+            scale = np.array([w, h, w, h], np.float64)
+            t.append(ft)
+            boxes.append((faces[0].box / scale).tolist())
+            kps.append((faces[0].kps / np.array([w, h])).reshape(-1).tolist())
+        assert len(t) >= 6, f"{name}: a face in only {len(t)} frames"
+        rows.append({
+            "schema_version": 1, "clip_id": name, "video_id": name, "source": path, "clip_index": 0,
+            "start_s": start, "end_s": start + seconds, "fps": info.fps, "width": info.width, "height": info.height,
+            "frame_t": t, "frame_yaw": [0.0] * len(t), "frame_pitch": [0.0] * len(t), "frame_box": boxes,
+            "frame_kps": kps, "pose_bucket": "frontal", "pose_buckets": ["frontal"], "caption": caption,
+        })
+    return rows
+
+
+@pytest.fixture(scope="session")
+def identity_shards(tmp_path_factory):
+    """Six real people (dev set, carphone), one clip each, every clip with the same caption."""
+    from lafid import devset
+
+    try:
+        root = devset.ensure()
+    except devset.DevSetError as exc:
+        pytest.fail(f"dev set unavailable: {exc}")
+    out = tmp_path_factory.mktemp("cofe_identity")
+    people = {name: str(root / path) if path else media.write_video(str(out / "carphone.mp4"),
+                                                                       media.carphone_frames(), FPS)
+              for name, (path, _, _) in PEOPLE.items()}
+    rows = face_rows({n: (people[n], s, d) for n, (_, s, d) in PEOPLE.items()}, SAME_CAPTION)
+    (out / "shards").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=CLIP_SCHEMA), out / "shards" / "clips-0000.parquet")
+    return out / "shards", rows

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -17,7 +18,7 @@ from lafid import media
 from lafid.cofe.config import DataConfig
 from lafid.cofe.data import ClipDataset, collate, crop_face, decode_frames, frame_poses, identity_face
 from lafid.face.pose import five_points
-from lafid.schema import CLIP_SCHEMA, clip_row, to_table
+from lafid.schema import CLIP_SCHEMA, clip_row
 from stages.face_constraints import FaceConstraints
 from tests.cofe_fixtures import pose_shards  # noqa: F401  (fixture)
 
@@ -101,7 +102,7 @@ def curated_carphone(tmp_path_factory):
     path = media.write_video(str(root / "carphone.mp4"), media.carphone_frames(), 29.97)
     (item,) = run_stage(FaceConstraints({"sample_fps": 2.0, "min_blur": 0.0}), [clip_item(path)])
     (root / "shards").mkdir()
-    pq.write_table(to_table([clip_row(item)], CLIP_SCHEMA), root / "shards" / "clips-0000.parquet")
+    pq.write_table(pa.Table.from_pylist([clip_row(item)], schema=CLIP_SCHEMA), root / "shards" / "clips-0000.parquet")
     return root / "shards", pq.read_table(root / "shards" / "clips-0000.parquet").to_pylist()[0]
 
 

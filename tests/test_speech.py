@@ -17,11 +17,12 @@ import sys
 import av
 import jiwer
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from lafid import media
 from lafid.item import Item
-from lafid.schema import CLIP_SCHEMA, clip_row, to_table
+from lafid.schema import CLIP_SCHEMA, clip_row
 from lafid.speech.asr import ASRError, FasterWhisperASR, WhisperXASR, embedded_whisper_dir
 from lafid.speech.audio import RATE
 from lafid.speech.captions import disambiguate
@@ -175,7 +176,7 @@ def test_speech_columns_and_transcript(labelled):
     assert c["language"] == "en" and c["words"]
     assert all(0 <= w["start"] <= w["end"] <= SECONDS + 0.05 for w in c["words"])
     assert c["transcript"][:20].lower() not in c["caption"].lower()  # not the visible person's words
-    table = to_table([clip_row(labelled[n]) for n in LABELS], CLIP_SCHEMA)  # shards accept every row
+    table = pa.Table.from_pylist([clip_row(labelled[n]) for n in LABELS], schema=CLIP_SCHEMA)  # shards accept every row
     assert table.num_rows == len(LABELS)
 
 
