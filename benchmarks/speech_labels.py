@@ -56,10 +56,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default="lafid180k")
     ap.add_argument("--json", help="also write the per-clip rows here")
+    ap.add_argument("--lip-detector", choices=["mesh", "vvad"], help="override the recipe's lip_detector")
     args = ap.parse_args()
 
     faces = StageWorker(FaceConstraints(LOOSE_FACES))
-    speech = StageWorker(SpeechDisambiguation(speech_params(args.recipe)))
+    params = speech_params(args.recipe)
+    if args.lip_detector:
+        params["lip_detector"] = args.lip_detector
+    speech = StageWorker(SpeechDisambiguation(params))
     mouth_pass = CpuClock(speech.stage.mouth.series)
     speech.stage.mouth.series = mouth_pass
     rows, stage_cpu, speech_s = [], 0.0, 0.0
@@ -76,16 +80,17 @@ def main() -> None:
         ok = c.get("speaking_label") in (clip.expected, *clip.accepted)
         rows.append({"clip": clip.file, "expected": clip.expected, "label": c.get("speaking_label"), "ok": ok,
                      "sync": c.get("av_sync"), "lag_s": c.get("av_lag_s"), "lip_activity": c.get("lip_activity"),
-                     "reject": None if item.reject is None else item.reject.reason})
+                     "visual_speaking": c.get("visual_speaking"), "reject": None if item.reject is None else item.reject.reason})
     faces.close()
     speech.close()
 
-    fmt = "{:<30} {:<11} {:<11} {:>6} {:>7} {:>6}  {}"
-    print(fmt.format("clip", "expected", "label", "sync", "lag_s", "lips", "ok"))
+    fmt = "{:<30} {:<11} {:<11} {:>6} {:>7} {:>6} {:>6}  {}"
+    print(fmt.format("clip", "expected", "label", "sync", "lag_s", "lips", "vvad", "ok"))
     for r in rows:
         num = (lambda v, f: "-" if v is None else f.format(v))
         print(fmt.format(r["clip"][:30], r["expected"], str(r["label"]), num(r["sync"], "{:.2f}"),
-                         num(r["lag_s"], "{:+.2f}"), num(r["lip_activity"], "{:.3f}"), "yes" if r["ok"] else "NO"))
+                         num(r["lag_s"], "{:+.2f}"), num(r["lip_activity"], "{:.3f}"),
+                         num(r["visual_speaking"], "{:.2f}"), "yes" if r["ok"] else "NO"))
     labels = sorted({r["expected"] for r in rows} | {str(r["label"]) for r in rows})
     confusion = Counter((r["expected"], str(r["label"])) for r in rows)
     print("\nconfusion (rows: expected, columns: given)")

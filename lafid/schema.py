@@ -119,6 +119,7 @@ SPEECH = [
     _field("av_sync", _f32, "lip/voice sync score: z-score of the best agreement within max_lag_s against "
            "far lags (>= 2 in step, < 1.5 out of step); null when not measured"),
     _field("av_lag_s", _f32, "lag of the best near agreement, seconds (positive = audio later)"),
+    _field("visual_speaking", _f32, "speaking probability of the lips in speech (lip_detector vvad), else null"),
     _field("speaking_label", pa.string(),
            "speaking / voice_over / uncertain (speech, moving lips, weak sync evidence) / silent / mouthing / no_audio"),
     _field("caption", pa.string(), "caption that agrees with the speaking label"),

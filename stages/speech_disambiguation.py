@@ -5,7 +5,9 @@ only the speech goes to ASR (word timestamps, language, confidence). Lip
 activity comes from the mouth openings Face Constraints measured for pose; for
 the sync decision the mouth is measured again at the video's own frame rate,
 inside the speech only, on the subject track's box (`lafid.speech.mouth`), and
-compared with the voice's articulation envelope (`lafid.speech.sync`).
+compared with the voice's articulation envelope (`lafid.speech.sync`). With
+`lip_detector: vvad` a learned lip model (`lafid.speech.vvad`) decides from the
+same pass whether the lips talk during speech, instead of lip activity.
 Label:
 - `no_audio`   the file has no audio stream
 - `silent`     no speech, lips still
@@ -35,6 +37,7 @@ from lafid.schema import SPEECH, names
 from lafid.speech.lip import lip_activity, lip_series
 from lafid.speech.mouth import MouthTracker
 from lafid.speech.sync import av_sync
+from lafid.speech.vvad import LipSpeakingModel
 from lafid.speech.vad import SileroVAD
 from lafid.stage import Resources, Stage, StageParams
 from lafid.video import sample_frames
@@ -52,6 +55,10 @@ class SpeechDisambiguationParams(StageParams):
     max_lag_s: float = Field(0.15, ge=0, le=0.5, description="audio-video offset searched for the best agreement")
     min_sync_frames: int = Field(25, ge=5, description="mouth frames inside speech needed to measure sync")
     mouth_min_fps: float = Field(25.0, gt=0, description="mouth pass rate: the video's own fps, at least this")
+    lip_detector: Literal["mesh", "vvad"] = Field(
+        "mesh", description="who says the lips talk during speech: mesh = lip activity; vvad = the learned "
+        "VVAD-LRS3 lip model (pip install --no-deps vvadlrs3==0.2.0 h5py; LGPL, non-commercial landmark data)")
+    min_visual_speaking: float = Field(0.5, ge=0, le=1, description="vvad: speaking probability for talking lips")
     max_bad_audio_ratio: float = Field(0.1, ge=0, le=1, description="more failed audio packets = corrupt_audio")
 
     asr_backend: Literal["faster_whisper", "whisperx", "none"] = "faster_whisper"
@@ -84,6 +91,7 @@ class SpeechDisambiguation(Stage):
         p: SpeechDisambiguationParams = self.params
         threads = self.resources.threads
         self.mouth = MouthTracker()
+        self.lip_model = LipSpeakingModel() if p.lip_detector == "vvad" else None
         self.vad = SileroVAD(threads, p.vad_threshold, p.vad_min_speech_s, p.vad_min_silence_s, p.vad_pad_s)
         self.asr = self._asr(p, threads)
         self.captioner = self._captioner(p)
@@ -122,7 +130,7 @@ class SpeechDisambiguation(Stage):
         lips = lip_activity(t, mouth)
         moving = lips is not None and lips >= p.min_lip_activity
         cols: dict = {"lip_activity": lips, "speech_segments": [], "speech_ratio": 0.0,
-                      "av_sync": None, "av_lag_s": None, **Transcript().as_columns()}
+                      "av_sync": None, "av_lag_s": None, "visual_speaking": None, **Transcript().as_columns()}
         if audio is None:
             label = "no_audio"
         else:
@@ -134,8 +142,15 @@ class SpeechDisambiguation(Stage):
                 label = "mouthing" if moving else "silent"
             else:
                 label = "voice_over"
+                series = None
+                if self.lip_model is not None:
+                    series = self._mouth(item, segments)
+                    cols["visual_speaking"] = self.lip_model.speaking(series.t, series.lips)
+                    moving = (cols["visual_speaking"] or 0.0) >= p.min_visual_speaking
                 if moving:
-                    sync = self._sync(item, segments, audio.samples)
+                    series = series or self._mouth(item, segments)
+                    sync = av_sync(series.t, series.opening, audio.samples, p.max_lag_s,
+                                   min_frames=p.min_sync_frames)
                     if sync is not None:
                         cols["av_sync"], cols["av_lag_s"] = sync.score, sync.lag_s
                     label = self._sync_label(sync)
@@ -146,13 +161,11 @@ class SpeechDisambiguation(Stage):
         item.columns.update(cols)
         return [item]
 
-    def _sync(self, item: Item, segments: list[tuple[float, float]], samples: np.ndarray):
-        """Mouth at the source frame rate inside speech, against the voice."""
-        p: SpeechDisambiguationParams = self.params
+    def _mouth(self, item: Item, segments: list[tuple[float, float]]):
+        """The subject's mouth at the source frame rate inside speech."""
         c = item.columns
-        fps = max(float(c.get("fps") or 0.0), p.mouth_min_fps)
-        t, mouth = self.mouth.series(item.source, item.start_s, segments, c.get("frame_t"), c.get("frame_box"), fps)
-        return av_sync(t, mouth, samples, p.max_lag_s, min_frames=p.min_sync_frames)
+        fps = max(float(c.get("fps") or 0.0), self.params.mouth_min_fps)
+        return self.mouth.series(item.source, item.start_s, segments, c.get("frame_t"), c.get("frame_box"), fps)
 
     def _sync_label(self, sync) -> str:
         p: SpeechDisambiguationParams = self.params

@@ -92,8 +92,9 @@ def test_shifting_the_real_voice_removes_the_sync(judged, speech_worker):
     c = item.columns
     audio = extract_audio(item.source, item.start_s, item.end_s).samples
     stage = speech_worker.stage
-    t, mouth = stage.mouth.series(item.source, item.start_s, [tuple(s) for s in c["speech_segments"]],
-                                  c["frame_t"], c["frame_box"], max(c["fps"], 25.0))
+    series = stage.mouth.series(item.source, item.start_s, [tuple(s) for s in c["speech_segments"]],
+                                c["frame_t"], c["frame_box"], max(c["fps"], 25.0))
+    t, mouth = series.t, series.opening
     assert len(t) >= 0.9 * c["fps"] * sum(e - s for s, e in c["speech_segments"])  # every frame in speech
     assert np.isnan(mouth).mean() < 0.05
     scores = [av_sync(t, mouth, np.roll(audio, int(shift * RATE))).score for shift in (0.0, 1.0, 2.0)]
@@ -107,8 +108,9 @@ def test_mouth_pass_follows_the_subject_beside_a_second_face(judged, speech_work
     c = item.columns
     assert max(c["frame_face_count"]) >= 2
     ft = np.asarray(c["frame_t"])
-    t, mouth = speech_worker.stage.mouth.series(item.source, item.start_s, [(0.0, item.end_s)],
-                                                c["frame_t"], c["frame_box"], max(c["fps"], 25.0))
+    series = speech_worker.stage.mouth.series(item.source, item.start_s, [(0.0, item.end_s - item.start_s)],
+                                              c["frame_t"], c["frame_box"], max(c["fps"], 25.0))
+    t, mouth = series.t, series.opening
     subject = np.asarray(c["frame_mouth_open"], dtype=float)
     nearest = np.abs(t[:, None] - ft[None, :]).argmin(axis=1)
     close = np.abs(t - ft[nearest]) < 0.02
@@ -116,3 +118,39 @@ def test_mouth_pass_follows_the_subject_beside_a_second_face(judged, speech_work
     assert ok.sum() >= 20
     assert np.corrcoef(mouth[ok], subject[nearest][ok])[0, 1] > 0.6
     assert np.median(np.abs(mouth[ok] - subject[nearest][ok])) < 0.02
+
+
+@pytest.fixture(scope="session")
+def vvad_judged(judged):
+    """The same face-stage output through the stage with the learned lip model."""
+    worker = StageWorker(SpeechDisambiguation({**default_speech_params(), "lip_detector": "vvad"}))
+    try:
+        out = {}
+        for name, (clip, item) in judged.items():
+            (again,), _ = worker.run([Item(source=item.source, video_id=item.video_id, clip_index=0, clip_count=1,
+                                           start_s=item.start_s, end_s=item.end_s, columns=dict(item.columns))])
+            out[name] = (clip, again)
+        yield out, worker.stage.lip_model
+    finally:
+        worker.close()
+
+
+def test_learned_lip_model_tells_talking_lips_from_smiles(vvad_judged):
+    judged, _ = vvad_judged
+    for name, (clip, item) in judged.items():
+        c = item.columns
+        assert c["speaking_label"] in (clip.expected, *clip.accepted), (name, c["visual_speaking"])
+        if c["speech_segments"]:  # the model runs on the speech of every speech clip
+            talking = "single_face" not in name and "wolfgang" not in name
+            assert (c["visual_speaking"] >= 0.5) == talking, (name, c["visual_speaking"])
+
+
+def test_learned_lip_model_needs_moving_lips(vvad_judged, speech_worker):
+    """Control: jwpIntro's own lip points, frozen on one frame, are not talking."""
+    judged, model = vvad_judged
+    item = judged["jwpIntro.mp4"][1]
+    c = item.columns
+    series = speech_worker.stage.mouth.series(item.source, item.start_s, [tuple(s) for s in c["speech_segments"]],
+                                              c["frame_t"], c["frame_box"], max(c["fps"], 25.0))
+    frozen = [series.lips[len(series.lips) // 2]] * len(series.lips)
+    assert model.speaking(series.t, series.lips) >= 0.5 > model.speaking(series.t, frozen)

@@ -9,12 +9,17 @@ runs and no other face is picked up), and fits the face mesh on that small crop.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from lafid.face.detect import square_crop
 from lafid.face.pose import mouth_opening
 from lafid.video import sample_frames
 
+# The 20 lip points of the dlib 68-point layout (48..67: outer lip from the image-left
+# corner, then inner lip) in the face mesh; learned lip models take them in this order.
+LIP_POINTS = (61, 40, 37, 0, 267, 270, 291, 321, 314, 17, 84, 91, 78, 81, 13, 311, 308, 402, 14, 178)
 CROP_SIZE = 192  # the face mesh's own input size
 CROP_MARGIN = 1.5  # crop side over the face box's long side
 MAX_BOX_GAP_S = 0.3  # no crop where the tracked box is further than this from a measured frame
@@ -35,6 +40,13 @@ def box_at(t: np.ndarray, frame_t, frame_box) -> np.ndarray:
     return out
 
 
+@dataclass
+class MouthSeries:
+    t: np.ndarray  # seconds from clip start
+    opening: np.ndarray  # inner-lip gap over face height, NaN where no mesh was fitted
+    lips: list  # (20, 2) lip points in crop pixels (LIP_POINTS order), None where no mesh
+
+
 class MouthTracker:
     """Face mesh on the subject's crop, frame by frame, in tracking mode within a segment."""
 
@@ -45,10 +57,10 @@ class MouthTracker:
         self.min_confidence = min_confidence
 
     def series(self, source: str, start_s: float, windows: list[tuple[float, float]],
-               frame_t, frame_box, fps: float) -> tuple[np.ndarray, np.ndarray]:
-        """(times from clip start, mouth opening or NaN) for every frame inside `windows`."""
+               frame_t, frame_box, fps: float) -> MouthSeries:
+        """The mouth in every frame inside `windows` (seconds from clip start)."""
         times: list[float] = []
-        opening: list[float] = []
+        points: list[np.ndarray | None] = []
         for w0, w1 in windows:
             with self._face_mesh.FaceMesh(static_image_mode=False, max_num_faces=1, refine_landmarks=False,
                                           min_detection_confidence=self.min_confidence,
@@ -57,17 +69,19 @@ class MouthTracker:
                     t = w0 + t
                     box = box_at(np.array([t]), frame_t, frame_box)[0]
                     times.append(t)
-                    opening.append(self._opening(mesh, frame, box))
-        return np.asarray(times, dtype=np.float64), np.asarray(opening, dtype=np.float64)
+                    points.append(self._mesh_points(mesh, frame, box))
+        opening = [np.nan if p is None else mouth_opening(p) for p in points]
+        lips = [None if p is None else p[list(LIP_POINTS)] for p in points]
+        return MouthSeries(np.asarray(times, dtype=np.float64), np.asarray(opening, dtype=np.float64), lips)
 
     @staticmethod
-    def _opening(mesh, frame: np.ndarray, box: np.ndarray) -> float:
+    def _mesh_points(mesh, frame: np.ndarray, box: np.ndarray) -> np.ndarray | None:
+        """Face-mesh points (crop pixels) of the face inside `box`, or None."""
         if np.isnan(box).any():
-            return float("nan")
+            return None
         h, w = frame.shape[:2]
         crop, _ = square_crop(frame, box * np.array([w, h, w, h]), CROP_SIZE, CROP_MARGIN)
         found = mesh.process(crop).multi_face_landmarks
         if not found:
-            return float("nan")
-        pts = np.array([(lm.x * CROP_SIZE, lm.y * CROP_SIZE) for lm in found[0].landmark], dtype=np.float32)
-        return mouth_opening(pts)
+            return None
+        return np.array([(lm.x * CROP_SIZE, lm.y * CROP_SIZE) for lm in found[0].landmark], dtype=np.float32)
