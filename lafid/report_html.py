@@ -369,7 +369,7 @@ def crop_face(frame: np.ndarray, box: list[float], px: int = CROP_PX) -> np.ndar
     return np.asarray(Image.fromarray(crop).resize((px, px), Image.BILINEAR))
 
 
-def contact_sheet(run: Run, per_bucket: int = 4) -> list[dict[str, Any]]:
+def contact_sheet(run: Run, per_bucket: int = 6) -> list[dict[str, Any]]:
     """Face crops cut now from the source videos along each picked clip's subject track."""
     sheet = []
     for pick in _pick_frames(run.clips, per_bucket):
@@ -405,7 +405,7 @@ def _save(fig) -> bytes:
 
 
 def _bars(runs: list[Run], title: str, keys: list[str], get, ylabel: str, horizontal: bool = False) -> bytes:
-    fig, ax = _figure(5.2, max(3.0, 0.28 * len(keys) + 1) if horizontal else 3.0)
+    fig, ax = _figure(5.2, max(1.8, 0.3 * len(keys) + 1.2) if horizontal else 3.0)
     width = 0.8 / len(runs)
     pos = np.arange(len(keys))
     for k, run in enumerate(runs):
@@ -544,7 +544,8 @@ body{font:14px/1.4 system-ui,sans-serif;margin:24px auto;max-width:1200px;color:
 h1{font-size:22px}h2{font-size:17px;border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:28px}
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;
 vertical-align:top}th{background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums}
-.figs{display:flex;flex-wrap:wrap;gap:8px}.figs img{max-width:100%;border:1px solid #eee}
+.figs{display:flex;flex-wrap:wrap;gap:8px;align-items:flex-start}
+.figs img{flex:0 0 auto;max-width:100%;height:auto;border:1px solid #eee}
 .sheet{display:flex;flex-wrap:wrap;gap:6px}.sheet figure{margin:0;width:118px;font-size:10px;text-align:center}
 .sheet img{width:112px;height:112px;border:1px solid #ccc}.missing{width:112px;height:112px;background:#eee;
 display:flex;align-items:center;justify-content:center}code{font-size:12px}.note{color:#666}
@@ -702,7 +703,7 @@ def render(runs: list[Run], figs: dict[str, bytes], sheets: list[list[dict[str, 
 
 
 def report(out_dirs: list[str | Path], html_path: str | Path | None = None, png_dir: str | Path | None = None,
-           json_path: str | Path | None = None, per_bucket: int = 4) -> list[Run]:
+           json_path: str | Path | None = None, per_bucket: int = 6) -> list[Run]:
     """Collect, plot and write the report of one output (or several, side by side)."""
     runs = [collect(d) for d in out_dirs]
     if len({r.label for r in runs}) < len(runs):
