@@ -1,0 +1,222 @@
+"""`lafid bench eval`: score generated videos (or, with `--real`, the real target clips) per pose
+bucket and overall; writes results.json, results.md and chart.png.
+
+Protocols:
+- `lafid` (default): N frames (16) spread evenly over the target (the case's time range for
+  real clips, the whole video for generated ones). FaceSim per case = mean over frames with
+  a face; a case with no face anywhere (or no video) scores 0 and is counted. FID is one set
+  against another: every aligned face crop of the generated videos of a bucket against every
+  aligned face crop of that bucket's real target clips. CLIP sees RGB frames.
+- `consisid`: the public ConsisID/OpenS2V evaluation choices, for comparison with published
+  tables: FaceSim as above; "FID" is per frame against the single reference face (each side
+  one sample repeated, so it reduces to the squared distance of Inception features), averaged
+  over a case's face frames, then over cases; CLIP gets the frames in BGR order as OpenCV
+  decodes them, sampled at int(i x count / 16); SCRFD searches frames at 320 px.
+
+Also reported: FaceSim-Arc of each case against the reference of another identity's case
+(`facesim_arc_other`): the level two different people score, beside the real one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+
+from lafid.bench.build import load_cases
+from lafid.bench.metrics import (ClipScorer, CurricularFace, FaceMeter, Inception, facesim, feature_distance,
+                                 frechet_distance, sample_indices)
+from lafid.face.pose import BUCKETS
+from lafid.storage import write_text_atomic
+from lafid.video import sample_frames
+
+PROTOCOLS = ("lafid", "consisid")
+NOT_COMPUTED = "not computed"
+RESULTS_JSON, RESULTS_MD, CHART = "results.json", "results.md", "chart.png"
+
+
+def read_frames(source: str, start_s: float = 0.0, end_s: float = float("inf"), max_side: int = 1024) -> list:
+    """Every displayed RGB frame of a time range (bench targets are short clips)."""
+    return [f for _, f in sample_frames(str(source), start_s, end_s, 1000.0, max_side=max_side)]
+
+
+def pick(frames: list, n: int, protocol: str) -> list:
+    if protocol == "consisid":  # their CLIP sampling; face frames use linspace, as here
+        return [frames[int(i * len(frames) / n)] for i in range(n)] if frames else []
+    return [frames[i] for i in sample_indices(len(frames), n)]
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+class Evaluator:
+    def __init__(self, protocol: str = "lafid", frames: int = 16, arcface_dir: str | Path | None = None,
+                 curricular: str | Path | None = None, clip_dir: str | Path | None = None):
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+        self.protocol, self.frames = protocol, (16 if protocol == "consisid" else frames)
+        self.faces = FaceMeter(arcface_dir, det_size=320 if protocol == "consisid" else 640)
+        self.cur = CurricularFace(curricular) if curricular else None
+        self.clip = ClipScorer(clip_dir) if clip_dir else None
+        self.inception = Inception()
+
+    def models(self) -> dict:
+        return {"facesim_arc": f"{self.faces.name} (detector {self.faces.detector_name})",
+                "facesim_cur": self.cur.name if self.cur else NOT_COMPUTED,
+                "clipscore": self.clip.name if self.clip else NOT_COMPUTED,
+                "fid": self.inception.name}
+
+    def reference(self, image: np.ndarray) -> dict:
+        found, crops, emb = self.faces.measure([image])
+        if not found[0]:
+            return {"found": False}
+        return {"found": True, "arc": emb[0], "crop": crops[0],
+                "cur": self.cur.embed([crops[0]])[0] if self.cur else None}
+
+    def video(self, frames: list, prompt: str, features: bool = True) -> dict:
+        """Measurements of one video's sampled frames (Inception features of its face crops if `features`)."""
+        chosen = [frames[i] for i in sample_indices(len(frames), self.frames)]
+        found, crops, emb = self.faces.measure(chosen)
+        crops = [c for c in crops if c is not None]
+        out = {"frames": len(chosen), "faces": int(found.sum()), "arc": emb[found], "crops": crops,
+               "features": self.inception.features(crops) if crops and features else np.zeros((0, 2048)),
+               "cur": self.cur.embed(crops) if self.cur and crops else None, "clip": None}
+        if self.clip is not None and prompt:
+            clip_frames = pick(frames, self.frames, self.protocol)
+            if self.protocol == "consisid":
+                clip_frames = [f[..., ::-1].copy() for f in clip_frames]  # their frames reach CLIP as BGR
+            out["clip"] = float(np.mean(self.clip.score(clip_frames, prompt)))
+        return out
+
+
+def _case_scores(ev: Evaluator, case: dict, ref: dict, other: dict | None, m: dict) -> dict:
+    has = m["faces"] > 0 and ref["found"]
+    arc = float(facesim(ref["arc"], m["arc"]).mean()) if has else 0.0
+    row = {"case_id": case["case_id"], "pose_bucket": case["pose_bucket"], "identity_id": case["identity_id"],
+           "frames": m["frames"], "faces": m["faces"], "reference_face": ref["found"], "facesim_arc": arc,
+           "facesim_arc_other": float(facesim(other["arc"], m["arc"]).mean()) if other and m["faces"] else None,
+           "facesim_cur": (float(facesim(ref["cur"], m["cur"]).mean()) if has else 0.0) if ev.cur else None,
+           "clipscore": m["clip"], "missing": m.get("missing", False)}
+    if ev.protocol == "consisid":
+        ref_feat = ev.inception.features([ref["crop"]])[0] if ref["found"] else None
+        row["fid_consisid"] = (float(np.mean([feature_distance(f, ref_feat) for f in m["features"]]))
+                               if has else 0.0)
+    return row
+
+
+def _aggregate(rows: list[dict], gen: dict, real: dict, protocol: str, is_real: bool) -> dict:
+    out = {"cases": len(rows)}
+    if not rows:
+        return out
+    out["facesim_arc"] = _mean(r["facesim_arc"] for r in rows)
+    out["facesim_arc_other"] = _mean(r["facesim_arc_other"] for r in rows)
+    out["facesim_cur"] = _mean(r["facesim_cur"] for r in rows) if rows[0]["facesim_cur"] is not None else NOT_COMPUTED
+    clips = [r["clipscore"] for r in rows if r["clipscore"] is not None]
+    out["clipscore"] = float(np.mean(clips)) if clips else NOT_COMPUTED
+    out["detection_rate"] = sum(r["faces"] for r in rows) / max(1, sum(r["frames"] for r in rows))
+    out["cases_without_face"] = sum(r["faces"] == 0 for r in rows)
+    if protocol == "consisid":
+        out["fid"] = _mean(r["fid_consisid"] for r in rows)
+    elif is_real:
+        out["fid"] = "not applicable (real clips are the reference set)"
+    else:
+        a = [gen[r["case_id"]] for r in rows if len(gen[r["case_id"]])]
+        b = [real[r["case_id"]] for r in rows if len(real[r["case_id"]])]
+        a, b = (np.concatenate(x) if x else np.zeros((0, 2048)) for x in (a, b))
+        out["fid"] = frechet_distance(a, b) if len(a) >= 2 and len(b) >= 2 else "too few face crops (< 2)"
+        out["fid_crops"] = [len(a), len(b)]
+    return out
+
+
+def evaluate(bench: str | Path, out: str | Path, videos: str | Path | None = None, real: bool = False,
+             protocol: str = "lafid", frames: int = 16, arcface_dir=None, curricular=None, clip_dir=None,
+             on_case: Callable[[dict], None] | None = None) -> dict:
+    """Score a bench; see the module docstring. Returns what results.json holds."""
+    bench, out = Path(bench), Path(out)
+    if real == (videos is not None):
+        raise ValueError("give either VIDEOS (generated videos to score) or --real (score the real target clips)")
+    cases = load_cases(bench)
+    ev = Evaluator(protocol, frames, arcface_dir, curricular, clip_dir)
+    refs = {c["case_id"]: ev.reference(cv2.cvtColor(cv2.imread(str(bench / c["ref_image"])), cv2.COLOR_BGR2RGB))
+            for c in cases}
+    rows, gen_feats, real_feats = [], {}, {}
+    for case in cases:
+        target = read_frames(case["source"], case["start_s"], case["end_s"])
+        # FID needs the real crops' features unless the real clips are what is scored (lafid protocol)
+        tm = ev.video(target, case["prompt"], features=protocol == "consisid" or not real)
+        real_feats[case["case_id"]] = tm["features"]
+        if real:
+            m = tm
+        else:
+            path = Path(videos) / f"{case['case_id']}.mp4"
+            gen = read_frames(str(path)) if path.exists() else []
+            m = ev.video(gen, case["prompt"]) if gen else {
+                "frames": ev.frames, "faces": 0, "arc": np.zeros((0, 1)), "crops": [], "features": np.zeros((0, 2048)),
+                "cur": None, "clip": None, "missing": True}
+            gen_feats[case["case_id"]] = m["features"]
+        other = next((refs[o["case_id"]] for o in cases if o["identity_id"] != case["identity_id"]
+                      and refs[o["case_id"]]["found"]), None)
+        row = _case_scores(ev, case, refs[case["case_id"]], other, m)
+        rows.append(row)
+        if on_case:
+            on_case(row)
+    buckets = {b: _aggregate([r for r in rows if r["pose_bucket"] == b], gen_feats, real_feats, protocol, real)
+               for b in BUCKETS}
+    result = {"bench": str(bench.resolve()), "videos": "real target clips" if real else str(Path(videos).resolve()),
+              "protocol": protocol, "frames_per_video": ev.frames, "models": ev.models(),
+              "overall": _aggregate(rows, gen_feats, real_feats, protocol, real), "buckets": buckets,
+              "missing_videos": [r["case_id"] for r in rows if r["missing"]], "cases": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(json.dumps(result, indent=2) + "\n", out / RESULTS_JSON)
+    write_text_atomic(markdown(result), out / RESULTS_MD)
+    chart(result, out / CHART)
+    return result
+
+
+METRICS = ("facesim_arc", "facesim_arc_other", "facesim_cur", "clipscore", "fid", "detection_rate")
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# LaFID-Bench results ({result['protocol']} protocol)", "",
+             f"Videos: {result['videos']}; {result['frames_per_video']} frames per video.", "",
+             "| bucket | cases | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
+    for name, agg in [*result["buckets"].items(), ("overall", result["overall"])]:
+        lines.append(f"| {name} | {agg['cases']} | " + " | ".join(_cell(agg.get(k)) for k in METRICS) + " |")
+    lines += ["", "Models:", *[f"- {k}: {v}" for k, v in result["models"].items()]]
+    if result["missing_videos"]:
+        lines += ["", f"Missing videos (scored 0, no face): {', '.join(result['missing_videos'])}"]
+    return "\n".join(lines) + "\n"
+
+
+def chart(result: dict, path: Path) -> None:
+    """FaceSim-Arc (and the other-identity level) per bucket, as a bar chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [b for b in BUCKETS if result["buckets"][b]["cases"]] + ["overall"]
+    aggs = [result["buckets"].get(b, result["overall"]) if b != "overall" else result["overall"] for b in names]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.2))
+    ax.bar(x - 0.2, [a.get("facesim_arc") or 0 for a in aggs], 0.4, label="FaceSim-Arc (own reference)")
+    ax.bar(x + 0.2, [a.get("facesim_arc_other") or 0 for a in aggs], 0.4, label="another identity's reference")
+    ax.set_xticks(x, [f"{n}\n({a['cases']})" for n, a in zip(names, aggs)])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("cosine (clamped at 0)")
+    ax.set_title(f"LaFID-Bench, {result['protocol']} protocol: {result['videos'].split('/')[-1]}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
