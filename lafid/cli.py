@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -27,6 +28,10 @@ def _exit_on(*errors: type[Exception]):
     except errors as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
+
+
+# Errors of the machine the user can fix (disk full, read-only, permissions): one line, exit 2.
+_USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _quiet_native_logs() -> None:
@@ -67,6 +72,10 @@ def curate(
                             allow_recipe_change=allow_recipe_change)
             except (RecipeError, OutputError, SetupFailed):
                 raise
+            except OSError as exc:
+                if exc.errno not in _USER_OS_ERRORS:
+                    raise
+                raise OutputError(f"cannot write to {out}: {exc.strerror} ({exc.filename or out})") from None
             except Exception as exc:  # the full traceback is in the run's log
                 what = str(exc) if isinstance(exc, RunFailed) else f"{type(exc).__name__}: {exc}"
                 console.print(f"[red]error:[/red] {what} (full traceback: {out / LOG})")

@@ -136,3 +136,19 @@ def test_rerun_with_nothing_to_do_starts_no_executor_and_clears_stale_temporarie
     assert stats.videos_skipped == 1 and started == [] and not stale.exists()
     curate(recipe, videos, tmp_path, executor="sequential")  # control: new work starts the executor
     assert len(started) == 1
+
+
+@pytest.mark.parametrize("error, code, message", [
+    (OSError(28, "No space left on device", "clips-x.parquet"), 2, "No space left on device (clips-x.parquet)"),
+    (RuntimeError("a bug"), 1, "RuntimeError: a bug (full traceback: "),
+])
+def test_a_failure_while_writing_is_one_line(videos, split_recipe, monkeypatch, tmp_path, error, code, message):
+    def fail(*args):
+        raise error
+
+    monkeypatch.setattr("lafid.shards.write_atomic", fail)
+    result = cli(videos[0], "--out", tmp_path / "out", "--recipe", split_recipe)
+    text = " ".join(result.output.split())
+    assert result.exit_code == code and message in text and "Traceback" not in text, result.output
+    assert type(error).__name__ in (tmp_path / "out" / "_curate.log").read_text()  # the traceback is logged
+    assert not list((tmp_path / "out").glob("*.parquet"))
