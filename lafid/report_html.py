@@ -218,9 +218,9 @@ def run_facts(out_dir: Path, clips: pa.Table | None, manifest: list[dict]) -> di
 def collect(out_dir: str | Path, label: str | None = None) -> Run:
     """Every number of the report for one curate output."""
     out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        raise FileNotFoundError(f"not a curate output folder: {out_dir}")
     manifest = read_manifest(out_dir)
+    if not out_dir.is_dir() or not (manifest or _shard_files(out_dir)):
+        raise FileNotFoundError(f"not a curate output folder (no manifest, no shards): {out_dir}")
     files = [p for p in out_dir.glob("clips-*.parquet")]
     names = set(pq.read_schema(files[0]).names) if files else set()
     clips = read_table(out_dir, "clips", [c for c in CLIP_COLUMNS if c in names]) if files else None
@@ -435,7 +435,7 @@ def _hists(runs: list[Run], key: str, title: str, xlabel: str, edges: np.ndarray
         both = np.concatenate(data) if data else np.array([])
         if log:
             both = both[both > 0]
-        lo, hi = (both.min(), both.max()) if len(both) else (0.0, 1.0)
+        lo, hi = (both.min(), both.max()) if len(both) else ((1.0, 10.0) if log else (0.0, 1.0))
         edges = (np.geomspace(lo, hi if hi > lo else lo * 10, 25) if log
                  else np.linspace(lo, hi if hi > lo else lo + 1, 25))
     for k, (run, d) in enumerate(zip(runs, data)):

@@ -148,6 +148,20 @@ def test_report_follows_the_shards_and_compares_two_runs(demo_run, tmp_path):
     assert first["label"] != second["label"] and first["label"] in html and second["label"] in html
 
 
+def test_report_of_an_output_without_kept_clips_and_of_a_folder_that_is_none(demo_run, tmp_path):
+    inputs, out = demo_run
+    only_rejects = tmp_path / "only_rejects"
+    shutil.copytree(out, only_rejects)
+    for path in [*only_rejects.glob("clips-*.parquet"), only_rejects / "identities.parquet"]:
+        path.unlink()
+    _, stats, png = _report(tmp_path / "r", only_rejects)
+    assert stats["counts"]["clips_kept"] == 0 and stats["contact_sheet"] == [] and stats["identity"] is None
+    assert stats["rejects"] == dict(_expected(inputs, out)["rejects"])
+    assert stats["counts"]["input_videos"] == len(inputs)
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "r"), "--out", str(tmp_path / "x.html")])
+    assert result.exit_code == 2 and "not a curate output folder" in result.output
+
+
 def test_contact_sheet_crops_are_faces_from_the_subject_track(demo_run, made):
     import mediapipe as mp
 
