@@ -99,7 +99,7 @@ def _case_scores(ev: Evaluator, case: dict, ref: dict, other: dict | None, m: di
     arc = float(facesim(ref["arc"], m["arc"]).mean()) if has else 0.0
     row = {"case_id": case["case_id"], "pose_bucket": case["pose_bucket"], "identity_id": case["identity_id"],
            "frames": m["frames"], "faces": m["faces"], "reference_face": ref["found"], "facesim_arc": arc,
-           "facesim_arc_other": float(facesim(other["arc"], m["arc"]).mean()) if other and m["faces"] else None,
+           "facesim_arc_other": (float(facesim(other["arc"], m["arc"]).mean()) if m["faces"] else 0.0) if other else None,
            "facesim_cur": (float(facesim(ref["cur"], m["cur"]).mean()) if has else 0.0) if ev.cur else None,
            "clipscore": m["clip"], "missing": m.get("missing", False)}
     if ev.protocol == "consisid":

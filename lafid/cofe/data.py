@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from lafid.bench.exclude import COLUMNS as EXCLUSION_COLUMNS, Exclusion
 from lafid.cofe.config import DataConfig
 from lafid.face.detect import square_crop
 from lafid.face.embed import ARCFACE_SIZE, arcface_align
@@ -161,9 +162,16 @@ class ClipDataset(IterableDataset):
         self.cache_shards = cache_shards
         self.rows: list[list[int]] = []      # row indices per file
         self.weights: list[np.ndarray] = []  # repeat factor per row
+        exclusion = Exclusion(cfg.exclude) if cfg.exclude else None
+        self.excluded = 0  # clips held out for a bench
         for path in self.files:
-            buckets = pq.read_table(path, columns=["pose_buckets"], filesystem=self.fs)["pose_buckets"].to_pylist()
-            self.rows.append(list(range(len(buckets))))
+            names = pq.read_schema(path, filesystem=self.fs).names
+            extra = [c for c in EXCLUSION_COLUMNS if c in names] if exclusion else []
+            table = pq.read_table(path, columns=["pose_buckets", *extra], filesystem=self.fs)
+            buckets = table["pose_buckets"].to_pylist()
+            keep = exclusion.keep(table) if exclusion else np.ones(len(buckets), bool)
+            self.excluded += int((~keep).sum())
+            self.rows.append([r for r in range(len(buckets)) if keep[r]])
             self.weights.append(np.array([max((cfg.bucket_weights.get(b, 1.0) for b in bs or []), default=1.0)
                                           for bs in buckets]))
         self.epoch, self.offset = 0, 0

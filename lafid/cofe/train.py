@@ -182,9 +182,14 @@ class Trainer:
         return result
 
 
-def main(recipe_path: str | Path, resume: bool = True, steps: int | None = None, progress: bool = True) -> TrainResult:
-    """Entry point of `lafid train --recipe R`: resumes from the newest finished checkpoint by default."""
+def main(recipe_path: str | Path, resume: bool = True, steps: int | None = None, progress: bool = True,
+         exclude: list[str] | None = None) -> TrainResult:
+    """Entry point of `lafid train --recipe R`: resumes from the newest finished checkpoint by default;
+    `exclude` adds bench folders whose identities are held out (to the recipe's `data.exclude`)."""
     recipe = load_cofe_recipe(recipe_path)
+    if exclude:
+        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(
+            update={"exclude": [*recipe.data.exclude, *map(str, exclude)]})})
     trainer = Trainer(recipe)
     last = latest_checkpoint(Path(recipe.train.output_dir)) if resume else None
     if last is not None:

@@ -1,0 +1,176 @@
+"""`lafid generate`: one video per bench case from a Wan pipeline with trained CoFE modules attached.
+
+The model is rebuilt as training built it (`lafid.cofe.model.CoFEModel` from the CoFE recipe,
+seeded like the trainer, so parts made from a `config` get the same random weights), its
+trainable weights (CoFE, LoRA) are loaded from the checkpoint's `trainable.safetensors`, and
+a diffusers `WanPipeline` runs on its transformer, VAE and text encoder. `--model-dir` names
+a local diffusers Wan pipeline folder (`model_index.json`, `transformer/`, `vae/`,
+`text_encoder/`, `tokenizer/`, `scheduler/`) whose parts replace the recipe's. The case's
+reference image gives the experts their faces (SCRFD box and landmarks, cropped and aligned
+as the training data loader does); prompts are embedded as in training. Videos are written
+to a temporary name and renamed, so a rerun skips every case already written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+
+from lafid.bench.build import REF_MARGIN, load_cases
+from lafid.storage import write_text_atomic
+
+SETTINGS = "generate.json"
+I2V_CLASSES = ("WanImageToVideoPipeline",)
+
+
+@dataclass
+class GenerateSettings:
+    num_frames: int = 17
+    height: int = 480
+    width: int = 832
+    steps: int = 30
+    guidance: float = 5.0
+    seed: int = 0
+    fps: float = 16.0
+    negative_prompt: str = ""
+
+
+def _recipe(recipe: str | Path, model_dir: str | Path | None):
+    from lafid.cofe.config import load_cofe_recipe
+
+    r = load_cofe_recipe(recipe)
+    if model_dir is None:
+        return r
+    root = Path(model_dir)
+    index = root / "model_index.json"
+    if not index.exists():
+        raise FileNotFoundError(f"{root}: no model_index.json; --model-dir takes a local diffusers Wan pipeline folder")
+    kind = json.loads(index.read_text()).get("_class_name", "")
+    if kind in I2V_CLASSES:
+        raise ValueError(f"{root} is an image-to-video pipeline ({kind}); lafid generate runs text-to-video "
+                         "Wan pipelines (WanPipeline) with CoFE faces")
+    for part in ("transformer", "vae", "text_encoder", "tokenizer"):
+        if not (root / part).is_dir():
+            raise FileNotFoundError(f"{root}: no {part}/ folder")
+    return r.model_copy(update={
+        "transformer": r.transformer.model_copy(update={"path": root / "transformer", "config": {}}),
+        "vae": r.vae.model_copy(update={"path": root / "vae", "config": {}}),
+        "text": r.text.model_copy(update={"path": root, "config": {}}),
+    })
+
+
+def load_model(recipe: str | Path, checkpoint: str | Path, model_dir: str | Path | None = None):
+    """(CoFEModel with the checkpoint's trainable weights, in eval mode; its recipe)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lafid.cofe.model import CoFEModel
+
+    ckpt = Path(checkpoint)
+    weights_file = ckpt / "trainable.safetensors" if ckpt.is_dir() else ckpt
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"{checkpoint}: no trainable.safetensors (a `lafid train` checkpoint-N folder)")
+    r = _recipe(recipe, model_dir)
+    torch.manual_seed(r.train.seed)  # as the trainer does: config-built parts get the weights training saw
+    model = CoFEModel(r)
+    weights = load_file(str(weights_file))
+    expected = set(model.trainable_state())
+    missing, unknown = expected - set(weights), set(weights) - expected
+    if missing or unknown:
+        raise ValueError(f"{weights_file} does not fit recipe {recipe}: missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unknown)[:3]}")
+    model.load_state_dict(weights, strict=False)
+    return model.eval().requires_grad_(False), r
+
+
+def scheduler_for(r, model_dir: str | Path | None):
+    from diffusers import UniPCMultistepScheduler
+
+    if model_dir is not None and (Path(model_dir) / "scheduler").is_dir():
+        return UniPCMultistepScheduler.from_pretrained(str(Path(model_dir) / "scheduler"), local_files_only=True)
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                   flow_shift=r.train.flow_shift)
+
+
+class FaceInput:
+    """The experts' inputs from a reference image, made as the training loader makes them."""
+
+    def __init__(self, face_size: int, margin: float):
+        from lafid.face.detect import ScrfdFaces
+        from lafid.face.embed import EMBEDDED_SCRFD, embedded_model
+
+        self.face_size, self.margin = face_size, margin
+        path = embedded_model(EMBEDDED_SCRFD)
+        self.detector = ScrfdFaces(path) if path is not None else None
+
+    def __call__(self, image: np.ndarray) -> dict:
+        import torch
+
+        from lafid.cofe.data import FacePose, crop_face, identity_face
+
+        h, w = image.shape[:2]
+        faces = self.detector.detect(image) if self.detector is not None else []
+        scale = np.array([w, h, w, h], np.float64)
+        if faces:
+            box = tuple(faces[0].box / scale)
+            kps = None if faces[0].kps is None else tuple((faces[0].kps / np.array([w, h], np.float32)).ravel())
+        else:  # bench references are cut with the face box centred at 1/REF_MARGIN of the side
+            half = 0.5 / REF_MARGIN
+            box, kps = (0.5 - half, 0.5 - half, 0.5 + half, 0.5 + half), None
+        pose = FacePose(t=0.0, pitch=0.0, bucket="frontal", box=box, kps=kps, embedding=None)
+        return {"face": torch.from_numpy(crop_face(image, box, self.margin, self.face_size))[None],
+                "id_face": torch.from_numpy(identity_face(image, pose, self.margin))[None],
+                "id_embedding": None, "has_id": torch.tensor([False]), "detected": bool(faces)}
+
+
+def generate(bench: str | Path, out: str | Path, recipe: str | Path, checkpoint: str | Path,
+             model_dir: str | Path | None = None, settings: GenerateSettings | None = None,
+             on_case: Callable[[str, str], None] | None = None) -> dict:
+    """Write OUT/<case_id>.mp4 for every case not written yet; returns counts."""
+    import torch
+    from diffusers import WanPipeline
+
+    from lafid.media import write_video
+
+    s = settings or GenerateSettings()
+    bench, out = Path(bench), Path(out)
+    cases = load_cases(bench)
+    todo = [c for c in cases if not (out / f"{c['case_id']}.mp4").exists()]
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(json.dumps({"bench": str(bench.resolve()), "recipe": str(recipe), "checkpoint": str(checkpoint),
+                                  "model_dir": None if model_dir is None else str(model_dir),
+                                  **s.__dict__}, indent=2) + "\n", out / SETTINGS)
+    if not todo:
+        return {"cases": len(cases), "written": 0, "skipped": len(cases)}
+    model, r = load_model(recipe, checkpoint, model_dir)
+    pipe = WanPipeline(tokenizer=model.text.tokenizer, text_encoder=model.text.model, vae=model.vae,
+                       scheduler=scheduler_for(r, model_dir), transformer=model.transformer)
+    pipe.set_progress_bar_config(disable=True)
+    faces = FaceInput(r.data.face_size, r.data.face_margin)
+    negative = model.text([s.negative_prompt])
+    for c in todo:
+        image = cv2.cvtColor(cv2.imread(str(bench / c["ref_image"])), cv2.COLOR_BGR2RGB)
+        batch = faces(image)
+        with torch.no_grad():
+            model.adapter.set_faces(model.face_features(batch))
+            try:
+                video = pipe(prompt_embeds=model.text([c["prompt"] or ""]), negative_prompt_embeds=negative,
+                             height=s.height, width=s.width, num_frames=s.num_frames,
+                             num_inference_steps=s.steps, guidance_scale=s.guidance, output_type="np",
+                             generator=torch.Generator().manual_seed(s.seed)).frames[0]
+            finally:
+                model.adapter.set_faces(None)
+        frames = [(np.clip(f, 0, 1) * 255).round().astype(np.uint8) for f in np.asarray(video)]
+        final = out / f"{c['case_id']}.mp4"
+        tmp = final.with_name(f".{final.name}.tmp.mp4")
+        write_video(str(tmp), frames, s.fps)
+        os.replace(tmp, final)
+        if on_case:
+            on_case(c["case_id"], "written" if batch["detected"] else "written (no face found in the reference)")
+    return {"cases": len(cases), "written": len(todo), "skipped": len(cases) - len(todo)}
