@@ -335,19 +335,15 @@ def _pick_frames(clips: pa.Table, per_bucket: int) -> list[dict[str, Any]]:
 
 
 def _grab(source: str, at_s: float) -> np.ndarray | None:
-    """The source frame shown at `at_s` seconds (RGB), or None when the source cannot be read."""
+    """The frame at `at_s` seconds on the source's timeline, as displayed and as the face stage read it
+    (`lafid.video.sample_frames`), or None when the source cannot be read now."""
     import av
 
+    from lafid.video import sample_frames
+
     try:
-        with av.open(source) as container:
-            stream = container.streams.video[0]
-            rate = float(stream.average_rate or 25)
-            target = at_s - 0.5 / rate
-            if target > 0:
-                container.seek(int(target / stream.time_base), stream=stream, backward=True, any_frame=False)
-            for frame in container.decode(stream):
-                if frame.pts is not None and float(frame.pts * stream.time_base) >= target:
-                    return frame.to_ndarray(format="rgb24")
+        for _, frame in sample_frames(source, max(0.0, at_s - 0.002), at_s + 1.0, 1000.0):
+            return frame
     except (OSError, av.error.FFmpegError, IndexError, ValueError):
         return None
     return None
