@@ -39,13 +39,17 @@ SCRFD_CROP_SIZE = 224  # hand-off crops (lafid.handoff.FACE_CROP_SIZE) are searc
 
 
 def pairwise(metric: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Distances between rows of `a` (M, D) and `b` (N, D) in `metric` ("l2" or "cosine")."""
-    a, b = np.atleast_2d(a).astype(np.float32), np.atleast_2d(b).astype(np.float32)
+    """Distances (M, N) float32 between rows of `a` (M, D) and `b` (N, D) in `metric` ("l2" or "cosine").
+
+    Summed in float64, so that how many threads the BLAS splits a product over (which
+    differs between a Ray worker and the driver) cannot change the float32 result.
+    """
+    a, b = np.atleast_2d(a).astype(np.float64), np.atleast_2d(b).astype(np.float64)
     if metric == "cosine":
-        return 1.0 - unit(a) @ unit(b).T
+        return (1.0 - unit(a) @ unit(b).T).astype(np.float32)
     if metric == "l2":
         sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
-        return np.sqrt(np.maximum(sq, 0.0))
+        return np.sqrt(np.maximum(sq, 0.0)).astype(np.float32)
     raise ValueError(f"unknown metric {metric!r}")
 
 
