@@ -12,8 +12,9 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from lafid.recipe import RecipeError, load_recipe
+from lafid.recipe import RecipeError, describe, load_recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Curate pose-annotated, identity-stable face clips; inspect them; train CoFE on them.")
@@ -26,7 +27,7 @@ def _exit_on(*errors: type[Exception]):
     try:
         yield
     except errors as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -55,8 +56,20 @@ def curate(
                                              help="add to an output folder written with a different recipe"),
 ) -> None:
     """Turn raw videos into Parquet shards of clips plus a ledger of rejects."""
-    from lafid.progress import ProgressDisplay
     from lafid.report import count_table
+
+    stats = _curate(recipe, inputs, out, address=address, executor=executor, num_cpus=num_cpus,
+                    progress=progress, retry_failed=retry_failed, allow_recipe_change=allow_recipe_change)
+    if stats.reasons:
+        console.print(count_table("rejects by stage/reason", "stage/reason", stats.reasons))
+    console.print(f"output: {out}")
+
+
+def _curate(recipe: str, inputs: List[str], out: Path, *, address: Optional[str], executor: str,
+            num_cpus: Optional[int], progress: bool, retry_failed: bool = False,
+            allow_recipe_change: bool = False):
+    """Run a curation under the live display; prints the recipe used and the run's table."""
+    from lafid.progress import ProgressDisplay
     from lafid.router import RunFailed, SetupFailed
     from lafid.runner import LOG, curate as run
     from lafid.storage import OutputError
@@ -64,6 +77,7 @@ def curate(
     _quiet_native_logs()
     with _exit_on(RecipeError):
         parsed = load_recipe(recipe)
+        console.print(describe(recipe), soft_wrap=True, markup=False, highlight=False)
     with ProgressDisplay(console, enabled=progress and console.is_terminal) as display:
         with _exit_on(RecipeError, OutputError, SetupFailed):
             try:
@@ -81,9 +95,7 @@ def curate(
                 console.print(f"[red]error:[/red] {what} (full traceback: {out / LOG})")
                 raise typer.Exit(1) from None
     console.print(stats.table())
-    if stats.reasons:
-        console.print(count_table("rejects by stage/reason", "stage/reason", stats.reasons))
-    console.print(f"output: {out}")
+    return stats
 
 
 @app.command()
@@ -124,9 +136,8 @@ def demo(
     from lafid.media import make_sample_set
 
     inputs = make_sample_set(str(out / "input"))
-    curate(inputs=inputs, out=out / "shards", recipe="demo", address=None, executor=executor,
-           num_cpus=num_cpus, progress=True, retry_failed=False, allow_recipe_change=False)
-    inspect(out / "shards")
+    _curate("demo", inputs, out / "shards", address=None, executor=executor, num_cpus=num_cpus, progress=True)
+    inspect(out / "shards")  # counts, reject reasons, poses, speaking labels: shown once, here
 
 
 @app.command()
@@ -203,14 +214,85 @@ def train(
     exclude: List[Path] = typer.Option([], "--exclude", help="bench folder whose identities are held out (repeatable)"),
 ) -> None:
     """Train CoFE (face experts fusion on a Wan DiT) on clip shards; see docs/cofe.md."""
-    from lafid.cofe.train import main
+    from lafid.cofe.config import load_cofe_recipe
 
     with _exit_on(RecipeError, FileNotFoundError):
+        parsed = load_cofe_recipe(recipe)
+        console.print(describe(recipe), soft_wrap=True, markup=False, highlight=False)
+        _require_shards(recipe, parsed.data.shards)
+    from lafid.cofe.train import main
+
+    log = Path(parsed.train.output_dir) / WARNINGS_LOG
+    logged = log.stat().st_size if log.exists() else 0
+    with _exit_on(RecipeError, FileNotFoundError), _warnings_to(log):
         result = main(recipe, resume=resume, steps=steps, progress=progress,
                       exclude=[str(p) for p in exclude])
     loss = f"last loss {result.losses[-1]:.4f}, " if result.losses else ""
     console.print(f"step {result.steps}: {loss}{result.clips} clips in {result.seconds:.1f}s; "
                   f"checkpoint {result.checkpoint}")
+    if log.exists() and log.stat().st_size > logged:
+        console.print(f"warnings (from dependencies): {log}", soft_wrap=True, markup=False, highlight=False)
+
+
+WARNINGS_LOG = "warnings.log"
+
+
+def _require_shards(recipe: str, sources: List[str]) -> None:
+    """Fail before any model is built when a folder of `data.shards` is missing or holds no clip shards."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    from lafid.cofe.data import SHARD_GLOB
+
+    for source in sources:
+        fs, path = fsspec.core.url_to_fs(str(source))
+        if not fs.exists(path):
+            problem = "does not exist"
+        elif fs.isdir(path) and not fs.glob(f"{path.rstrip('/')}/{SHARD_GLOB}"):
+            problem = f"holds no {SHARD_GLOB}"
+        else:
+            continue
+        how = f"`lafid curate VIDEOS --out {path}`"
+        if isinstance(fs, LocalFileSystem) and Path(path).name == "shards":
+            how = f"`lafid demo --out {Path(path).parent}` (sample footage) or {how}"
+        raise FileNotFoundError(f"no clip shards for recipe {recipe}: data.shards entry {source!r} ({path}) "
+                                f"{problem}; make them with {how}, or point data.shards at a curate output")
+
+
+class _Once(logging.Filter):
+    """Passes a record only if its text is not in the log file yet: once per run, across the
+    DataLoader worker processes that every epoch forks anew (each would warn again)."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (self.path.exists() and text in self.path.read_text(errors="replace"))
+
+
+@contextmanager
+def _warnings_to(log: Path):
+    """Python warnings (a dependency's FutureWarning and the like) go to `log`, each once, not to the
+    terminal where they would break the progress bar."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    handler.addFilter(_Once(log))
+    logger = logging.getLogger("py.warnings")
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+        handler.close()
+
 
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help="LaFID-Bench: build cases from shards, score videos per face pose (docs/bench.md).")

@@ -67,8 +67,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         ray.init(address=address, **kwargs)
     else:
         # No dashboard; Ray maps a loopback node address to the machine's own address, so its
-        # core services listen there (see README, "Ray and the network").
-        ray.init(num_cpus=num_cpus, **kwargs)
+        # core services listen there (see README, "Ray and the network"). "local": always a new
+        # cluster of our own, never one named by RAY_ADDRESS or left by `ray start` or a killed run.
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)
     return True
 
 

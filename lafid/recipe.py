@@ -9,6 +9,7 @@ touched.
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -117,15 +118,39 @@ def _writers(missing) -> set[str]:
     return found
 
 
+def looks_like_path(recipe: str | Path) -> bool:
+    """A `Path`, or a string with a path separator or a .yaml/.yml suffix; anything else is a bundled name."""
+    if isinstance(recipe, Path):
+        return True
+    text = str(recipe)
+    return "/" in text or os.sep in text or text.lower().endswith((".yaml", ".yml"))
+
+
 def resolve(recipe: str | Path) -> Path:
-    """A path, or the name of a bundled recipe in `pipelines/` ("demo", "lafid180k")."""
-    path = Path(recipe)
-    if path.exists():
+    """The file of a recipe: a path if the argument looks like one (see `looks_like_path`), else the
+    bundled recipe of that name in `pipelines/` ("demo", "lafid180k"). A file in the working folder
+    named like a bundled recipe never shadows it: write `./demo` to mean the file."""
+    names = ", ".join(bundled_names())
+    if looks_like_path(recipe):
+        path = Path(recipe)
+        if path.is_dir():
+            raise RecipeError(f"recipe {path} is a folder, not a file (bundled recipes are named without "
+                              f"a suffix: {names})")
+        if not path.is_file():
+            raise RecipeError(f"recipe not found: no file {path} (bundled recipes are named without a suffix: "
+                              f"{names})")
         return path
     bundled = resources.files("pipelines").joinpath(f"{recipe}.yaml")
     if bundled.is_file():
         return Path(str(bundled))
-    raise RecipeError(f"recipe not found: {recipe} (a path, or one of: {', '.join(bundled_names())})")
+    raise RecipeError(f"recipe not found: no bundled recipe named {recipe!r} (bundled: {names}; "
+                      f"for a file give a path, e.g. ./{recipe}.yaml)")
+
+
+def describe(recipe: str | Path) -> str:
+    """One line saying which recipe file an argument resolves to, for the console."""
+    path = resolve(recipe)
+    return f"recipe: {path}" if looks_like_path(recipe) else f"recipe: bundled {recipe} ({path})"
 
 
 def bundled_names() -> list[str]:
