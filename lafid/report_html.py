@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lafid.pose import BUCKET_PITCH, BUCKET_YAW, BUCKETS
+from lafid.face.pose import BUCKET_PITCH, BUCKET_YAW, BUCKETS
 from lafid.report import read_table
 from lafid.runner import LOG
 from lafid.shards import STATS, read_manifest
@@ -90,7 +90,7 @@ def _flat(table: pa.Table | None, name: str) -> np.ndarray:
 
 
 def frame_buckets(yaw: np.ndarray, pitch: np.ndarray) -> np.ndarray:
-    """EFHQ bucket of every (yaw, pitch), vectorised; same rule as `lafid.pose.pose_bucket`."""
+    """EFHQ bucket of every (yaw, pitch), vectorised; same rule as `lafid.face.pose.pose_bucket`."""
     big_yaw, big_pitch = np.abs(yaw) > BUCKET_YAW, np.abs(pitch) > BUCKET_PITCH
     out = np.full(len(yaw), "extreme", dtype=object)
     out[~big_yaw & ~big_pitch] = "frontal"

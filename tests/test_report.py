@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from lafid import media
 from lafid.cli import app
-from lafid.pose import BUCKETS, pose_bucket
+from lafid.face.pose import BUCKETS, pose_bucket
 from lafid.recipe import load_recipe
 from lafid.report_html import crop_face
 from lafid.runner import LOG, curate, recipe_fingerprint
