@@ -40,6 +40,15 @@ def test_identity_before_face_constraints_fails_at_load_naming_stage_and_fields(
     load_recipe(recipe(tmp_path, "shot_split", "face_constraints", "identity_consistency"))  # control: right order
 
 
+def test_speech_before_face_constraints_fails_at_load_naming_the_columns(tmp_path):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(recipe(tmp_path, "shot_split", "speech_disambiguation", "face_constraints"))
+    message = str(err.value)
+    assert "'speech_disambiguation' reads" in message and "face_constraints: list it earlier" in message
+    assert all(c in message for c in ("frame_t", "frame_box", "frame_mouth_open")) and "fps" not in message
+    load_recipe(recipe(tmp_path, "shot_split", "face_constraints", "speech_disambiguation"))  # control
+
+
 def test_a_stage_reading_columns_no_earlier_stage_writes_names_them(tmp_path):
     class Reader(Stage):
         name = "reader"
