@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
+from threadpoolctl import threadpool_limits
 
 from lafid.item import Item
 
@@ -82,7 +83,8 @@ class Stage:
 
 
 def pin_native_threads(threads: int) -> None:
-    """Keep OpenCV/onnxruntime/torch pools to the CPUs the stage asked for."""
+    """Keep OpenCV/onnxruntime/torch pools to the CPUs the stage asked for (at load time;
+    `StageWorker.run` also limits the BLAS/OpenMP pools already loaded, per batch)."""
     for key in _THREAD_ENV:
         os.environ[key] = str(threads)
     try:
@@ -130,17 +132,10 @@ class StageWorker:
         start = time.perf_counter()
         live = [i for i in items if not i.rejected]
         passed = [i for i in items if i.rejected]
-        try:
-            out = self.stage.process(live) if live else []
-        except Exception:  # one bad item must not sink the batch: retry one by one
-            out = []
-            for item in live:
-                try:
-                    out.extend(self.stage.process([item]))
-                except Exception as exc:  # noqa: BLE001 - reported as a reject row
-                    detail = f"{type(exc).__name__}: {exc}"
-                    tb = traceback.format_exc(limit=-2).strip().splitlines()
-                    out.append(item.drop(self.stage.name, "stage_error", f"{detail} [{tb[-1] if tb else ''}]"))
+        # Per batch, not per process: in the sequential runner all stages share one process,
+        # and results (e.g. Whisper's) depend on the OpenMP/BLAS thread count.
+        with threadpool_limits(self.stage.resources.threads):
+            out = self._process(live)
         if self.last:
             for item in out:
                 item.work.clear()
@@ -151,6 +146,20 @@ class StageWorker:
             seconds=time.perf_counter() - start,
         )
         return passed + out, stats
+
+    def _process(self, live: list[Item]) -> list[Item]:
+        try:
+            return self.stage.process(live) if live else []
+        except Exception:  # one bad item must not sink the batch: retry one by one
+            out = []
+            for item in live:
+                try:
+                    out.extend(self.stage.process([item]))
+                except Exception as exc:  # noqa: BLE001 - reported as a reject row
+                    detail = f"{type(exc).__name__}: {exc}"
+                    tb = traceback.format_exc(limit=-2).strip().splitlines()
+                    out.append(item.drop(self.stage.name, "stage_error", f"{detail} [{tb[-1] if tb else ''}]"))
+            return out
 
     def close(self) -> None:
         self.stage.teardown()
