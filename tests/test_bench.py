@@ -1,0 +1,277 @@
+"""LaFID-Bench on real footage: curated real clips (carphone, its mirror, and three real talkers of
+the dev set) -> identities -> bench build -> eval --real; identity-disjoint training; FID sanity;
+`lafid generate` with a tiny random Wan pipeline on CPU, then eval of what it wrote.
+
+Measured here (embedded ArcFace w600k_mbf + SCRFD-500M, 16 frames): real clips score FaceSim-Arc
+0.92 and 0.82 against their own reference, 0.002 and 0.021 against another person's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from lafid import devset, media
+from lafid.bench.build import CASES, SPLIT, BenchError, build, clip_bucket, load_cases, select
+from lafid.cli import app
+from lafid.identity.cluster import identities
+from lafid.video import probe
+
+RECIPE = """
+name: bench-real
+description: loose face recipe over short real clips (no speech stage)
+max_videos_in_flight: 2
+output: {rows_per_shard: 100}
+stages:
+  - stage: shot_split
+    params: {detector: adaptive, min_clip_s: 1.0, max_clip_s: 10.0}
+  - stage: face_constraints
+    params: {sample_fps: 2.0, min_face_ratio: 0.6, min_single_face_ratio: 0.6, min_face_area: 0.005,
+             min_blur: 5.0, min_yaw_range: 0.0}
+  - stage: identity_consistency
+    params: {backend: auto}
+"""
+OWN_MIN, OTHER_MAX = 0.6, 0.2  # measured 0.82-0.92 own, 0.00-0.02 another person's
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Real clips curated in-process: carphone and its mirror (one man), jwpIntro and testMovie
+    (one other man), single_face (a woman)."""
+    from lafid.recipe import load_recipe
+    from lafid.runner import curate
+
+    try:
+        dev = {p.name: str(p) for p, _ in devset.labelled_clips()}
+    except devset.DevSetError as exc:
+        pytest.fail(f"could not build the real-footage dev set: {exc}")
+    root = tmp_path_factory.mktemp("bench_real")
+    frames = media.carphone_frames()
+    inputs = [media.write_video(str(root / "carphone.mp4"), frames, 29.97),
+              media.write_video(str(root / "carphone_mirrored.mp4"), media.mirror(frames), 29.97),
+              dev["jwpIntro.mp4"], dev["testMovie.mp4"], dev["single_face_pingpong.mp4"]]
+    (root / "recipe.yaml").write_text(RECIPE)
+    curate(load_recipe(str(root / "recipe.yaml")), inputs, root / "shards", executor="sequential")
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def bench(shards, tmp_path_factory):
+    summary = identities(shards)
+    assert summary["sizes"] == [2, 2, 1]  # carphone x2, the psychopy man x2, the woman
+    out = tmp_path_factory.mktemp("bench") / "bench"
+    result = CliRunner().invoke(app, ["bench", "build", str(shards), "--out", str(out), "--per-bucket", "5",
+                                      "--max-identity-share", "0.7"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_build_refuses_shards_without_identities(shards, tmp_path):
+    bare = tmp_path / "shards"
+    bare.mkdir()
+    for f in shards.glob("clips-*.parquet"):
+        shutil.copy(f, bare / f.name)
+    with pytest.raises(BenchError, match="lafid identities"):
+        build([bare], tmp_path / "bench")
+    result = CliRunner().invoke(app, ["bench", "build", str(bare), "--out", str(tmp_path / "bench")])
+    assert result.exit_code == 2 and "lafid identities" in result.output
+    assert not (tmp_path / "bench" / CASES).exists()
+
+
+def test_cases_hold_whole_identities_and_reference_faces(bench, shards):
+    from lafid.bench.metrics import FaceMeter
+    import cv2
+
+    cases = load_cases(bench)
+    split = pq.read_table(bench / SPLIT).to_pylist()
+    bench_ids = {r["identity_id"] for r in split if r["split"] == "bench"}
+    train_ids = {r["identity_id"] for r in split if r["split"] == "train"}
+    assert len(bench_ids) == 2 and len(train_ids) == 1 and not bench_ids & train_ids
+    assert {c["identity_id"] for c in cases} == bench_ids  # one case per identity and bucket
+    assert all(c["pose_bucket"] == "frontal" and c["yaw_range"] < 25 for c in cases)  # real talkers face the camera
+    faces = FaceMeter()
+    for c in cases:
+        image = cv2.cvtColor(cv2.imread(str(bench / c["ref_image"])), cv2.COLOR_BGR2RGB)
+        assert image.shape == (256, 256, 3) and faces.landmarks(image) is not None
+        assert c["start_s"] < c["end_s"] and c["start_s"] <= c["start_s"] + c["ref_t"] < c["end_s"]
+
+
+def test_eval_real_scores_own_reference_high_and_another_persons_low(bench, tmp_path):
+    result = CliRunner().invoke(app, ["bench", "eval", str(bench), "--real", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["models"]["facesim_arc"].startswith("arcface:w600k_mbf")
+    assert res["models"]["facesim_cur"] == res["models"]["clipscore"] == "not computed"
+    assert len(res["cases"]) == 2
+    for case in res["cases"]:
+        assert case["faces"] == case["frames"] == 16
+        assert case["facesim_arc"] > OWN_MIN, case
+        assert case["facesim_arc_other"] < OTHER_MAX, case  # the control: another identity's reference
+    assert res["buckets"]["frontal"]["detection_rate"] == 1.0 and res["buckets"]["left"]["cases"] == 0
+    assert (tmp_path / "chart.png").stat().st_size > 0 and "| frontal | 2 |" in (tmp_path / "results.md").read_text()
+
+
+def test_train_exclude_reads_no_bench_identity(bench, shards, tmp_path):
+    import pyarrow as pa
+
+    from lafid.cofe.config import DataConfig
+    from lafid.cofe.data import ClipDataset
+
+    split = {r["clip_id"]: r for r in pq.read_table(bench / SPLIT).to_pylist()}
+
+    def kept(folder, exclude):
+        ds = ClipDataset(DataConfig(shards=[str(folder)], exclude=exclude))
+        ids = [pq.read_table(f, columns=["clip_id"])["clip_id"].to_pylist() for f in ds.files]
+        return [ids[f][r] for f, rows in enumerate(ds.rows) for r in rows]
+
+    everything = kept(shards, [])
+    assert {split[c]["split"] for c in everything} == {"bench", "train"}  # control: bench clips are there
+    held = kept(shards, [str(bench)])
+    assert held and {split[c]["split"] for c in held} == {"train"}
+    # The same footage curated again elsewhere: new clip and video ids, so only the faces can tell
+    again = tmp_path / "again"
+    again.mkdir()
+    for f in shards.glob("clips-*.parquet"):
+        t = pq.read_table(f)
+        for col in ("clip_id", "video_id"):
+            t = t.set_column(t.schema.get_field_index(col), col, pa.array([f"x{v}" for v in t[col].to_pylist()]))
+        pq.write_table(t, again / f.name)
+    relabelled = kept(again, [str(bench)])
+    assert sorted(c[1:] for c in relabelled) == sorted(held)
+
+
+def test_fid_of_a_set_against_itself_is_zero_and_against_another_positive(shards):
+    from lafid.bench.evaluate import read_frames
+    from lafid.bench.metrics import FaceMeter, Inception, frechet_distance, sample_indices
+
+    rows = pq.read_table(next(shards.glob("clips-*.parquet")), columns=["source"]).to_pylist()
+    by_name = {r["source"].rsplit("/", 1)[-1]: r["source"] for r in rows}
+    faces, net = FaceMeter(), Inception()
+
+    def crops(name, n=8):
+        frames = read_frames(by_name[name])
+        found, c, _ = faces.measure([frames[i] for i in sample_indices(len(frames), n)])
+        assert found.all()
+        return net.features(c)
+
+    a, b = crops("carphone.mp4"), crops("single_face_pingpong.mp4")
+    assert frechet_distance(a, a) < 1e-6
+    assert frechet_distance(a, b) > 50 * max(frechet_distance(a, a), 1e-3)
+    assert abs(frechet_distance(a, b) - frechet_distance(b, a)) < 1e-3 * frechet_distance(a, b)
+
+
+def _row(person: str, k: int, yaws: list[float]) -> dict:
+    return {"clip_id": f"{person}-{k}", "video_id": f"v-{person}-{k}", "identity_id": person,
+            "frame_yaw": yaws, "frame_pitch": [0.0] * len(yaws)}
+
+
+def test_selection_fills_rare_buckets_first_and_keeps_identities_whole():
+    assert clip_bucket([0, 5, 60, 70], [0, 0, 0, 0])[0] == "right"
+    assert clip_bucket([0, 5, 3, 70], [0, 0, 0, 0])[:2] == ("right", 0.25)  # a quarter of the frames is enough
+    assert clip_bucket([0, 5, 3, 2, 70], [0, 0, 0, 0, 0])[0] == "frontal"  # a fifth is not
+    assert clip_bucket([0, 50, 55, 2], [0, -40, -35, 0])[:2] == ("extreme", 0.5)
+    rows = [_row(p, k, [0.0, 2.0, 1.0]) for p in "abcdefgh" for k in range(2)]
+    rows += [_row("c", 9, [60.0, 70.0, 65.0]), _row("f", 9, [-60.0, -70.0, 0.0])]
+    cases, people = select(rows, per_bucket=2, seed=0, max_identity_share=0.5)
+    assert people == {"c", "f"}  # the only holders of the rare buckets; they fill frontal too
+    buckets = [c["pose_bucket"] for c in cases]
+    assert buckets.count("right") == 1 and buckets.count("left") == 1 and buckets.count("frontal") == 2
+    assert all(c["identity_id"] in people for c in cases)
+    with pytest.raises(BenchError, match="at least 2"):
+        select([_row("a", 0, [0.0])], per_bucket=2, seed=0, max_identity_share=0.5)
+
+
+def test_consisid_protocol_scores_fid_per_frame_against_the_reference(bench, tmp_path):
+    from lafid.bench.evaluate import evaluate
+
+    one = tmp_path / "one"
+    shutil.copytree(bench, one)
+    table = pq.read_table(one / CASES)
+    pq.write_table(table.slice(0, 1), one / CASES)
+    res = evaluate(one, tmp_path / "res", real=True, protocol="consisid", frames=4)
+    case = res["cases"][0]
+    assert res["frames_per_video"] == 16 and case["frames"] == 16  # the protocol fixes 16 frames
+    assert case["facesim_arc"] > OWN_MIN and case["fid_consisid"] > 0
+    assert res["overall"]["fid"] == pytest.approx(case["fid_consisid"])
+    lafid = evaluate(one, tmp_path / "res2", real=True, frames=4)
+    assert lafid["frames_per_video"] == 4 and lafid["overall"]["fid"].startswith("not applicable")
+
+
+@pytest.fixture(scope="module")
+def tiny_wan(tmp_path_factory):
+    """A local diffusers Wan pipeline folder of the tiny CoFE recipe's sizes (random weights) and a
+    checkpoint of the CoFE modules in the trainer's format."""
+    import torch
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from safetensors.torch import save_file
+    from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
+
+    from lafid.bench.generate import load_model
+    from lafid.cofe.config import load_cofe_recipe
+    from lafid.cofe.model import CoFEModel
+    from lafid.bench.generate import _recipe
+
+    root = tmp_path_factory.mktemp("tiny_wan")
+    r = load_cofe_recipe("cofe_tiny")
+    torch.manual_seed(0)
+    WanPipeline(tokenizer=ByT5Tokenizer(), text_encoder=UMT5EncoderModel(UMT5Config(**r.text.config)),
+                vae=AutoencoderKLWan.from_config(r.vae.config),
+                transformer=WanTransformer3DModel.from_config(r.transformer.config),
+                scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                  flow_shift=3.0)).save_pretrained(root / "wan")
+    model = CoFEModel(_recipe("cofe_tiny", root / "wan"))
+    for p in model.trainable_state().values():  # a trained state: CoFE's zero-initialised outputs moved
+        torch.nn.init.normal_(p, std=0.02)
+    (root / "checkpoint-1").mkdir()
+    save_file({k: v.detach().contiguous() for k, v in model.trainable_state().items()},
+              root / "checkpoint-1" / "trainable.safetensors")
+    loaded, _ = load_model("cofe_tiny", root / "checkpoint-1", root / "wan")
+    trained = model.trainable_state()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in trained.items())  # not a fresh init
+    return root / "wan", root / "checkpoint-1"
+
+
+def test_generate_writes_every_case_resumes_and_eval_counts_faceless_videos(bench, tiny_wan, tmp_path):
+    wan, ckpt = tiny_wan
+    videos = tmp_path / "videos"
+    args = ["generate", str(bench), "--out", str(videos), "--recipe", "cofe_tiny", "--checkpoint", str(ckpt),
+            "--model-dir", str(wan), "--frames", "5", "--height", "64", "--width", "48", "--steps", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    cases = load_cases(bench)
+    for c in cases:
+        info = probe(str(videos / f"{c['case_id']}.mp4"))
+        assert (info.frame_count, info.width, info.height) == (5, 48, 64)
+    assert sorted(p.name for p in videos.glob("*.mp4")) == sorted(f"{c['case_id']}.mp4" for c in cases)
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and f"0 videos written, {len(cases)} already there" in again.output
+    (videos / f"{cases[0]['case_id']}.mp4").unlink()  # a case without its video is scored, not dropped
+    result = CliRunner().invoke(app, ["bench", "eval", str(bench), str(videos), "--out", str(tmp_path / "res"),
+                                      "--frames", "4"])
+    assert result.exit_code == 0, result.output
+    res = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert len(res["cases"]) == len(cases) and res["missing_videos"] == [cases[0]["case_id"]]
+    assert res["overall"]["cases"] == len(cases) and all(r["frames"] == 4 for r in res["cases"])
+    missing = next(r for r in res["cases"] if r["missing"])
+    assert missing["faces"] == 0 and missing["facesim_arc"] == 0.0
+    assert res["overall"]["detection_rate"] <= 0.5  # the missing video's frames count as frames without a face
+    assert res["overall"]["facesim_arc"] < OWN_MIN  # random weights make no likeness of the reference
+
+
+def test_generate_refuses_image_to_video_and_mismatched_checkpoints(bench, tiny_wan, tmp_path):
+    from lafid.bench.generate import load_model
+
+    wan, ckpt = tiny_wan
+    i2v = tmp_path / "i2v"
+    shutil.copytree(wan, i2v)
+    index = json.loads((i2v / "model_index.json").read_text())
+    (i2v / "model_index.json").write_text(json.dumps({**index, "_class_name": "WanImageToVideoPipeline"}))
+    with pytest.raises(ValueError, match="image-to-video"):
+        load_model("cofe_tiny", ckpt, i2v)
+    with pytest.raises(FileNotFoundError, match="trainable.safetensors"):
+        load_model("cofe_tiny", tmp_path, wan)
