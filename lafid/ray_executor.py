@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 import re
 import traceback
 from collections import Counter, deque
@@ -69,8 +70,32 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         # No dashboard; Ray maps a loopback node address to the machine's own address, so its
         # core services listen there (see README, "Ray and the network"). "local": always a new
         # cluster of our own, never one named by RAY_ADDRESS or left by `ray start` or a killed run.
-        ray.init(address="local", num_cpus=num_cpus, **kwargs)
+        with _stdin_detached():
+            ray.init(address="local", num_cpus=num_cpus, **kwargs)
     return True
+
+
+@contextmanager
+def _stdin_detached():
+    """Start Ray's processes with /dev/null as stdin instead of the driver's terminal.
+
+    Started from a shell, Ray workers share the terminal but are not its foreground job;
+    a worker that runs a program touching its stdin (ffmpeg sets terminal modes, and
+    PySceneDetect runs `ffmpeg -v quiet` when imported) is stopped by the kernel and the
+    run hangs at stage setup."""
+    try:
+        saved = os.dup(0)
+    except OSError:  # no stdin at all: nothing to hide
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    try:
+        os.dup2(devnull, 0)
+        yield
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _check_fits(recipe: Recipe, stages: list[Stage]) -> None:

@@ -84,6 +84,10 @@ class CoFEConfig(StrictModel):
     gate_hidden: int = 256
     gate_inputs: list[Literal["face", "timestep", "hidden"]] = Field(
         ["face"], description="paper default: projected face features only; add timestep/hidden to condition on them")
+    injection: Literal["fused", "per_expert"] = Field(
+        "fused", description="fused: one face cross-attention on the gated sum of experts; per_expert: one per "
+                             "expert, outputs mixed by the gate after attention (per-expert attention maps)")
+    balance_weight: float = Field(0.0, ge=0, description="weight of the gate load-balancing term (0 = off)")
     lora_rank: int = Field(0, ge=0, description="LoRA rank on the backbone's attention (0 = off)")
     lora_targets: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -94,6 +98,13 @@ class TrainConfig(StrictModel):
     lr: float = 1e-4
     weight_decay: float = 0.01
     warmup_steps: int = 0
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="after warmup: constant, or linear / cosine decay to min_lr_ratio x lr at `steps`")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the trained weights (0 = off); saved as ema.safetensors")
+    face_drop: float = Field(0.0, ge=0, le=1, description="share of samples trained without the face "
+                                                           "(classifier-free guidance on the face)")
+    text_drop: float = Field(0.0, ge=0, le=1, description="share of samples trained with the empty caption")
     grad_accum: int = Field(1, ge=1)
     max_grad_norm: float = 1.0
     mixed_precision: Literal["no", "bf16"] = "no"
@@ -107,6 +118,9 @@ class TrainConfig(StrictModel):
 class CoFERecipe(StrictModel):
     name: str
     description: str = ""
+    mode: Literal["t2v", "i2v"] = Field("t2v", description="t2v: text + face; i2v: Wan's image-to-video conditioning "
+                                                          "(first-frame latent + mask channels, CLIP image embedding "
+                                                          "when the transformer has image_dim) as well")
     data: DataConfig
     transformer: ModelSource
     vae: ModelSource
@@ -116,6 +130,23 @@ class CoFERecipe(StrictModel):
     detail: ModelSource
     cofe: CoFEConfig = CoFEConfig()
     train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _mode_fits_transformer(self):
+        cfg = self.transformer.config
+        if not cfg:  # a local checkpoint: checked against its config when built
+            return self
+        z = self.vae.config.get("z_dim", 16)
+        want = 2 * z + 4 if self.mode == "i2v" else z
+        if cfg.get("in_channels", 16) != want:
+            raise ValueError(f"mode {self.mode} with vae z_dim {z} needs transformer in_channels {want}, "
+                             f"got {cfg.get('in_channels', 16)}")
+        if self.mode == "t2v" and cfg.get("image_dim"):
+            raise ValueError("transformer has image_dim (an I2V model): set mode: i2v")
+        if cfg.get("image_dim") and self.text.max_length != 512:
+            raise ValueError("an I2V transformer with image_dim splits image and text context at 512 text tokens "
+                             "(diffusers' Wan attention): set text.max_length: 512")
+        return self
 
 
 def load_cofe_recipe(recipe: str | Path) -> CoFERecipe:

@@ -130,12 +130,16 @@ class VisionExpert(nn.Module):
         self.requires_grad_(False).eval()
 
     @torch.no_grad()
-    def forward(self, faces: torch.Tensor) -> torch.Tensor:
+    def forward(self, faces: torch.Tensor, hidden_layer: int | None = None) -> torch.Tensor:
+        """uint8 images (B, H, W, 3), resized to the tower's native `image_size` -> tokens (B, N, dim):
+        the last hidden state, or hidden state `hidden_layer` (-2: Wan I2V's CLIP image embedding)."""
         x = faces.permute(0, 3, 1, 2).float() / 255.0
         size = (self.image_size, self.image_size)
         x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
         x = ((x - self.mean) / self.std).to(self.model.dtype)
-        return self.model(pixel_values=x).last_hidden_state
+        if hidden_layer is None:
+            return self.model(pixel_values=x).last_hidden_state
+        return self.model(pixel_values=x, output_hidden_states=True).hidden_states[hidden_layer]
 
 
 class FaceExperts(nn.Module):

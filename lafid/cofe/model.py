@@ -1,8 +1,16 @@
-"""Wan2.1 DiT + frozen VAE, text encoder and face experts + trainable CoFE (and optional LoRA).
+"""Wan DiT + frozen VAE, text encoder and face experts + trainable CoFE (and optional LoRA).
 
 `CoFEModel.forward` is Wan's flow-matching objective: x_t = (1 - s) x0 + s eps with a
 shifted uniform s, target velocity eps - x0, timestep 1000 s. Batches may carry
-precomputed `latents` / `text_embeds`, which skip the VAE / text encoder.
+precomputed `latents` / `text_embeds` (and, in i2v mode, `i2v_condition` /
+`image_embeds`), which skip the VAE / text encoder / image tower.
+
+In `mode: i2v` the transformer also gets Wan's image-to-video conditioning, built
+as diffusers' `WanImageToVideoPipeline` builds it: the VAE latent of the clip's
+first frame followed by zero frames, behind 4 mask channels that mark the given
+frame, concatenated to the noisy latents on the channel axis (16 + 4 + 16 = 36
+channels for Wan); and, when the transformer has `image_dim` (Wan2.1 I2V), the
+penultimate hidden states of the CLIP vision tower on that frame.
 """
 
 from __future__ import annotations
@@ -38,7 +46,8 @@ def build_adapter(transformer_config, expert_dims: dict[str, int], recipe: CoFER
     c = recipe.cofe
     dim = transformer_config.num_attention_heads * transformer_config.attention_head_dim
     return CoFEAdapter(dim, transformer_config.num_layers, expert_dims, face_tokens=c.face_tokens, heads=c.heads,
-                       expert_hidden=c.expert_hidden, gate_hidden=c.gate_hidden, gate_inputs=c.gate_inputs)
+                       expert_hidden=c.expert_hidden, gate_hidden=c.gate_hidden, gate_inputs=c.gate_inputs,
+                       injection=c.injection)
 
 
 class TextEncoder(nn.Module):
@@ -107,6 +116,35 @@ class CoFEModel(nn.Module):
         std = torch.tensor(cfg.latents_std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
         return (z - mean) / std
 
+    @torch.no_grad()
+    def i2v_condition(self, frames: torch.Tensor) -> torch.Tensor:
+        """Wan I2V's extra channels for uint8 clips (B, T, H, W, 3): 4 mask channels (first frame given)
+        + the latents of [first frame, zeros...], as `WanImageToVideoPipeline.prepare_latents` builds them."""
+        n, t = frames.shape[:2]
+        first = frames[:, :1].permute(0, 4, 1, 2, 3).to(self.vae.device, self.vae.dtype) / 127.5 - 1.0
+        # the pipeline's zero frames are zeros after its [-1, 1] preprocessing (mid grey)
+        pixels = torch.cat([first, first.new_zeros(n, 3, t - 1, *first.shape[-2:])], dim=2)
+        z = self.vae.encode(pixels).latent_dist.mode()
+        cfg = self.vae.config
+        mean = torch.tensor(cfg.latents_mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
+        std = torch.tensor(cfg.latents_std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
+        z = (z - mean) / std
+        temporal = getattr(cfg, "scale_factor_temporal", None) or 2 ** sum(cfg.temperal_downsample)
+        mask = torch.zeros(n, 1, t, *z.shape[-2:], device=z.device, dtype=z.dtype)
+        mask[:, :, 0] = 1
+        mask = torch.cat([mask[:, :, :1].repeat_interleave(temporal, dim=2), mask[:, :, 1:]], dim=2)
+        mask = mask.view(n, -1, temporal, *z.shape[-2:]).transpose(1, 2)
+        return torch.cat([mask, z], dim=1)
+
+    @torch.no_grad()
+    def image_embeds(self, frames: torch.Tensor) -> torch.Tensor | None:
+        """CLIP image embedding of each clip's first frame (penultimate hidden states, as Wan2.1 I2V uses),
+        from the semantic expert's vision tower; None when the transformer takes no image embedding."""
+        if not self.transformer.config.image_dim:
+            return None
+        tower = self.experts.semantic
+        return tower(frames[:, 0].to(self.transformer.device), hidden_layer=-2)
+
     def face_features(self, batch: dict) -> dict[str, torch.Tensor]:
         device = self.transformer.device
         emb = batch.get("id_embedding")
@@ -114,22 +152,50 @@ class CoFEModel(nn.Module):
         return self.experts(batch["face"].to(device), emb, batch["has_id"].to(device), batch["id_face"].to(device))
 
     def denoise(self, noisy: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
-                features: dict[str, torch.Tensor] | None) -> torch.Tensor:
-        """Velocity prediction; `features=None` runs the backbone alone."""
-        self.adapter.set_faces(features)
-        return self.transformer(noisy, timestep, text, return_dict=False)[0]
+                features: dict[str, torch.Tensor] | None, condition: torch.Tensor | None = None,
+                image: torch.Tensor | None = None, keep_face: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity prediction; `features=None` runs the backbone alone; `condition` / `image`: i2v inputs."""
+        self.adapter.set_faces(features, keep_face)
+        x = noisy if condition is None else torch.cat([noisy, condition.to(noisy.dtype)], dim=1)
+        return self.transformer(x, timestep, text, encoder_hidden_states_image=image, return_dict=False)[0]
 
-    def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        """Flow-matching loss of a batch (forward, so DDP wrappers see the call)."""
+    def empty_text(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """Embedding of the empty caption (text dropout), (n, L, D)."""
+        return self.text([""]).to(like.device, like.dtype).expand(n, -1, -1)
+
+    def forward(self, batch: dict, generator: torch.Generator, keep_face: torch.Tensor | None = None,
+                keep_text: torch.Tensor | None = None) -> torch.Tensor:
+        """Flow-matching loss of a batch (forward, so DDP wrappers see the call).
+
+        Condition dropout: `keep_face` / `keep_text` (B,) bool, or drawn from the
+        generator at `train.face_drop` / `train.text_drop` when those rates are set.
+        """
         device = self.transformer.device
+        t = self.recipe.train
         x0 = batch["latents"].to(device) if "latents" in batch else self.encode_video(batch["frames"])
         text = batch["text_embeds"].to(device) if "text_embeds" in batch else self.text(batch["caption"])
         n = x0.shape[0]
         s = torch.rand(n, generator=generator)
-        shift = self.recipe.train.flow_shift
+        shift = t.flow_shift
         s = (shift * s / (1 + (shift - 1) * s)).to(device)
         noise = torch.randn(x0.shape, generator=generator).to(device, x0.dtype)
+        if keep_face is None and t.face_drop > 0:
+            keep_face = torch.rand(n, generator=generator) >= t.face_drop
+        if keep_text is None and t.text_drop > 0:
+            keep_text = torch.rand(n, generator=generator) >= t.text_drop
+        if keep_text is not None and not bool(keep_text.all()):
+            text = torch.where(keep_text.to(device)[:, None, None], text, self.empty_text(n, text))
+        condition = image = None
+        if self.recipe.mode == "i2v":
+            condition = batch["i2v_condition"].to(device) if "i2v_condition" in batch else \
+                self.i2v_condition(batch["frames"])
+            image = batch["image_embeds"].to(device) if "image_embeds" in batch else self.image_embeds(batch["frames"])
         sv = s.view(n, 1, 1, 1, 1).to(x0.dtype)
         noisy = (1 - sv) * x0 + sv * noise
-        pred = self.denoise(noisy, s * 1000, text.to(x0.dtype), self.face_features(batch))
-        return F.mse_loss(pred.float(), (noise - x0).float())
+        keep = None if keep_face is None else keep_face.to(device)
+        pred = self.denoise(noisy, s * 1000, text.to(x0.dtype), self.face_features(batch), condition,
+                            None if image is None else image.to(x0.dtype), keep)
+        loss = F.mse_loss(pred.float(), (noise - x0).float())
+        if self.recipe.cofe.balance_weight > 0:
+            loss = loss + self.recipe.cofe.balance_weight * self.adapter.balance_loss()
+        return loss

@@ -1,15 +1,18 @@
 """CoFE training loop: accelerate, AdamW on CoFE (+LoRA), grad accumulation, exact resume.
 
 Checkpoints are safetensors plus JSON, never pickle: `trainable.safetensors` (CoFE +
-LoRA weights), `optimizer.safetensors` + `optimizer.json` (AdamW moments and its
-param groups), and per rank `rank{r}.safetensors` (RNG states) + `rank{r}.json`
-(step, data position, LR scheduler). Loading one and going on gives the same
-parameters as never stopping.
+LoRA weights), `ema.safetensors` (their EMA, when `train.ema_decay` > 0),
+`optimizer.safetensors` + `optimizer.json` (AdamW moments and its param groups),
+`recipe.json` (the recipe, so `lafid.cofe.api.load_cofe` needs only the folder),
+and per rank `rank{r}.safetensors` (RNG states) + `rank{r}.json` (step, data
+position, LR scheduler). Loading one and going on gives the same parameters as
+never stopping.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +61,17 @@ def _set_rng_state(generator: torch.Generator, states: dict[str, torch.Tensor]) 
         torch.cuda.set_rng_state_all([states[f"cuda{i}"] for i in range(torch.cuda.device_count())])
 
 
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float = 0.0) -> float:
+    """LR multiplier at optimizer step `step` (0-based): linear warmup, then constant / linear / cosine decay
+    to `min_ratio` at `total_steps`."""
+    warmup = max(1, warmup_steps)
+    if step < warmup or schedule == "constant":
+        return min(1.0, (step + 1) / warmup)
+    done = min(1.0, (step + 1 - warmup) / max(1, total_steps - warmup + 1))
+    decay = 1.0 - done if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
+    return min_ratio + (1.0 - min_ratio) * decay
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
     done = [p for p in output_dir.glob(f"{CKPT_PREFIX}*") if (p / "done").exists()]
     return max(done, key=lambda p: int(p.name[len(CKPT_PREFIX):]), default=None)
@@ -74,8 +88,8 @@ class Trainer:
         self.model = CoFEModel(recipe)
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-        warmup = max(1, t.warmup_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, t.warmup_steps, t.steps, t.lr_schedule, t.min_lr_ratio))
         self.model, self.optimizer = self.acc.prepare(self.model, optimizer)
         self.scheduler = scheduler  # stepped once per optimizer step, not per process
         self.dataset = ClipDataset(recipe.data, rank=self.acc.process_index, world_size=self.acc.num_processes)
@@ -83,6 +97,14 @@ class Trainer:
             raise ValueError(f"no clips for rank {self.acc.process_index} of {self.acc.num_processes}")
         self.generator = torch.Generator().manual_seed(t.seed * 1009 + self.acc.process_index)
         self.step, self.epoch, self.offset = 0, 0, 0
+        self.ema = {k: v.detach().clone().float() for k, v in self.core.trainable_state().items()} \
+            if t.ema_decay > 0 else None
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        decay = self.recipe.train.ema_decay
+        for k, v in self.core.trainable_state().items():
+            self.ema[k].mul_(decay).add_(v.detach().float(), alpha=1 - decay)
 
     @property
     def core(self) -> CoFEModel:
@@ -100,6 +122,9 @@ class Trainer:
         if self.acc.is_main_process:
             save_file({k: v.detach().contiguous() for k, v in self.core.trainable_state().items()},
                       folder / "trainable.safetensors")
+            if self.ema is not None:
+                save_file({k: v.contiguous() for k, v in self.ema.items()}, folder / "ema.safetensors")
+            (folder / "recipe.json").write_text(self.recipe.model_dump_json(indent=1))
             tensors, meta = _optimizer_to_files(self.plain_optimizer)
             save_file(tensors, folder / "optimizer.safetensors")
             (folder / "optimizer.json").write_text(json.dumps(meta))
@@ -120,6 +145,8 @@ class Trainer:
         if missing:
             raise KeyError(f"{folder}: checkpoint lacks {sorted(missing)[:3]}...")
         self.core.load_state_dict(weights, strict=False)
+        if self.ema is not None:
+            self.ema = load_file(str(folder / "ema.safetensors"))
         self.plain_optimizer.load_state_dict(_optimizer_from_files(load_file(str(folder / "optimizer.safetensors")),
                                                   json.loads((folder / "optimizer.json").read_text())))
         meta = json.loads((folder / f"rank{rank}.json").read_text())
@@ -164,6 +191,8 @@ class Trainer:
                     if self.acc.sync_gradients:
                         self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
+                    if self.acc.sync_gradients and self.ema is not None:
+                        self.update_ema()
                 self.offset += n
                 result.clips += n
                 total += loss.item() / t.grad_accum
@@ -174,7 +203,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{total:.4f}")
                 with metrics.open("a") as fh:
                     fh.write(json.dumps({"step": self.step, "loss": total, "lr": self.scheduler.get_last_lr()[0],
-                                         "gates": self.core.adapter.gates().mean(1).tolist()}) + "\n")
+                                         **self.core.adapter.gate_stats()}) + "\n")
             if self.step % t.save_every == 0 or self.step == steps:
                 result.checkpoint = self.save(Path(t.output_dir) / f"{CKPT_PREFIX}{self.step}")
         bar.close()
