@@ -68,12 +68,28 @@ class DataConfig(StrictModel):
     seed: int = 0
     batch_size: int = 1
     num_workers: int = 0
+    cache: Path | None = Field(None, description="folder of precomputed latents, text embeddings and expert "
+                                                "features (`lafid cache`); training reads it, and decodes no "
+                                                "video, when it exists")
 
     @model_validator(mode="after")
     def _known_buckets(self):
         unknown = set(self.bucket_weights) - set(BUCKETS)
         if unknown:
             raise ValueError(f"unknown pose buckets {sorted(unknown)}; known: {list(BUCKETS)}")
+        return self
+
+    @model_validator(mode="after")
+    def _wan_shape(self):
+        """Wan's VAE compresses time 4x (keeping the first frame) and space 8x, its DiT patches 2x2."""
+        if self.num_frames % 4 != 1:
+            near = sorted({max(1, self.num_frames - (self.num_frames - 1) % 4), self.num_frames + (5 - self.num_frames % 4) % 4})
+            raise ValueError(f"num_frames {self.num_frames}: Wan needs 4k+1 frames (e.g. {' or '.join(map(str, near))})")
+        for side in ("height", "width"):
+            v = getattr(self, side)
+            if v % 16:
+                raise ValueError(f"{side} {v}: Wan needs a multiple of 16 (VAE 8x, patch 2) "
+                                 f"(e.g. {v - v % 16 or 16} or {v - v % 16 + 16})")
         return self
 
 
@@ -113,6 +129,19 @@ class TrainConfig(StrictModel):
     save_every: int = 50
     log_every: int = 1
     seed: int = 0
+    frozen_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype the frozen transformer, VAE, text encoder and experts load in (torch_dtype); "
+                               "bfloat16 halves their memory and needs mixed_precision: bf16")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: every rank holds the whole model; fsdp: parameters, gradients and optimizer "
+                           "state sharded over ranks (accelerate FSDP2), checkpoints sharded per rank")
+    save_total_limit: int | None = Field(None, ge=1, description="keep only this many newest checkpoints")
+
+    @model_validator(mode="after")
+    def _dtype_needs_autocast(self):
+        if self.frozen_dtype == "bfloat16" and self.mixed_precision != "bf16":
+            raise ValueError("frozen_dtype bfloat16 needs mixed_precision: bf16 (trained weights stay float32)")
+        return self
 
 
 class CoFERecipe(StrictModel):
