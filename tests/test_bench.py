@@ -186,19 +186,33 @@ def test_selection_fills_rare_buckets_first_and_keeps_identities_whole():
         select([_row("a", 0, [0.0])], per_bucket=2, seed=0, max_identity_share=0.5)
 
 
-def test_consisid_protocol_scores_fid_per_frame_against_the_reference(bench, tmp_path):
-    from lafid.bench.evaluate import evaluate
-
-    one = tmp_path / "one"
+@pytest.fixture(scope="module")
+def one_case(bench, tmp_path_factory):
+    """The bench cut to its first case, with a prompt (the real shards were curated without captions)."""
+    one = tmp_path_factory.mktemp("one") / "bench"
     shutil.copytree(bench, one)
-    table = pq.read_table(one / CASES)
-    pq.write_table(table.slice(0, 1), one / CASES)
-    res = evaluate(one, tmp_path / "res", real=True, protocol="consisid", frames=4)
+    table = pq.read_table(one / CASES).slice(0, 1)
+    pq.write_table(table.set_column(table.schema.get_field_index("prompt"), "prompt", [[PROMPT]]), one / CASES)
+    return one
+
+
+PROMPT = "a person talks to the camera"
+
+
+def test_consisid_protocol_fid_per_frame_against_the_reference_and_bgr_clip(one_case, tiny_clip, tmp_path):
+    from lafid.bench.evaluate import evaluate, read_frames
+    from lafid.bench.metrics import ClipScorer
+
+    res = evaluate(one_case, tmp_path / "res", real=True, protocol="consisid", frames=4, clip_dir=tiny_clip)
     case = res["cases"][0]
     assert res["frames_per_video"] == 16 and case["frames"] == 16  # the protocol fixes 16 frames
     assert case["facesim_arc"] > OWN_MIN and case["fid_consisid"] > 0
     assert res["overall"]["fid"] == pytest.approx(case["fid_consisid"])
-    lafid = evaluate(one, tmp_path / "res2", real=True, frames=4)
+    c = load_cases(one_case)[0]
+    every = read_frames(c["source"], c["start_s"], c["end_s"])
+    theirs = [every[int(i * len(every) / 16)][..., ::-1].copy() for i in range(16)]  # BGR, their indices
+    assert case["clipscore"] == pytest.approx(float(ClipScorer(tiny_clip).score(theirs, PROMPT).mean()), abs=1e-3)
+    lafid = evaluate(one_case, tmp_path / "res2", real=True, frames=4)
     assert lafid["frames_per_video"] == 4 and lafid["overall"]["fid"].startswith("not applicable")
 
 
@@ -275,3 +289,75 @@ def test_generate_refuses_image_to_video_and_mismatched_checkpoints(bench, tiny_
         load_model("cofe_tiny", ckpt, i2v)
     with pytest.raises(FileNotFoundError, match="trainable.safetensors"):
         load_model("cofe_tiny", tmp_path, wan)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte-level BPE alphabet (GPT-2 / CLIP): printable bytes map to themselves, others above 255."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    out, extra = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in out:
+            out[b], extra = chr(256 + extra), extra + 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A local CLIP folder (transformers layout): the real architecture at a tiny size, random weights,
+    a character-level tokenizer (byte alphabet, no merges)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    root = tmp_path_factory.mktemp("clip") / "clip-tiny"
+    root.mkdir()
+    chars = list(_bytes_to_unicode().values())
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=77, bos_token_id=len(vocab) - 2, eos_token_id=len(vocab) - 1)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=224,
+                  patch_size=32)
+    import torch
+
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(root)
+    tokenizer = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"))
+    CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tokenizer).save_pretrained(root)
+    return root
+
+
+def test_clipscore_from_a_local_clip_dir_sees_rgb(one_case, tiny_clip, tmp_path):
+    import torch
+
+    from lafid.bench.evaluate import evaluate, read_frames
+    from lafid.bench.metrics import ClipScorer, sample_indices
+
+    case = load_cases(one_case)[0]
+    every = read_frames(case["source"], case["start_s"], case["end_s"])
+    frames = [every[i] for i in sample_indices(len(every), 3)]  # what eval samples with --frames 3
+    clip = ClipScorer(tiny_clip)
+    rgb = clip.score(frames, PROMPT)
+    inputs = clip.processor(text=[PROMPT], images=frames, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = clip.model(**inputs)
+    assert np.allclose(rgb, out.logits_per_image[:, 0].numpy() / clip.model.logit_scale.exp().item() * 100, atol=1e-3)
+    bgr = clip.score([f[..., ::-1].copy() for f in frames], PROMPT)
+    assert np.abs(rgb - bgr).max() > 1e-3  # the channel order changes the score: the protocols differ here
+    res = evaluate(one_case, tmp_path / "res", real=True, frames=3, clip_dir=tiny_clip)
+    assert res["models"]["clipscore"] == "clip:clip-tiny"
+    assert res["cases"][0]["clipscore"] == pytest.approx(float(rgb.mean()), abs=1e-3)
+
+
+def test_curricularface_loads_an_ir_state_dict_and_refuses_another(tmp_path):
+    import torch
+
+    from lafid.bench.metrics import CurricularFace, curricular_backbone
+
+    net = curricular_backbone(units=(1, 1, 1, 1), width=8)
+    torch.save(net.state_dict(), tmp_path / "ir.pth")
+    cur = CurricularFace(tmp_path / "ir.pth", units=(1, 1, 1, 1), width=8)
+    crops = [np.full((224, 224, 3), v, np.uint8) for v in (30, 200)]
+    emb = cur.embed(crops)
+    assert emb.shape == (2, 512) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    with pytest.raises(ValueError, match="CurricularFace IR-101"):
+        CurricularFace(tmp_path / "ir.pth")  # IR-101 layout expected, a 4-unit net given
