@@ -361,3 +361,36 @@ def test_curricularface_loads_an_ir_state_dict_and_refuses_another(tmp_path):
     assert emb.shape == (2, 512) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
     with pytest.raises(ValueError, match="CurricularFace IR-101"):
         CurricularFace(tmp_path / "ir.pth")  # IR-101 layout expected, a 4-unit net given
+
+
+def test_an_undecodable_video_reads_as_missing(bench, tiny_wan, tmp_path):
+    from lafid.bench.evaluate import _readable
+
+    good = media.write_video(str(tmp_path / "good.mp4"), [np.zeros((32, 32, 3), np.uint8)] * 3, 16.0)
+    (tmp_path / "bad.mp4").write_bytes(b"not a video at all" * 100)
+    assert len(_readable(tmp_path / "good.mp4")) == 3 and good
+    assert _readable(tmp_path / "bad.mp4") == [] and _readable(tmp_path / "absent.mp4") == []
+
+
+def test_train_exclude_flag_reaches_the_data_config(bench, shards, tmp_path, monkeypatch):
+    import lafid.cofe.train as train_mod
+
+    seen = {}
+
+    class Recorder:  # stands in for the trainer: only the recipe it is given matters here
+        def __init__(self, recipe):
+            seen["exclude"] = recipe.data.exclude
+            seen["kept"] = sum(len(r) for r in train_mod.ClipDataset(recipe.data).rows)
+
+        def fit(self, steps=None, progress=True):
+            return train_mod.TrainResult(steps=0)
+
+    monkeypatch.setattr(train_mod, "Trainer", Recorder)
+    recipe = tmp_path / "r.yaml"
+    text = (__import__("lafid.recipe", fromlist=["resolve"]).resolve("cofe_tiny")).read_text()
+    recipe.write_text(text.replace("shards: [out/demo/shards]", f"shards: [{shards}]")
+                      .replace("output_dir: out/cofe_tiny", f"output_dir: {tmp_path / 'out'}"))
+    for args, kept in (([], 5), (["--exclude", str(bench)], 2)):
+        result = CliRunner().invoke(app, ["train", "--recipe", str(recipe), "--no-progress", *args])
+        assert result.exit_code == 0, result.output
+        assert seen["exclude"] == [str(bench) for _ in args[1:]] and seen["kept"] == kept

@@ -43,6 +43,18 @@ def read_frames(source: str, start_s: float = 0.0, end_s: float = float("inf"), 
     return [f for _, f in sample_frames(str(source), start_s, end_s, 1000.0, max_side=max_side)]
 
 
+def _readable(path: Path) -> list:
+    """A generated video's frames; none when it is missing or cannot be decoded (scored as missing)."""
+    import av
+
+    if not path.exists():
+        return []
+    try:
+        return read_frames(str(path))
+    except (av.FFmpegError, OSError, ValueError):
+        return []
+
+
 def pick(frames: list, n: int, protocol: str) -> list:
     if protocol == "consisid":  # their CLIP sampling; face frames use linspace, as here
         return [frames[int(i * len(frames) / n)] for i in range(n)] if frames else []
@@ -154,7 +166,7 @@ def evaluate(bench: str | Path, out: str | Path, videos: str | Path | None = Non
             m = tm
         else:
             path = Path(videos) / f"{case['case_id']}.mp4"
-            gen = read_frames(str(path)) if path.exists() else []
+            gen = _readable(path)
             m = ev.video(gen, case["prompt"]) if gen else {
                 "frames": ev.frames, "faces": 0, "arc": np.zeros((0, 1)), "crops": [], "features": np.zeros((0, 2048)),
                 "cur": None, "clip": None, "missing": True}
