@@ -212,6 +212,9 @@ def train(
     resume: bool = typer.Option(True, help="continue from the newest finished checkpoint in train.output_dir"),
     progress: bool = typer.Option(True, help="progress bar"),
     exclude: List[Path] = typer.Option([], "--exclude", help="bench folder whose identities are held out (repeatable)"),
+    plan: bool = typer.Option(False, "--plan", help="print the per-GPU memory estimate and exit (loads nothing)"),
+    gpus: int = typer.Option(1, "--gpus", min=1, help="GPU count for --plan"),
+    gpu_mem: float = typer.Option(80.0, "--gpu-mem", help="GiB per GPU for --plan's verdict"),
 ) -> None:
     """Train CoFE (face experts fusion on a Wan DiT) on clip shards; see docs/cofe.md."""
     from lafid.cofe.config import load_cofe_recipe
@@ -219,6 +222,11 @@ def train(
     with _exit_on(RecipeError, FileNotFoundError):
         parsed = load_cofe_recipe(recipe)
         console.print(describe(recipe), soft_wrap=True, markup=False, highlight=False)
+        if plan:
+            from lafid.cofe.plan import plan as memory_plan
+
+            typer.echo(memory_plan(parsed, gpus).table(gpu_mem))
+            return
         _require_shards(recipe, parsed.data.shards)
     from lafid.cofe.train import main
 
@@ -232,6 +240,36 @@ def train(
                   f"checkpoint {result.checkpoint}")
     if log.exists() and log.stat().st_size > logged:
         console.print(f"warnings (from dependencies): {log}", soft_wrap=True, markup=False, highlight=False)
+
+
+@app.command()
+def cache(
+    recipe: str = typer.Option(..., "--recipe", "-r", help="CoFE recipe path or bundled name"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="cache folder (default: the recipe's data.cache)"),
+    shard_size: int = typer.Option(64, min=1, help="clips per cache file"),
+    progress: bool = typer.Option(True, help="progress bar"),
+) -> None:
+    """Precompute VAE latents, text embeddings and expert features per clip for `train` (resumable;
+    several processes under `accelerate launch` split the clips)."""
+    from lafid.cofe.config import load_cofe_recipe
+
+    with _exit_on(RecipeError, FileNotFoundError):
+        parsed = load_cofe_recipe(recipe)
+        console.print(describe(recipe), soft_wrap=True, markup=False, highlight=False)
+        _require_shards(recipe, parsed.data.shards)
+        if out is None and parsed.data.cache is None:
+            raise RecipeError(f"recipe {recipe} has no data.cache: set it (training reads the cache there) or pass --out")
+    from accelerate import PartialState
+
+    from lafid.cofe.cache import build_cache
+
+    state = PartialState()
+    folder = out or parsed.data.cache
+    with _exit_on(RecipeError, FileNotFoundError, ValueError):
+        result = build_cache(parsed, folder, shard_size=shard_size, rank=state.process_index,
+                             world_size=state.num_processes, progress=progress and state.is_main_process)
+    console.print(f"cached {result.clips} clips in {result.parts} files ({result.skipped} cached before) "
+                  f"in {result.seconds:.1f}s: {folder}", soft_wrap=True, markup=False, highlight=False)
 
 
 WARNINGS_LOG = "warnings.log"

@@ -176,6 +176,9 @@ class ClipDataset(IterableDataset):
                                           for bs in buckets]))
         self.epoch, self.offset = 0, 0
         self._tables: OrderedDict[int, list[dict]] = OrderedDict()
+        from lafid.cofe.cache import open_cache  # precomputed inputs (`lafid cache`): no decoding when present
+
+        self.cache = open_cache(cfg.cache, self)
 
     def set_position(self, epoch: int, offset: int) -> None:
         """Start the next iteration at sample `offset` of `epoch` (this rank's count)."""
@@ -207,7 +210,8 @@ class ClipDataset(IterableDataset):
             if (k - self.offset) % workers == worker:
                 f, r = mine[k]
                 rng = np.random.default_rng([self.cfg.seed, self.epoch, self.rank, k])
-                yield self.sample(self._row(f, r), rng)
+                row = self._row(f, r)
+                yield self.sample(row, rng) if self.cache is None else self.cache.sample(row["clip_id"])
 
     def _row(self, f: int, r: int) -> dict:
         if f not in self._tables:
@@ -239,6 +243,10 @@ class ClipDataset(IterableDataset):
 
 def collate(samples: list[dict]) -> dict:
     """Stack tensors; identity embeddings are kept only where a row had one (`has_id`)."""
+    if "latents" in samples[0]:  # cached samples
+        from lafid.cofe.cache import collate_cached
+
+        return collate_cached(samples)
     has_id = torch.tensor([s["id_embedding"].numel() > 0 for s in samples])
     dim = max(s["id_embedding"].numel() for s in samples)
     stacked = ("frames", "face", "id_face")

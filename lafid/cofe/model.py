@@ -147,6 +147,8 @@ class CoFEModel(nn.Module):
 
     def face_features(self, batch: dict) -> dict[str, torch.Tensor]:
         device = self.transformer.device
+        if "features" in batch:  # cached expert features (`lafid cache`)
+            return {k: v.to(device) for k, v in batch["features"].items()}
         emb = batch.get("id_embedding")
         emb = None if emb is None else emb.to(device)
         return self.experts(batch["face"].to(device), emb, batch["has_id"].to(device), batch["id_face"].to(device))

@@ -93,6 +93,10 @@ class Trainer:
         self.model, self.optimizer = self.acc.prepare(self.model, optimizer)
         self.scheduler = scheduler  # stepped once per optimizer step, not per process
         self.dataset = ClipDataset(recipe.data, rank=self.acc.process_index, world_size=self.acc.num_processes)
+        if self.dataset.cache is not None:
+            from lafid.cofe.cache import check_meta
+
+            check_meta(recipe.data.cache, recipe)  # made from these encoders, sizes and draws
         if len(self.dataset) == 0:
             raise ValueError(f"no clips for rank {self.acc.process_index} of {self.acc.num_processes}")
         self.generator = torch.Generator().manual_seed(t.seed * 1009 + self.acc.process_index)

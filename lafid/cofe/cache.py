@@ -1,0 +1,294 @@
+"""Precomputed training inputs: per clip VAE latents, text embeddings and expert features.
+
+`lafid cache --recipe R` draws one training sample per clip (target window and
+reference face seeded by the clip id, `cache_rng`), runs the frozen VAE, text
+encoder and face experts on it once, in the recipe's `train.frozen_dtype`, and
+writes the results under `data.cache`:
+
+- `part-<hash>.safetensors`: up to `shard_size` clips, tensors named
+  `<clip_id>/<key>` (`latents`, `text_embeds`, `feat.id`, `feat.sem`, `feat.det`,
+  and in i2v mode `i2v_condition`, `image_embeds`); each clip's caption and pose
+  buckets in the file's metadata. Names come from the clip ids they hold, files
+  are written under a temporary name and renamed.
+- `_index-r<rank>.jsonl`: one line per finished part (its file and clip ids),
+  appended after the rename: the completion record. A rerun skips every clip in
+  an index, so an interrupted cache resumes (under any number of processes).
+- `_cache.json`: the fingerprint of everything the tensors depend on (encoder
+  models, frame count, size, stride, face crop, data seed, dtype, mode). A cache
+  made for another recipe is refused rather than silently mixed.
+
+Processes split the clips (`accelerate launch -m lafid.cli cache ...`: every
+process takes every world_size-th clip not cached yet). With a cache present
+`ClipDataset` yields these tensors instead of decoding video; a cached clip
+always shows the same draw (the uncached trainer draws a new window and
+reference each epoch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch import nn
+
+from lafid.cofe.config import CoFERecipe
+
+CACHE_META = "_cache.json"
+INDEX_GLOB = "_index-r*.jsonl"
+FEATURES = ("id", "sem", "det")
+TENSORS = ("latents", "text_embeds", *(f"feat.{k}" for k in FEATURES), "i2v_condition", "image_embeds")
+LABELS = ("caption", "target_buckets", "ref_bucket", "clip_buckets")
+
+
+def cache_rng(seed: int, clip_id: str) -> np.random.Generator:
+    """The cached draw of a clip: a function of the data seed and the clip id only."""
+    return np.random.default_rng([seed, int.from_bytes(hashlib.sha256(clip_id.encode()).digest()[:8], "little")])
+
+
+def fingerprint(recipe: CoFERecipe) -> dict:
+    """What cached tensors depend on; a cache is valid for a recipe whose fingerprint is equal."""
+    d = recipe.data
+    dump = recipe.model_dump(mode="json")
+    return {
+        "mode": recipe.mode,
+        "dtype": recipe.train.frozen_dtype,
+        "data": {k: getattr(d, k) for k in ("num_frames", "frame_stride", "height", "width", "face_size",
+                                            "face_margin", "id_backend", "seed")},
+        "models": {k: dump[k] for k in ("vae", "text", "identity", "semantic", "detail")},
+        "image_dim": (recipe.transformer.config.get("image_dim") if recipe.transformer.config else
+                      _read_config(recipe.transformer.path).get("image_dim")) if recipe.mode == "i2v" else None,
+    }
+
+
+def _read_config(path: Path | None) -> dict:
+    for name in ("config.json", "transformer/config.json"):
+        if path is not None and (Path(path) / name).exists():
+            return json.loads((Path(path) / name).read_text())
+    return {}
+
+
+def dtype_of(recipe: CoFERecipe) -> torch.dtype:
+    return torch.bfloat16 if recipe.train.frozen_dtype == "bfloat16" else torch.float32
+
+
+class Encoders(nn.Module):
+    """The frozen models that turn a sample into training inputs (no transformer): VAE, text encoder, experts.
+
+    `encode_video` / `i2v_condition` are CoFEModel's own, so cached and uncached
+    inputs come from the same code.
+    """
+
+    def __init__(self, recipe: CoFERecipe, device: torch.device | str = "cpu"):
+        super().__init__()
+        from lafid.cofe.experts import FaceExperts
+        from lafid.cofe.model import TextEncoder, build_vae
+
+        self.recipe = recipe
+        dtype = dtype_of(recipe)
+        torch.manual_seed(recipe.train.seed)  # as the trainer: models given by config get its random weights
+        if recipe.transformer.path is None:
+            from lafid.cofe.model import build_transformer
+
+            build_transformer(recipe.transformer)  # draws the random numbers the trainer's transformer draws
+        self.vae = build_vae(recipe.vae).requires_grad_(False).eval()
+        self.text = TextEncoder(recipe.text)
+        self.experts = FaceExperts(recipe.identity, recipe.semantic, recipe.detail)
+        self.to(device=device, dtype=dtype)
+        self.image_dim = fingerprint(recipe)["image_dim"]
+        self.transformer = SimpleNamespace(device=torch.device(device))  # what CoFEModel's methods ask for
+
+    @torch.no_grad()
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Cached tensors of a collated uncached batch, per key, batch first."""
+        from lafid.cofe.model import CoFEModel
+
+        device = self.transformer.device
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype_of(self.recipe) == torch.bfloat16):
+            out = {"latents": CoFEModel.encode_video(self, batch["frames"]), "text_embeds": self.text(batch["caption"])}
+            emb = batch.get("id_embedding")
+            feats = self.experts(batch["face"].to(device), None if emb is None else emb.to(device),
+                                 batch["has_id"].to(device), batch["id_face"].to(device))
+            out.update({f"feat.{k}": v for k, v in feats.items()})
+            if self.recipe.mode == "i2v":
+                out["i2v_condition"] = CoFEModel.i2v_condition(self, batch["frames"])
+                if self.image_dim:
+                    out["image_embeds"] = self.experts.semantic(batch["frames"][:, 0].to(device), hidden_layer=-2)
+        return out
+
+
+def read_index(folder: Path) -> dict[str, str]:
+    """clip id -> part file name, over every finished part."""
+    out: dict[str, str] = {}
+    for index in sorted(Path(folder).glob(INDEX_GLOB)):
+        for line in index.read_text().splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                out.update({c: entry["file"] for c in entry["clips"]})
+    return out
+
+
+def check_meta(folder: Path, recipe: CoFERecipe, create: bool = False) -> None:
+    path = Path(folder) / CACHE_META
+    want = fingerprint(recipe)
+    if path.exists():
+        have = json.loads(path.read_text())
+        if have != want:
+            diff = sorted(k for k in want if have.get(k) != want[k])
+            raise ValueError(f"cache {folder} was made for another recipe (differs in {', '.join(diff)}); "
+                             f"use another data.cache folder or remove it")
+    elif create:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(want, indent=1))
+        tmp.replace(path)
+    else:
+        raise FileNotFoundError(f"{folder} is no cache ({CACHE_META} missing); make it with `lafid cache`")
+
+
+@dataclass
+class CacheResult:
+    clips: int          # cached by this process in this call
+    skipped: int        # already in the cache
+    parts: int
+    seconds: float
+
+
+def build_cache(recipe: CoFERecipe, folder: Path | None = None, shard_size: int = 64, rank: int = 0,
+                world_size: int = 1, device: str | None = None, progress: bool = False) -> CacheResult:
+    """Cache every clip of the recipe's shards not cached yet (this process's share); see the module doc."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from lafid.cofe.data import ClipDataset, collate
+
+    folder = Path(folder or recipe.data.cache or "")
+    if not str(folder) or folder == Path(""):
+        raise ValueError("no cache folder: set data.cache in the recipe or pass --out")
+    if rank == 0:
+        check_meta(folder, recipe, create=True)
+    else:
+        for _ in range(600):
+            if (folder / CACHE_META).exists():
+                break
+            time.sleep(0.1)
+    check_meta(folder, recipe)
+    start = time.perf_counter()
+    dataset = ClipDataset(recipe.data.model_copy(update={"cache": None}))
+    done = read_index(folder)
+    todo, seen = [], set(done)
+    for f, rows in enumerate(dataset.rows):
+        ids = clip_ids(dataset, f)
+        for r in rows:
+            if ids[r] not in seen:
+                seen.add(ids[r])
+                todo.append((f, r))
+    mine = todo[rank::world_size]
+    encoders = Encoders(recipe, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    parts, batch_size = 0, max(1, recipe.data.batch_size)
+    index = folder / f"_index-r{rank}.jsonl"
+    bar = tqdm(total=len(mine), disable=not progress, desc="cache", unit="clip")
+    for lo in range(0, len(mine), shard_size):
+        tensors: dict[str, torch.Tensor] = {}
+        labels: dict[str, dict] = {}
+        chunk = mine[lo:lo + shard_size]
+        for b in range(0, len(chunk), batch_size):
+            samples = []
+            for f, r in chunk[b:b + batch_size]:
+                row = dataset._row(f, r)
+                samples.append(dataset.sample(row, cache_rng(recipe.data.seed, row["clip_id"])))
+            for key, value in encoders(collate(samples)).items():
+                for s, v in zip(samples, value):
+                    tensors[f"{s['clip_id']}/{key}"] = v.detach().to("cpu").contiguous().clone()
+            for s in samples:
+                labels[s["clip_id"]] = {k: s[k] for k in LABELS}
+            bar.update(len(samples))
+        ids = sorted(labels)
+        name = f"part-{hashlib.sha256(chr(0).join(ids).encode()).hexdigest()[:16]}.safetensors"
+        tmp = folder / f".{name}.tmp{os.getpid()}"
+        save_file(tensors, str(tmp), metadata={"labels": json.dumps(labels)})
+        tmp.replace(folder / name)
+        with index.open("a") as fh:  # the completion record, after the part is in place
+            fh.write(json.dumps({"file": name, "clips": ids}) + "\n")
+        parts += 1
+    bar.close()
+    return CacheResult(clips=len(mine), skipped=len(done), parts=parts, seconds=time.perf_counter() - start)
+
+
+def clip_ids(dataset, f: int) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(dataset.files[f], columns=["clip_id"], filesystem=dataset.fs)["clip_id"].to_pylist()
+
+
+def open_cache(folder: Path | None, dataset) -> "ClipCache | None":
+    """The cache a ClipDataset reads: None when `folder` is unset or absent; refused when it lacks a clip."""
+    if folder is None or not (Path(folder) / CACHE_META).exists():
+        return None
+    cache = ClipCache(folder)
+    missing = []
+    for f, rows in enumerate(dataset.rows):
+        ids = clip_ids(dataset, f)
+        missing += [ids[r] for r in rows if ids[r] not in cache]
+    if missing:
+        raise ValueError(f"cache {folder} lacks {len(missing)} clip(s) of data.shards (e.g. {missing[0]}); "
+                         f"complete it with `lafid cache --recipe ...` (it resumes)")
+    return cache
+
+
+class ClipCache:
+    """Reads cached samples by clip id (parts opened lazily, a few kept open)."""
+
+    def __init__(self, folder: Path, recipe: CoFERecipe | None = None, keep_open: int = 4):
+        self.folder = Path(folder)
+        if recipe is not None:
+            check_meta(self.folder, recipe)
+        self.files = read_index(self.folder)
+        self.keep_open = keep_open
+        self._open: OrderedDict[str, tuple[object, dict]] = OrderedDict()
+
+    def __contains__(self, clip_id: str) -> bool:
+        return clip_id in self.files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _part(self, name: str):
+        from safetensors import safe_open
+
+        if name not in self._open:
+            handle = safe_open(str(self.folder / name), framework="pt")
+            self._open[name] = (handle, json.loads(handle.metadata()["labels"]))
+            while len(self._open) > self.keep_open:
+                self._open.popitem(last=False)
+        self._open.move_to_end(name)
+        return self._open[name]
+
+    def sample(self, clip_id: str) -> dict:
+        handle, labels = self._part(self.files[clip_id])
+        out = {"clip_id": clip_id, **labels[clip_id]}
+        for key in TENSORS:
+            name = f"{clip_id}/{key}"
+            if name in handle.keys():
+                out[key] = handle.get_tensor(name)
+        return out
+
+    def __getstate__(self):  # DataLoader workers reopen their own handles
+        return {**self.__dict__, "_open": OrderedDict()}
+
+
+def collate_cached(samples: list[dict]) -> dict:
+    """Stack cached samples into the batch CoFEModel reads (`latents`, `text_embeds`, `features`, ...)."""
+    batch = {k: [s[k] for s in samples] for k in ("clip_id", *LABELS)}
+    for key in TENSORS:
+        if key in samples[0]:
+            batch[key] = torch.stack([s[key] for s in samples])
+    batch["features"] = {k: batch.pop(f"feat.{k}") for k in FEATURES}
+    return batch
