@@ -20,12 +20,13 @@ WAN21_1_3B = dict(patch_size=[1, 2, 2], num_attention_heads=12, attention_head_d
 FULL_EXPERT_DIMS = {"id": 512, "sem": 1280, "det": 1024}
 
 
-def tiny(gate_inputs=("face",), checkpointing: bool = False) -> CoFEModel:
-    r = load_cofe_recipe("cofe_tiny")
+def tiny(gate_inputs=("face",), checkpointing: bool = False, injection: str = "fused", recipe: str = "cofe_tiny",
+         **train) -> CoFEModel:
+    r = load_cofe_recipe(recipe)
     torch.manual_seed(0)
     return CoFEModel(r.model_copy(update={
-        "cofe": r.cofe.model_copy(update={"gate_inputs": list(gate_inputs)}),
-        "train": r.train.model_copy(update={"gradient_checkpointing": checkpointing})}))
+        "cofe": r.cofe.model_copy(update={"gate_inputs": list(gate_inputs), "injection": injection}),
+        "train": r.train.model_copy(update={"gradient_checkpointing": checkpointing, **train})}))
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +43,10 @@ def inputs(model: CoFEModel, batch: int = 2):
     return model.encode_video(frames), torch.tensor([900.0, 150.0][:batch]), model.text(["a man talks"] * batch)
 
 
-@pytest.mark.parametrize("gate_inputs", [("face",), ("face", "timestep", "hidden")])
-def test_backbone_output_is_reproduced_at_init(faces, gate_inputs):
-    model = tiny(gate_inputs)
+@pytest.mark.parametrize("gate_inputs,injection", [(("face",), "fused"), (("face", "timestep", "hidden"), "fused"),
+                                                   (("face",), "per_expert")])
+def test_backbone_output_is_reproduced_at_init(faces, gate_inputs, injection):
+    model = tiny(gate_inputs, injection=injection)
     x, t, text = inputs(model)
     feats = model.experts(torch.cat(faces))
     with torch.no_grad():
@@ -70,6 +72,143 @@ def test_gradients_reach_only_cofe_and_lora(faces, checkpointing):
     assert len(out_grads) == 2 and all(g > 0 for g in out_grads)  # the zero-init injection does learn
     assert sum(p.numel() for n, p in model.named_parameters() if n.startswith(("vae.", "text.", "experts."))
                and p.requires_grad) == 0
+
+
+def clip_batch(faces, n: int = 2) -> dict:
+    gen = torch.Generator().manual_seed(3)
+    return {"frames": torch.randint(0, 256, (n, 5, 64, 64, 3), generator=gen, dtype=torch.uint8),
+            "caption": ["a man talks", "a woman talks"][:n], "face": torch.cat(faces)[:n],
+            "id_face": torch.cat(faces)[:n], "has_id": torch.zeros(n, dtype=torch.bool), "id_embedding": None}
+
+
+def zero_grad_tensors(model: CoFEModel, batch: dict, cut=None) -> tuple[list[str], dict, dict]:
+    """One AdamW step, then a second backward: (trainable tensors whose gradient is exactly zero,
+    frozen state before, frozen state after). `cut(model)` may sever a path first."""
+    trainable = model.trainable_state()
+    frozen = lambda: {n: t.detach().clone() for n, t in list(model.named_parameters()) + list(model.named_buffers())  # noqa: E731
+                      if n not in trainable}
+    before = frozen()
+    if cut is not None:
+        cut(model)
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2)
+    model(batch, torch.Generator().manual_seed(0)).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    model(batch, torch.Generator().manual_seed(1)).backward()
+    zero = [n for n, p in trainable.items() if p.grad is None or not bool(p.grad.abs().sum() > 0)]
+    return zero, before, frozen()
+
+
+@pytest.mark.parametrize("injection,recipe", [("fused", "cofe_tiny"), ("per_expert", "cofe_tiny"),
+                                              ("fused", "cofe_tiny_i2v")])
+def test_every_cofe_tensor_learns_and_frozen_weights_stay_bit_identical(faces, injection, recipe):
+    model = tiny(injection=injection, recipe=recipe).train()
+    batch = clip_batch(faces)
+    zero, before, after = zero_grad_tensors(model, batch)
+    trainable = model.trainable_state()
+    assert len(trainable) > 40 and not zero, zero  # every projection, gate, expert and attention tensor
+    assert before.keys() == after.keys() and len(before) > 100
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert not changed, changed[:5]  # VAE, text encoder, experts, DiT (and BatchNorm statistics) untouched
+
+
+def _detach_output(module):
+    module.register_forward_hook(lambda m, args, out: out.detach())
+
+
+@pytest.mark.parametrize("cut,severed", [
+    (lambda m: _detach_output(m.adapter.projections["sem"]), "adapter.projections.sem."),
+    (lambda m: _detach_output(m.adapter.layers[1].fusion.gate), "adapter.layers.1.fusion.gate."),
+    (lambda m: _detach_output(m.adapter.layers[0].fusion.experts[2]), "adapter.layers.0.fusion.experts.2."),
+])
+def test_the_gradient_check_catches_a_severed_path(faces, cut, severed):
+    model = tiny(injection="per_expert").train()
+    zero, _, _ = zero_grad_tensors(model, clip_batch(faces), cut)
+    assert zero and all(n.startswith(severed) for n in zero), zero
+
+
+def test_per_expert_attention_maps_are_recorded_and_differ_by_expert(faces):
+    model = tiny(injection="per_expert")
+    trainable = model.trainable_state()
+    with torch.no_grad():
+        for layer in model.adapter.layers:  # as after training: the output projection is no longer zero
+            torch.nn.init.normal_(layer.cross.to_out.weight, std=0.2)
+    x, t, text = inputs(model, batch=2)
+    model.adapter.record_maps()
+    with torch.no_grad():
+        model.denoise(x, t, text, model.experts(torch.cat(faces)))
+    tokens = x.shape[2] * (x.shape[3] // 2) * (x.shape[4] // 2)
+    for layer in model.adapter.layers:
+        probs, contribution = layer.record["probs"], layer.record["contribution"]
+        assert len(probs) == len(contribution) == 3
+        assert all(p.shape == (2, tokens, 4) for p in probs) and all(c.shape == (2, tokens) for c in contribution)
+        torch.testing.assert_close(probs[0].sum(-1), torch.ones(2, tokens))
+        assert (probs[0] - probs[1]).abs().max() > 1e-3 and (contribution[0] - contribution[2]).abs().max() > 1e-4
+    fused = tiny(injection="fused")
+    fused.adapter.record_maps()
+    with torch.no_grad():
+        fused.denoise(x, t, text, fused.experts(torch.cat(faces)))
+    assert len(fused.adapter.layers[0].record["probs"]) == 1  # one attention for the gated sum
+    assert len(trainable) < len(fused.trainable_state()) + 2 * 3 * 2 * 3  # K, V, norm per expert per block
+
+
+def test_i2v_conditioning_is_wans(faces):
+    model = tiny(recipe="cofe_tiny_i2v")
+    batch = clip_batch(faces)
+    cond = model.i2v_condition(batch["frames"])
+    latents = model.encode_video(batch["frames"])
+    assert model.transformer.config.in_channels == 36 == latents.shape[1] + cond.shape[1]
+    assert cond.shape == (2, 20, *latents.shape[2:])
+    mask = cond[:, :4]
+    assert bool((mask[:, :, 0] == 1).all()) and bool((mask[:, :, 1:] == 0).all())  # only the first frame is given
+    first_only = batch["frames"].clone()
+    first_only[:, 1:] = 0
+    other_rest = model.i2v_condition(first_only)
+    torch.testing.assert_close(other_rest, cond)  # later frames never leak into the condition
+    other_first = batch["frames"].clone()
+    other_first[:, 0] = 255 - other_first[:, 0]
+    assert (model.i2v_condition(other_first)[:, 4:] - cond[:, 4:]).abs().max() > 1e-3
+    image = model.image_embeds(batch["frames"])
+    assert image.shape[-1] == model.transformer.config.image_dim
+    # the transformer reads both: a different first frame or image embedding changes its prediction
+    noisy, t, text = torch.randn_like(latents), torch.tensor([500.0, 500.0]), model.text(batch["caption"])
+    with torch.no_grad():
+        base = model.denoise(noisy, t, text, None, cond, image)
+        assert (model.denoise(noisy, t, text, None, model.i2v_condition(other_first), image) - base).abs().max() > 1e-4
+        assert (model.denoise(noisy, t, text, None, cond, torch.randn_like(image)) - base).abs().max() > 1e-4
+
+
+def test_condition_dropout_removes_exactly_the_dropped_conditions(faces):
+    model = tiny()
+    with torch.no_grad():  # a trained-looking injection, so the face matters
+        for layer in model.adapter.layers:
+            torch.nn.init.normal_(layer.cross.to_out.weight, std=0.2)
+    x, t, text = inputs(model)
+    feats = model.experts(torch.cat(faces))
+    drop_first = torch.tensor([False, True])
+    with torch.no_grad():
+        full, plain = model.denoise(x, t, text, feats), model.denoise(x, t, text, None)
+        mixed = model.denoise(x, t, text, feats, keep_face=drop_first)
+    assert (full[0] - plain[0]).abs().max() > 1e-3
+    torch.testing.assert_close(mixed[0], plain[0], rtol=0, atol=1e-6)  # no face for the dropped sample
+    torch.testing.assert_close(mixed[1], full[1], rtol=0, atol=1e-6)   # the other keeps its face
+
+    batch = clip_batch(faces)
+    keep = torch.tensor([True, True])
+    gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    with torch.no_grad():
+        both = model(batch, gen(), keep_face=keep, keep_text=keep)
+        no_text = model(batch, gen(), keep_face=keep, keep_text=drop_first)
+        empty = model({**batch, "caption": ["", batch["caption"][1]]}, gen(), keep_face=keep, keep_text=keep)
+    assert no_text != both
+    torch.testing.assert_close(no_text, empty)  # text dropout = the empty caption
+    # rates in the recipe: masks drawn from the training generator, so a run is reproducible
+    rated = tiny(face_drop=0.5, text_drop=0.5)
+    rated.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        runs = [rated(batch, torch.Generator().manual_seed(s)).item() for s in (7, 7, 8, 9, 10)]
+        plain_runs = [model(batch, torch.Generator().manual_seed(s)).item() for s in (7, 8, 9, 10)]
+    assert runs[0] == runs[1] and runs[1:] != plain_runs
 
 
 def test_fusion_weights_differ_between_blocks_and_follow_the_face(faces):
