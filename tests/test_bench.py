@@ -329,12 +329,14 @@ def tiny_clip(tmp_path_factory):
 def test_clipscore_from_a_local_clip_dir_sees_rgb(one_case, tiny_clip, tmp_path):
     import torch
 
-    from lafid.bench.evaluate import evaluate, read_frames
+    from lafid.bench.evaluate import Span, evaluate, read_frames, spread
     from lafid.bench.metrics import ClipScorer, sample_indices
 
     case = load_cases(one_case)[0]
     every = read_frames(case["source"], case["start_s"], case["end_s"])
     frames = [every[i] for i in sample_indices(len(every), 3)]  # what eval samples with --frames 3
+    assert len(every) > 100 and [f.tobytes() for f in frames] == [  # first, middle and last frame, one pass
+        f.tobytes() for f in spread(Span(case["source"], case["start_s"], case["end_s"], case["fps"]), 3)]
     clip = ClipScorer(tiny_clip)
     rgb = clip.score(frames, PROMPT)
     inputs = clip.processor(text=[PROMPT], images=frames, return_tensors="pt", padding=True)
@@ -363,13 +365,14 @@ def test_curricularface_loads_an_ir_state_dict_and_refuses_another(tmp_path):
         CurricularFace(tmp_path / "ir.pth")  # IR-101 layout expected, a 4-unit net given
 
 
-def test_an_undecodable_video_reads_as_missing(bench, tiny_wan, tmp_path):
-    from lafid.bench.evaluate import _readable
+def test_an_undecodable_video_reads_as_missing(tmp_path):
+    from lafid.bench.evaluate import generated, spread
 
-    good = media.write_video(str(tmp_path / "good.mp4"), [np.zeros((32, 32, 3), np.uint8)] * 3, 16.0)
+    media.write_video(str(tmp_path / "good.mp4"), [np.full((32, 32, 3), v, np.uint8) for v in (0, 100, 200)], 16.0)
     (tmp_path / "bad.mp4").write_bytes(b"not a video at all" * 100)
-    assert len(_readable(tmp_path / "good.mp4")) == 3 and good
-    assert _readable(tmp_path / "bad.mp4") == [] and _readable(tmp_path / "absent.mp4") == []
+    span = generated(tmp_path / "good.mp4")
+    assert [int(f.mean()) // 50 for f in spread(span, 5)] == [0, 0, 2, 4, 4]  # 5 of 3 frames: evenly, repeated
+    assert generated(tmp_path / "bad.mp4") is None and generated(tmp_path / "absent.mp4") is None
 
 
 def test_train_exclude_flag_reaches_the_data_config(bench, shards, tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ Also reported: FaceSim-Arc of each case against the reference of another identit
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -31,7 +32,7 @@ from lafid.bench.metrics import (ClipScorer, CurricularFace, FaceMeter, Inceptio
                                  frechet_distance, sample_indices)
 from lafid.face.pose import BUCKETS
 from lafid.storage import write_text_atomic
-from lafid.video import sample_frames
+from lafid.video import MediaError, probe, sample_frames
 
 PROTOCOLS = ("lafid", "consisid")
 NOT_COMPUTED = "not computed"
@@ -43,22 +44,46 @@ def read_frames(source: str, start_s: float = 0.0, end_s: float = float("inf"), 
     return [f for _, f in sample_frames(str(source), start_s, end_s, 1000.0, max_side=max_side)]
 
 
-def _readable(path: Path) -> list:
-    """A generated video's frames; none when it is missing or cannot be decoded (scored as missing)."""
-    import av
+@dataclass(frozen=True)
+class Span:
+    """A video or a part of one: what gets sampled."""
+    source: str
+    start_s: float
+    end_s: float
+    fps: float
 
-    if not path.exists():
+
+def frame_indices(count: int, n: int, at_ends: bool = True) -> list[int]:
+    """`n` of `count` frames: evenly spaced with first and last included (`at_ends`), else
+    frame int(i x count / n) as the ConsisID script takes them."""
+    if not count:
         return []
+    return sample_indices(count, n).tolist() if at_ends else [int(i * count / n) for i in range(n)]
+
+
+def spread(span: Span, n: int, at_ends: bool = True, max_side: int = 1024) -> list:
+    """`n` frames of a span (see `frame_indices`), decoded in one pass keeping only those; a second
+    pass only when the frame count differs from duration x fps (variable frame rate)."""
+    count = max(1, int(round((span.end_s - span.start_s) * span.fps)))
+    for _ in range(2):
+        want, kept, seen = set(frame_indices(count, n, at_ends)), {}, 0
+        for _, frame in sample_frames(span.source, span.start_s, span.end_s, 1000.0, max_side=max_side):
+            if seen in want:
+                kept[seen] = frame
+            seen += 1
+        if seen == count:
+            break
+        count = seen
+    return [kept[i] for i in frame_indices(count, n, at_ends) if i in kept]
+
+
+def generated(path: Path) -> Span | None:
+    """A generated video as a span; None when it is missing or cannot be decoded (scored as missing)."""
     try:
-        return read_frames(str(path))
-    except (av.FFmpegError, OSError, ValueError):
-        return []
-
-
-def pick(frames: list, n: int, protocol: str) -> list:
-    if protocol == "consisid":  # their CLIP sampling; face frames use linspace, as here
-        return [frames[int(i * len(frames) / n)] for i in range(n)] if frames else []
-    return [frames[i] for i in sample_indices(len(frames), n)]
+        info = probe(str(path))
+    except MediaError:
+        return None
+    return Span(str(path), 0.0, info.duration_s, info.fps or 16.0) if info.frame_count else None
 
 
 def _mean(values) -> float | None:
@@ -90,18 +115,18 @@ class Evaluator:
         return {"found": True, "arc": emb[0], "crop": crops[0],
                 "cur": self.cur.embed([crops[0]])[0] if self.cur else None}
 
-    def video(self, frames: list, prompt: str, features: bool = True) -> dict:
-        """Measurements of one video's sampled frames (Inception features of its face crops if `features`)."""
-        chosen = [frames[i] for i in sample_indices(len(frames), self.frames)]
+    def video(self, span: Span, prompt: str, features: bool = True) -> dict:
+        """Measurements of a video's sampled frames (Inception features of its face crops if `features`)."""
+        chosen = spread(span, self.frames)
         found, crops, emb = self.faces.measure(chosen)
         crops = [c for c in crops if c is not None]
         out = {"frames": len(chosen), "faces": int(found.sum()), "arc": emb[found], "crops": crops,
                "features": self.inception.features(crops) if crops and features else np.zeros((0, 2048)),
                "cur": self.cur.embed(crops) if self.cur and crops else None, "clip": None}
         if self.clip is not None and prompt:
-            clip_frames = pick(frames, self.frames, self.protocol)
-            if self.protocol == "consisid":
-                clip_frames = [f[..., ::-1].copy() for f in clip_frames]  # their frames reach CLIP as BGR
+            clip_frames = chosen
+            if self.protocol == "consisid":  # their CLIP frames: i x count / 16, reaching CLIP in BGR order
+                clip_frames = [f[..., ::-1].copy() for f in spread(span, self.frames, at_ends=False)]
             out["clip"] = float(np.mean(self.clip.score(clip_frames, prompt)))
         return out
 
@@ -158,18 +183,19 @@ def evaluate(bench: str | Path, out: str | Path, videos: str | Path | None = Non
             for c in cases}
     rows, gen_feats, real_feats = [], {}, {}
     for case in cases:
-        target = read_frames(case["source"], case["start_s"], case["end_s"])
+        target = Span(case["source"], case["start_s"], case["end_s"], float(case["fps"] or 25.0))
         # FID needs the real crops' features unless the real clips are what is scored (lafid protocol)
         tm = ev.video(target, case["prompt"], features=protocol == "consisid" or not real)
         real_feats[case["case_id"]] = tm["features"]
         if real:
             m = tm
         else:
-            path = Path(videos) / f"{case['case_id']}.mp4"
-            gen = _readable(path)
-            m = ev.video(gen, case["prompt"]) if gen else {
+            span = generated(Path(videos) / f"{case['case_id']}.mp4")
+            m = ev.video(span, case["prompt"]) if span else {
                 "frames": ev.frames, "faces": 0, "arc": np.zeros((0, 1)), "crops": [], "features": np.zeros((0, 2048)),
                 "cur": None, "clip": None, "missing": True}
+            if not m["frames"]:
+                m.update(frames=ev.frames, missing=True)
             gen_feats[case["case_id"]] = m["features"]
         other = next((refs[o["case_id"]] for o in cases if o["identity_id"] != case["identity_id"]
                       and refs[o["case_id"]]["found"]), None)
