@@ -98,10 +98,13 @@ class Encoders(nn.Module):
             from lafid.cofe.model import build_transformer
 
             build_transformer(recipe.transformer)  # draws the random numbers the trainer's transformer draws
-        self.vae = build_vae(recipe.vae).requires_grad_(False).eval()
-        self.text = TextEncoder(recipe.text)
+        dtype = None if dtype == torch.float32 else dtype  # loaded as CoFEModel loads them
+        self.vae = build_vae(recipe.vae, dtype).requires_grad_(False).eval()
+        self.text = TextEncoder(recipe.text, dtype)
         self.experts = FaceExperts(recipe.identity, recipe.semantic, recipe.detail)
-        self.to(device=device, dtype=dtype)
+        if dtype is not None:
+            self.experts.to(dtype)
+        self.to(device=device)
         self.image_dim = fingerprint(recipe)["image_dim"]
         self.transformer = SimpleNamespace(device=torch.device(device))  # what CoFEModel's methods ask for
 

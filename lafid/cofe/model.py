@@ -26,20 +26,27 @@ from lafid.cofe.experts import FaceExperts
 from lafid.cofe.fusion import CoFEAdapter
 
 
-def build_transformer(cfg: ModelSource):
+def frozen_dtype(recipe: CoFERecipe) -> torch.dtype | None:
+    """dtype the frozen models load in (`train.frozen_dtype`); None: as built (float32)."""
+    return torch.bfloat16 if recipe.train.frozen_dtype == "bfloat16" else None
+
+
+def build_transformer(cfg: ModelSource, dtype: torch.dtype | None = None):
     from diffusers import WanTransformer3DModel
 
-    if cfg.path:
-        return WanTransformer3DModel.from_pretrained(str(cfg.path), local_files_only=True)
-    return WanTransformer3DModel.from_config(cfg.config)
+    if cfg.path:  # torch_dtype: read straight into `dtype`, never a float32 copy first
+        return WanTransformer3DModel.from_pretrained(str(cfg.path), local_files_only=True, torch_dtype=dtype)
+    model = WanTransformer3DModel.from_config(cfg.config)
+    return model if dtype is None else model.to(dtype)
 
 
-def build_vae(cfg: ModelSource):
+def build_vae(cfg: ModelSource, dtype: torch.dtype | None = None):
     from diffusers import AutoencoderKLWan
 
     if cfg.path:
-        return AutoencoderKLWan.from_pretrained(str(cfg.path), local_files_only=True)
-    return AutoencoderKLWan.from_config(cfg.config)
+        return AutoencoderKLWan.from_pretrained(str(cfg.path), local_files_only=True, torch_dtype=dtype)
+    model = AutoencoderKLWan.from_config(cfg.config)
+    return model if dtype is None else model.to(dtype)
 
 
 def build_adapter(transformer_config, expert_dims: dict[str, int], recipe: CoFERecipe) -> CoFEAdapter:
@@ -54,7 +61,7 @@ class TextEncoder(nn.Module):
     """Wan's UMT5 encoder from a local dir (tokenizer/ + text_encoder/ subfolders, or both in one),
     or a tiny T5 encoder from config with the byte-level ByT5 tokenizer (it needs no vocabulary file)."""
 
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, dtype: torch.dtype | None = None):
         super().__init__()
         from transformers import AutoTokenizer, ByT5Tokenizer, T5Config, T5EncoderModel, UMT5EncoderModel
 
@@ -63,10 +70,12 @@ class TextEncoder(nn.Module):
             root = Path(cfg.path)
             sub = lambda name: str(root / name if (root / name).is_dir() else root)  # noqa: E731
             self.tokenizer = AutoTokenizer.from_pretrained(sub("tokenizer"), local_files_only=True)
-            self.model = UMT5EncoderModel.from_pretrained(sub("text_encoder"), local_files_only=True)
+            self.model = UMT5EncoderModel.from_pretrained(sub("text_encoder"), local_files_only=True, dtype=dtype)
         else:
             self.tokenizer = ByT5Tokenizer()
             self.model = T5EncoderModel(T5Config(**cfg.config))
+        if dtype is not None:
+            self.model.to(dtype)
         self.requires_grad_(False).eval()
 
     @torch.no_grad()
@@ -82,15 +91,22 @@ class CoFEModel(nn.Module):
     def __init__(self, recipe: CoFERecipe):
         super().__init__()
         self.recipe = recipe
-        self.transformer = build_transformer(recipe.transformer).requires_grad_(False)
-        self.vae = build_vae(recipe.vae).requires_grad_(False).eval()
-        self.text = TextEncoder(recipe.text)
+        dtype = frozen_dtype(recipe)  # bf16 frozen parts; CoFE (and LoRA) weights are made float32 below
+        self.transformer = build_transformer(recipe.transformer, dtype).requires_grad_(False)
+        self.vae = build_vae(recipe.vae, dtype).requires_grad_(False).eval()
+        self.text = TextEncoder(recipe.text, dtype)
         self.experts = FaceExperts(recipe.identity, recipe.semantic, recipe.detail)
+        if dtype is not None:
+            self.experts.to(dtype)
         if recipe.cofe.lora_rank:
             from peft import LoraConfig
 
             r = recipe.cofe.lora_rank
             self.transformer.add_adapter(LoraConfig(r=r, lora_alpha=r, target_modules=recipe.cofe.lora_targets))
+        if dtype is not None:  # LoRA weights train in float32 (bf16 would round small AdamW updates away)
+            for p in self.transformer.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
         self.adapter = build_adapter(self.transformer.config, self.experts.dims, recipe).attach(self.transformer)
         if recipe.train.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
