@@ -240,7 +240,7 @@ def tiny_wan(tmp_path_factory):
                                                   flow_shift=3.0)).save_pretrained(root / "wan")
     model = CoFEModel(_recipe("cofe_tiny", root / "wan"))
     for p in model.trainable_state().values():  # a trained state: CoFE's zero-initialised outputs moved
-        torch.nn.init.normal_(p, std=0.02)
+        torch.nn.init.normal_(p, std=0.2)
     (root / "checkpoint-1").mkdir()
     save_file({k: v.detach().contiguous() for k, v in model.trainable_state().items()},
               root / "checkpoint-1" / "trainable.safetensors")
@@ -262,6 +262,11 @@ def test_generate_writes_every_case_resumes_and_eval_counts_faceless_videos(benc
         info = probe(str(videos / f"{c['case_id']}.mp4"))
         assert (info.frame_count, info.width, info.height) == (5, 48, 64)
     assert sorted(p.name for p in videos.glob("*.mp4")) == sorted(f"{c['case_id']}.mp4" for c in cases)
+    from lafid.bench.evaluate import read_frames
+
+    # Same (empty) prompt and seed for both cases: only the reference faces, through CoFE, tell them apart
+    a, b = (np.stack(read_frames(str(videos / f"{c['case_id']}.mp4"))).astype(int) for c in cases[:2])
+    assert np.abs(a - b).mean() > 0.5
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and f"0 videos written, {len(cases)} already there" in again.output
     (videos / f"{cases[0]['case_id']}.mp4").unlink()  # a case without its video is scored, not dropped
@@ -397,3 +402,29 @@ def test_train_exclude_flag_reaches_the_data_config(bench, shards, tmp_path, mon
         result = CliRunner().invoke(app, ["train", "--recipe", str(recipe), "--no-progress", *args])
         assert result.exit_code == 0, result.output
         assert seen["exclude"] == [str(bench) for _ in args[1:]] and seen["kept"] == kept
+
+
+def test_generate_image_to_video_from_the_reference(bench, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from lafid.bench.evaluate import read_frames
+    from lafid.bench.generate import GenerateSettings, generate
+    from lafid.cofe.config import load_cofe_recipe
+    from lafid.cofe.model import CoFEModel
+
+    r = load_cofe_recipe("cofe_tiny_i2v")
+    torch.manual_seed(r.train.seed)
+    model = CoFEModel(r)
+    for p in model.trainable_state().values():
+        torch.nn.init.normal_(p, std=0.02)
+    (tmp_path / "ckpt").mkdir()
+    save_file({k: v.detach().contiguous() for k, v in model.trainable_state().items()},
+              tmp_path / "ckpt" / "trainable.safetensors")
+    done = generate(bench, tmp_path / "videos", "cofe_tiny_i2v", tmp_path / "ckpt",
+                    settings=GenerateSettings(num_frames=5, height=64, width=48, steps=2))
+    cases = load_cases(bench)
+    assert done == {"cases": len(cases), "written": len(cases), "skipped": 0}
+    videos = [np.stack(read_frames(str(tmp_path / "videos" / f"{c['case_id']}.mp4"))).astype(int) for c in cases]
+    assert all(v.shape == (5, 64, 48, 3) for v in videos)
+    assert np.abs(videos[0] - videos[1]).mean() > 0.5  # each case starts from its own reference image

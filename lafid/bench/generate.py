@@ -3,7 +3,8 @@
 The model is rebuilt as training built it (`lafid.cofe.model.CoFEModel` from the CoFE recipe,
 seeded like the trainer, so parts made from a `config` get the same random weights), its
 trainable weights (CoFE, LoRA) are loaded from the checkpoint's `trainable.safetensors`, and
-a diffusers `WanPipeline` runs on its transformer, VAE and text encoder. `--model-dir` names
+a diffusers `WanPipeline` runs on its transformer, VAE and text encoder; a `mode: i2v` recipe
+samples image-to-video from the reference image (`sample_i2v`). `--model-dir` names
 a local diffusers Wan pipeline folder (`model_index.json`, `transformer/`, `vae/`,
 `text_encoder/`, `tokenizer/`, `scheduler/`) whose parts replace the recipe's. The case's
 reference image gives the experts their faces (SCRFD box and landmarks, cropped and aligned
@@ -26,7 +27,7 @@ from lafid.bench.build import REF_MARGIN, load_cases
 from lafid.storage import write_text_atomic
 
 SETTINGS = "generate.json"
-I2V_CLASSES = ("WanImageToVideoPipeline",)
+I2V_CLASSES = ("WanImageToVideoPipeline",)  # a --model-dir of this class needs a mode: i2v recipe
 
 
 @dataclass
@@ -52,9 +53,9 @@ def _recipe(recipe: str | Path, model_dir: str | Path | None):
     if not index.exists():
         raise FileNotFoundError(f"{root}: no model_index.json; --model-dir takes a local diffusers Wan pipeline folder")
     kind = json.loads(index.read_text()).get("_class_name", "")
-    if kind in I2V_CLASSES:
-        raise ValueError(f"{root} is an image-to-video pipeline ({kind}); lafid generate runs text-to-video "
-                         "Wan pipelines (WanPipeline) with CoFE faces")
+    if (kind in I2V_CLASSES) != (r.mode == "i2v"):
+        raise ValueError(f"{root} is a {kind} but recipe {recipe} has mode {r.mode}: image-to-video pipelines "
+                         "go with mode: i2v recipes, text-to-video ones with mode: t2v")
     for part in ("transformer", "vae", "text_encoder", "tokenizer"):
         if not (root / part).is_dir():
             raise FileNotFoundError(f"{root}: no {part}/ folder")
@@ -79,6 +80,9 @@ def load_model(recipe: str | Path, checkpoint: str | Path, model_dir: str | Path
     r = _recipe(recipe, model_dir)
     torch.manual_seed(r.train.seed)  # as the trainer does: config-built parts get the weights training saw
     model = CoFEModel(r)
+    if r.mode == "i2v" and model.transformer.config.in_channels != 2 * model.vae.config.z_dim + 4:
+        raise ValueError(f"recipe {recipe} has mode i2v but its transformer takes "
+                         f"{model.transformer.config.in_channels} channels, not an image-to-video transformer")
     weights = load_file(str(weights_file))
     expected = set(model.trainable_state())
     missing, unknown = expected - set(weights), set(weights) - expected
@@ -129,6 +133,34 @@ class FaceInput:
                 "id_embedding": None, "has_id": torch.tensor([False]), "detected": bool(faces)}
 
 
+def sample_i2v(model, scheduler, first: np.ndarray, text, negative, features: dict, s: GenerateSettings):
+    """Wan image-to-video sampling with CoFE faces: the reference image is the given first frame,
+    conditioned as training conditions (`CoFEModel.i2v_condition` / `image_embeds`), denoised by
+    `CoFEModel.denoise` with classifier-free guidance on the text; returns uint8 frames (T, H, W, 3)."""
+    import torch
+
+    vae = model.vae.config
+    frames = torch.from_numpy(np.ascontiguousarray(first))[None, None].expand(1, s.num_frames, *first.shape)
+    condition = model.i2v_condition(frames)
+    image = model.image_embeds(frames)
+    shape = (1, vae.z_dim, condition.shape[2], *condition.shape[-2:])
+    dtype = model.transformer.dtype
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(s.seed)).to(model.transformer.device, dtype)
+    image = None if image is None else image.to(dtype)
+    scheduler.set_timesteps(s.steps, device=latents.device)
+    for t in scheduler.timesteps:
+        step = t.expand(1)
+        v = model.denoise(latents, step, text.to(dtype), features, condition, image)
+        if s.guidance > 1:
+            uncond = model.denoise(latents, step, negative.to(dtype), features, condition, image)
+            v = uncond + s.guidance * (v - uncond)
+        latents = scheduler.step(v, t, latents, return_dict=False)[0]
+    mean = torch.tensor(vae.latents_mean, dtype=latents.dtype).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.latents_std, dtype=latents.dtype).view(1, -1, 1, 1, 1)
+    video = model.vae.decode(latents * std + mean, return_dict=False)[0]  # (1, 3, T, H, W) in [-1, 1]
+    return ((video[0].permute(1, 2, 3, 0).float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
 def generate(bench: str | Path, out: str | Path, recipe: str | Path, checkpoint: str | Path,
              model_dir: str | Path | None = None, settings: GenerateSettings | None = None,
              on_case: Callable[[str, str], None] | None = None) -> dict:
@@ -136,6 +168,7 @@ def generate(bench: str | Path, out: str | Path, recipe: str | Path, checkpoint:
     import torch
     from diffusers import WanPipeline
 
+    from lafid.cofe.data import fit
     from lafid.media import write_video
 
     s = settings or GenerateSettings()
@@ -149,24 +182,33 @@ def generate(bench: str | Path, out: str | Path, recipe: str | Path, checkpoint:
     if not todo:
         return {"cases": len(cases), "written": 0, "skipped": len(cases)}
     model, r = load_model(recipe, checkpoint, model_dir)
-    pipe = WanPipeline(tokenizer=model.text.tokenizer, text_encoder=model.text.model, vae=model.vae,
-                       scheduler=scheduler_for(r, model_dir), transformer=model.transformer)
-    pipe.set_progress_bar_config(disable=True)
+    scheduler = scheduler_for(r, model_dir)
+    pipe = None
+    if r.mode != "i2v":
+        pipe = WanPipeline(tokenizer=model.text.tokenizer, text_encoder=model.text.model, vae=model.vae,
+                           scheduler=scheduler, transformer=model.transformer)
+        pipe.set_progress_bar_config(disable=True)
     faces = FaceInput(r.data.face_size, r.data.face_margin)
     negative = model.text([s.negative_prompt])
     for c in todo:
         image = cv2.cvtColor(cv2.imread(str(bench / c["ref_image"])), cv2.COLOR_BGR2RGB)
         batch = faces(image)
+        text = model.text([c["prompt"] or ""])
         with torch.no_grad():
-            model.adapter.set_faces(model.face_features(batch))
+            features = model.face_features(batch)
             try:
-                video = pipe(prompt_embeds=model.text([c["prompt"] or ""]), negative_prompt_embeds=negative,
-                             height=s.height, width=s.width, num_frames=s.num_frames,
-                             num_inference_steps=s.steps, guidance_scale=s.guidance, output_type="np",
-                             generator=torch.Generator().manual_seed(s.seed)).frames[0]
+                if pipe is None:
+                    frames = list(sample_i2v(model, scheduler, fit(image, s.width, s.height), text, negative,
+                                             features, s))
+                else:
+                    model.adapter.set_faces(features)
+                    video = pipe(prompt_embeds=text, negative_prompt_embeds=negative, height=s.height,
+                                 width=s.width, num_frames=s.num_frames, num_inference_steps=s.steps,
+                                 guidance_scale=s.guidance, output_type="np",
+                                 generator=torch.Generator().manual_seed(s.seed)).frames[0]
+                    frames = [(np.clip(f, 0, 1) * 255).round().astype(np.uint8) for f in np.asarray(video)]
             finally:
                 model.adapter.set_faces(None)
-        frames = [(np.clip(f, 0, 1) * 255).round().astype(np.uint8) for f in np.asarray(video)]
         final = out / f"{c['case_id']}.mp4"
         tmp = final.with_name(f".{final.name}.tmp.mp4")
         write_video(str(tmp), frames, s.fps)
