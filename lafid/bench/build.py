@@ -81,11 +81,11 @@ def load_clips(shards: list[Path]) -> list[dict]:
     rows: list[dict] = []
     for folder in shards:
         folder = Path(folder)
-        table = read_table(folder, "clips", columns=None)
-        if table is None:
+        files = sorted(folder.glob("clips-*.parquet"))
+        if not files:
             raise BenchError(f"{folder}: no clips-*.parquet shards (make them with `lafid curate VIDEOS --out {folder}`)")
-        names = [c for c in CLIP_COLUMNS if c in table.column_names]
-        clips = table.select(names).to_pylist()
+        names = set(pq.read_schema(files[0]).names)
+        clips = read_table(folder, "clips", columns=[c for c in CLIP_COLUMNS if c in names]).to_pylist()
         ident_path = folder / IDENTITIES
         if not ident_path.exists():
             raise BenchError(f"{folder}: no {IDENTITIES}; bench cases are split by identity, so run "
