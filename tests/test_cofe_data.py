@@ -20,7 +20,7 @@ from lafid.cofe.data import ClipDataset, collate, crop_face, decode_frames, fram
 from lafid.face.pose import five_points
 from lafid.schema import CLIP_SCHEMA, clip_row
 from stages.face_constraints import FaceConstraints
-from tests.cofe_fixtures import pose_shards  # noqa: F401  (fixture)
+from cofe_fixtures import pose_shards  # noqa: F401  (fixture)
 
 from conftest import clip_item, run_stage
 

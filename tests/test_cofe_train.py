@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from lafid.cli import app
 from lafid.cofe.data import ClipDataset, collate
 from lafid.cofe.train import Trainer, latest_checkpoint
-from tests.cofe_fixtures import pipeline_shards, tiny_recipe  # noqa: F401  (fixture)
+from cofe_fixtures import pipeline_shards, tiny_recipe  # noqa: F401  (fixture)
 
 
 def eval_loss(trainer: Trainer, batch: dict, draws: int = 8) -> float:
@@ -74,3 +74,64 @@ def recipe_yaml(recipe) -> str:
     import yaml
 
     return yaml.safe_dump(recipe.model_dump(mode="json"))
+
+
+def test_cli_trains_the_tiny_i2v_recipe_with_dropout_ema_and_decay(pipeline_shards, tmp_path):  # noqa: F811
+    import json
+
+    from safetensors.torch import load_file
+
+    from lafid.cofe.api import load_cofe
+    from lafid.cofe.config import load_cofe_recipe
+
+    r = load_cofe_recipe("cofe_tiny_i2v")
+    assert r.mode == "i2v" and r.transformer.config["in_channels"] == 36 and r.train.ema_decay > 0
+    recipe = r.model_copy(update={
+        "data": r.data.model_copy(update={"shards": [str(pipeline_shards)], "num_workers": 0}),
+        "train": r.train.model_copy(update={"output_dir": tmp_path / "run", "steps": 4, "save_every": 4,
+                                            "log_every": 1})})
+    path = tmp_path / "i2v.yaml"
+    path.write_text(recipe_yaml(recipe))
+    result = CliRunner().invoke(app, ["train", "--recipe", str(path), "--no-progress"])
+    assert result.exit_code == 0 and "step 4" in result.output, result.output
+    ckpt = latest_checkpoint(tmp_path / "run")
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [m["lr"] for m in metrics]
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] < lrs[0]  # cosine decay
+    assert all(len(m["gate_entropy"]) == 2 and 0 < min(m["gate_entropy"]) <= 1.0987 for m in metrics)
+    trained, ema = load_file(str(ckpt / "trainable.safetensors")), load_file(str(ckpt / "ema.safetensors"))
+    assert trained.keys() == ema.keys() and any(not torch.equal(trained[k], ema[k]) for k in trained)
+    # the public API builds CoFE from the folder alone and attaches it to a fresh I2V transformer
+    from lafid.cofe.model import build_transformer
+
+    cofe = load_cofe(ckpt)
+    transformer = build_transformer(cofe.recipe.transformer)
+    cofe.attach(transformer)
+    assert all(len(b.attn2._forward_hooks) == 1 for b in transformer.blocks)
+    assert torch.equal(cofe.adapter.layers[0].cross.to_out.weight, ema["adapter.layers.0.cross.to_out.weight"])
+    cofe.detach()
+    assert all(len(b.attn2._forward_hooks) == 0 for b in transformer.blocks)
+
+    # attached through the API, a transformer predicts what the training model predicts
+    from lafid.cofe.model import CoFEModel
+
+    model = CoFEModel(cofe.recipe).eval()
+    model.load_state_dict(trained, strict=False)
+    batch = collate(list(ClipDataset(recipe.data))[:1])
+    x0 = model.encode_video(batch["frames"])
+    cond, image, text = model.i2v_condition(batch["frames"]), model.image_embeds(batch["frames"]), \
+        model.text(batch["caption"])
+    noisy, t = torch.randn_like(x0), torch.tensor([700.0])
+    with torch.no_grad():
+        want = model.denoise(noisy, t, text, model.face_features(batch), cond, image)
+        model.adapter.detach()
+        api = load_cofe(ckpt, ema=False)
+        api.experts = model.experts  # the tiny recipe's experts are random: share the training model's
+        api.attach(model.transformer).set_reference(batch["face"], batch["id_face"])
+        got = model.transformer(torch.cat([noisy, cond], 1), t, text, encoder_hidden_states_image=image,
+                                return_dict=False)[0]
+        api.clear()
+        plain = model.transformer(torch.cat([noisy, cond], 1), t, text, encoder_hidden_states_image=image,
+                                  return_dict=False)[0]
+    torch.testing.assert_close(got, want)
+    assert (plain - want).abs().max() > 1e-6  # the face did change the prediction

@@ -74,10 +74,12 @@ class IdentityExpert(nn.Module):
         self.net = None
         if cfg.backend == "onnx":
             self.arcface = ArcFaceEncoder(cfg.path, threads=torch.get_num_threads(), use_gpu=torch.cuda.is_available())
+            self.name = self.arcface.name  # "arcface:<model>", as the identity stage writes `id_backend`
         else:
             self.net = IResNet(cfg.layers, cfg.width, cfg.dim)
             if cfg.path:
                 self.net.load_state_dict(_load_state(Path(cfg.path)))
+            self.name = f"arcface:{Path(cfg.path).stem}" if cfg.path else "arcface:random-iresnet"
         self.requires_grad_(False).eval()
 
     @torch.no_grad()

@@ -96,6 +96,10 @@ class CoFEModel(nn.Module):
         self.vae = build_vae(recipe.vae, dtype).requires_grad_(False).eval()
         self.text = TextEncoder(recipe.text, dtype)
         self.experts = FaceExperts(recipe.identity, recipe.semantic, recipe.detail)
+        wanted = recipe.data.id_backend
+        if ":" in wanted and wanted != self.experts.identity.name:
+            raise ValueError(f"data.id_backend {wanted!r} is not the identity expert's model "
+                             f"({self.experts.identity.name}): shard embeddings of one would stand in for the other")
         if dtype is not None:
             self.experts.to(dtype)
         if recipe.cofe.lora_rank:

@@ -1,0 +1,81 @@
+"""Does CoFE read the face? Per-condition losses for fused and per-expert injection, CoFE only (no LoRA).
+
+Six real people (the dev set's talkers and carphone), one clip each, all with the
+same caption; the tiny recipe with the embedded ArcFace (w600k_mbf) as identity
+expert. For each injection: train CoFE on precomputed samples, then print the
+mean loss over fixed draws with the clip's own face (matched), another person's
+(swapped), a grey face and no face (detached); see `lafid.cofe.probe`.
+
+    python benchmarks/cofe_ablation.py                  # both injections, 600 steps each (CPU, minutes)
+    python benchmarks/cofe_ablation.py --steps 300 --injection per_expert
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from cofe_fixtures import PEOPLE, SAME_CAPTION, FPS, face_rows, identity_recipe  # noqa: E402
+
+from lafid import devset, media  # noqa: E402
+from lafid.cofe import probe  # noqa: E402
+from lafid.cofe.data import ClipDataset  # noqa: E402
+from lafid.cofe.model import CoFEModel  # noqa: E402
+from lafid.schema import CLIP_SCHEMA  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--epochs", type=int, default=3, help="samples per clip (different windows / references)")
+    ap.add_argument("--draws", type=int, default=8)
+    ap.add_argument("--seeds", type=int, default=1, help="training seeds per injection")
+    ap.add_argument("--injection", choices=["fused", "per_expert", "both"], default="both")
+    args = ap.parse_args()
+
+    root = devset.ensure()
+    with tempfile.TemporaryDirectory(prefix="cofe-ablation-") as tmp:
+        tmp = Path(tmp)
+        people = {n: str(root / p) if p else media.write_video(str(tmp / "carphone.mp4"), media.carphone_frames(), FPS)
+                  for n, (p, _, _) in PEOPLE.items()}
+        rows = face_rows({n: (people[n], s, d) for n, (_, s, d) in PEOPLE.items()}, SAME_CAPTION)
+        (tmp / "shards").mkdir()
+        pq.write_table(pa.Table.from_pylist(rows, schema=CLIP_SCHEMA), tmp / "shards" / "clips-0000.parquet")
+        injections = ["fused", "per_expert"] if args.injection == "both" else [args.injection]
+        print(f"{len(rows)} people, caption {SAME_CAPTION!r}; {args.steps} steps, lr {args.lr}, "
+              f"{args.draws} fixed draws")
+        for injection in injections:
+            for seed in range(args.seeds):
+                recipe = identity_recipe(tmp / "shards", tmp / "out", injection=injection, seed=seed)
+                start = time.perf_counter()
+                torch.manual_seed(seed)
+                model = CoFEModel(recipe)
+                ds = ClipDataset(recipe.data)
+                samples = []
+                for epoch in range(args.epochs):
+                    ds.set_position(epoch, 0)
+                    samples += list(ds)
+                batches = probe.standardise(probe.precompute(model, samples, len(rows)))
+                losses = probe.train(model, batches, args.steps, args.lr, seed=seed)
+                result = probe.condition_losses(model, batches[0], draws=args.draws)
+                print(f"\n{injection} (seed {seed}): train loss {losses[0]:.3f} -> {sum(losses[-20:]) / 20:.3f}, "
+                      f"{time.perf_counter() - start:.0f}s")
+                for condition, loss in result.items():
+                    print(f"  {condition:<9} {loss:.3f}")
+                print(f"  swapped - matched {result['swapped'] - result['matched']:+.3f} "
+                      f"({(result['swapped'] - result['matched']) / result['matched']:+.1%})")
+
+
+if __name__ == "__main__":
+    main()
