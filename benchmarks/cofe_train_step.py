@@ -1,16 +1,24 @@
-"""CoFE train-step time and peak memory for a recipe, beside the data loader's clips/s.
+"""CoFE train-step time and peak memory, uncached vs cached inputs side by side, and the loader's clips/s.
 
     python benchmarks/cofe_train_step.py [--recipe cofe_tiny] [--shards DIR] [--steps 20]
+    python benchmarks/cofe_train_step.py --recipe cofe_wan21_1_3b_480p --steps 5     # on a GPU
 
 Without --shards the sample footage is curated first (demo recipe, in-process).
-The loader must supply clips at least as fast as the step consumes them
-(batch_size x grad_accum per step); the last line says whether it does.
+Each variant runs in its own process, so peak memory (CUDA allocated on a GPU,
+resident set on CPU) is that variant's alone: `uncached` decodes video and runs
+the VAE, text encoder and experts every step; `cached` first runs `lafid cache`
+(timed apart) and then trains on its tensors. Models given by `config` get random
+weights (same seed in both variants). The loader must supply clips at least as
+fast as a step consumes them (batch_size x grad_accum per step).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +28,6 @@ from torch.utils.data import DataLoader
 
 from lafid.cofe.config import load_cofe_recipe
 from lafid.cofe.data import ClipDataset, collate
-from lafid.cofe.train import Trainer
 
 
 def curated_shards(folder: Path) -> Path:
@@ -32,21 +39,52 @@ def curated_shards(folder: Path) -> Path:
     return folder / "shards"
 
 
-def loader_rate(recipe, epochs: int) -> float:
-    d = recipe.data
-    ds = ClipDataset(d)
+def loader_rate(data, epochs: int) -> float:
+    ds = ClipDataset(data)
     clips, start = 0, time.perf_counter()
     for epoch in range(epochs):
         ds.set_position(epoch, 0)
-        for batch in DataLoader(ds, batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=collate):
+        for batch in DataLoader(ds, batch_size=data.batch_size, num_workers=data.num_workers, collate_fn=collate):
             clips += len(batch["clip_id"])
     return clips / (time.perf_counter() - start)
 
 
-def peak_memory_mb() -> float:
+def peak_memory_mib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def variant(args) -> dict:
+    """One variant in this process: build, (cache,) warm up 2 steps, time `steps` steps."""
+    from lafid.cofe.train import Trainer
+
+    r = load_cofe_recipe(args.recipe)
+    cache = args.work / "cache" if args.only == "cached" else None
+    recipe = r.model_copy(update={
+        "data": r.data.model_copy(update={"shards": [str(args.shards)], "cache": cache}),
+        "train": r.train.model_copy(update={"output_dir": args.work / args.only, "save_every": 10**9,
+                                            "steps": args.steps + 2, "log_every": 10**9})})
+    out = {"variant": args.only}
+    if cache is not None:
+        from lafid.cofe.cache import build_cache
+
+        made = build_cache(recipe, cache)
+        out.update(cache_s=made.seconds, cache_clips=made.clips,
+                   cache_mib=sum(f.stat().st_size for f in cache.glob("part-*")) / 2**20)
+    trainer = Trainer(recipe)
+    trainer.fit(steps=2, progress=False)  # warm-up: first-call allocations, worker start
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    result = trainer.fit(progress=False)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    out.update(step_s=result.seconds / args.steps, peak_mib=peak_memory_mib(), losses=result.losses,  # before the loader
+               trainable=sum(p.numel() for p in trainer.core.trainable_state().values()),
+               loader=loader_rate(recipe.data, args.loader_epochs),
+               clips_per_step=recipe.data.batch_size * recipe.train.grad_accum)
+    return out
 
 
 def main() -> None:
@@ -54,32 +92,39 @@ def main() -> None:
     ap.add_argument("--recipe", default="cofe_tiny")
     ap.add_argument("--shards", type=Path, default=None)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--loader-epochs", type=int, default=3)
+    ap.add_argument("--loader-epochs", type=int, default=2)
+    ap.add_argument("--only", choices=["uncached", "cached"], help=argparse.SUPPRESS)
+    ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.only:
+        print(json.dumps(variant(args)))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.shards or curated_shards(Path(tmp))
-        r = load_cofe_recipe(args.recipe)
-        recipe = r.model_copy(update={
-            "data": r.data.model_copy(update={"shards": [str(shards)]}),
-            "train": r.train.model_copy(update={"output_dir": Path(tmp) / "run", "save_every": 10**9,
-                                                "steps": args.steps + 2, "log_every": 10**9})})
-        trainer = Trainer(recipe)
-        trainer.fit(steps=2, progress=False)  # warm-up: first-call allocations, worker start
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        result = trainer.fit(progress=False)
-        step_s = result.seconds / args.steps
-        clips_per_step = recipe.data.batch_size * recipe.train.grad_accum
-        supply = loader_rate(recipe, args.loader_epochs)
-    trainable = sum(p.numel() for p in trainer.core.trainable_state().values())
+        rows = {}
+        for name in ("uncached", "cached"):
+            cmd = [sys.executable, __file__, "--recipe", args.recipe, "--shards", str(shards), "--steps",
+                   str(args.steps), "--loader-epochs", str(args.loader_epochs), "--only", name, "--work", tmp]
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode:
+                sys.exit(f"{name} variant failed:\n{run.stderr[-4000:]}")
+            rows[name] = json.loads(run.stdout.strip().splitlines()[-1])
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()} threads"
-    print(f"recipe {recipe.name} on {device}; trainable params {trainable:,}")
-    print(f"train step  {step_s * 1000:8.1f} ms  ({1 / step_s:.2f} steps/s, {clips_per_step} clips/step, "
-          f"data loading included)")
-    print(f"peak memory {peak_memory_mb():8.1f} MiB  ({'CUDA allocated' if torch.cuda.is_available() else 'RSS'})")
-    print(f"loader      {supply:8.2f} clips/s  vs  {clips_per_step / step_s:.2f} clips/s consumed "
-          f"-> {'keeps up' if supply >= clips_per_step / step_s else 'STARVES the step'} "
-          f"({supply / (clips_per_step / step_s):.1f}x)")
+    r = load_cofe_recipe(args.recipe)
+    d = r.data
+    print(f"recipe {r.name} ({d.num_frames}x{d.height}x{d.width}, batch {d.batch_size}, frozen {r.train.frozen_dtype}) "
+          f"on {device}; trainable params {rows['cached']['trainable']:,}; {args.steps} timed steps")
+    mem = "CUDA allocated" if torch.cuda.is_available() else "RSS"
+    print(f"{'':<28}{'uncached':>14}{'cached':>14}")
+    print(f"{'train step (ms)':<28}{rows['uncached']['step_s'] * 1e3:>14.1f}{rows['cached']['step_s'] * 1e3:>14.1f}")
+    print(f"{'peak memory (MiB, ' + mem + ')':<28}{rows['uncached']['peak_mib']:>14.1f}{rows['cached']['peak_mib']:>14.1f}")
+    for name in ("uncached", "cached"):
+        v = rows[name]
+        need = v["clips_per_step"] / v["step_s"]
+        print(f"loader {name:<9} {v['loader']:8.2f} clips/s vs {need:.2f} consumed -> "
+              f"{'keeps up' if v['loader'] >= need else 'STARVES the step'} ({v['loader'] / need:.1f}x)")
+    c = rows["cached"]
+    print(f"cache: {c['cache_clips']} clips in {c['cache_s']:.1f}s ({c['cache_mib']:.1f} MiB on disk)")
 
 
 if __name__ == "__main__":

@@ -235,6 +235,10 @@ def train(
     with _exit_on(RecipeError, FileNotFoundError), _warnings_to(log):
         result = main(recipe, resume=resume, steps=steps, progress=progress,
                       exclude=[str(p) for p in exclude])
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # one summary per run (the loss is already the mean over ranks)
+        return
     loss = f"last loss {result.losses[-1]:.4f}, " if result.losses else ""
     console.print(f"step {result.steps}: {loss}{result.clips} clips in {result.seconds:.1f}s; "
                   f"checkpoint {result.checkpoint}")

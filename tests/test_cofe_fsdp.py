@@ -1,6 +1,9 @@
-"""CoFE at scale on CPU: bf16 frozen models, FSDP over 2 gloo processes with sharded checkpoints."""
+"""CoFE at scale on CPU: bf16 frozen models, FSDP over 2 gloo processes with sharded checkpoints, one
+DataLoader across epochs."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -41,3 +44,106 @@ def test_bf16_frozen_models_train_with_float32_cofe(pose_shards, tmp_path, fresh
     AcceleratorState._reset_state(reset_partial_state=True)
     plain = Trainer(tiny_recipe(shards, tmp_path / "fp32", steps=1))
     assert {p.dtype for p in plain.core.transformer.parameters()} == {torch.float32}
+
+
+def _fsdp_job(rank: int, world: int, port: int, shards: str, root: str) -> None:
+    """One of 2 gloo ranks: straight 2n steps; n steps, stop, resume n more; both with FSDP."""
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from lafid.cofe.shard import gathered_state
+    from lafid.cofe.train import latest_checkpoint
+
+    os.environ.update(ACCELERATE_USE_CPU="true",  # what `accelerate launch --cpu` sets: gloo over CPU processes
+                      RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    root = Path(root)
+    n = 2
+    settings = dict(steps=2 * n, save_every=n, grad_accum=2, warmup_steps=2, lr=5e-2, distributed="fsdp",
+                    save_total_limit=1, ema_decay=0.9)
+    straight = Trainer(tiny_recipe(shards, root / "straight", **settings))
+    assert straight.sharded and straight.acc.num_processes == world
+    losses = straight.fit(progress=False).losses
+    whole = gathered_state(straight.core)
+    first = Trainer(tiny_recipe(shards, root / "split", **settings))
+    first.fit(steps=n, progress=False)
+    after_n = gathered_state(first.core)
+    resumed = Trainer(tiny_recipe(shards, root / "split", **settings))
+    resumed.load(latest_checkpoint(root / "split"))
+    again = resumed.fit(progress=False).losses
+    if rank == 0:
+        save_file(whole, str(root / "straight.safetensors"))
+        save_file(gathered_state(resumed.core), str(root / "resumed.safetensors"))
+        save_file(after_n, str(root / "after_n.safetensors"))
+        (root / "losses.json").write_text(json.dumps({"straight": losses, "resumed": again}))
+    else:
+        gathered_state(resumed.core)  # a collective: every rank takes part
+
+
+def test_fsdp_two_processes_save_sharded_and_resume_to_identical_parameters(pose_shards, tmp_path):  # noqa: F811
+    import socket
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    shards, _ = pose_shards
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_fsdp_job, args=(2, port, str(shards), str(tmp_path)), nprocs=2, start_method="spawn")
+
+    straight, resumed = load_file(str(tmp_path / "straight.safetensors")), load_file(str(tmp_path / "resumed.safetensors"))
+    after_n = load_file(str(tmp_path / "after_n.safetensors"))
+    assert straight.keys() == resumed.keys() and straight
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert any(not torch.equal(straight[k], after_n[k]) for k in straight)  # steps n+1..2n changed them
+    losses = json.loads((tmp_path / "losses.json").read_text())
+    assert losses["straight"][2:] == losses["resumed"]
+    # sharded checkpoint: each rank holds half of every sharded tensor; save_total_limit keeps the newest only
+    ckpts = sorted(p.name for p in (tmp_path / "split").glob("checkpoint-*"))
+    assert ckpts == ["checkpoint-4"]
+    ck = tmp_path / "split" / "checkpoint-4"
+    r0, r1 = load_file(str(ck / "shard-rank0.safetensors")), load_file(str(ck / "shard-rank1.safetensors"))
+    whole = load_file(str(ck / "trainable.safetensors"))
+    for k, v in whole.items():
+        a, b = r0[f"param.{k}"], r1[f"param.{k}"]
+        assert a.shape[0] + b.shape[0] == v.shape[0] and torch.equal(torch.cat([a, b]), v)
+        assert r0[f"optim.{k}.exp_avg"].shape == a.shape  # AdamW moments exist for the shard only
+
+
+def test_one_loader_spans_epochs_and_the_position_follows(pose_shards, tmp_path, monkeypatch):  # noqa: F811
+    import lafid.cofe.train as train_module
+
+    shards, rows = pose_shards
+    made = []
+
+    class CountingLoader(train_module.DataLoader):
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "DataLoader", CountingLoader)
+    recipe = tiny_recipe(shards, tmp_path, num_workers=1, steps=9, save_every=1000)
+    trainer = Trainer(recipe)
+    seen = []
+    model_forward = trainer.model.forward
+
+    def spy(batch, generator, *a, **kw):
+        seen.extend(batch["clip_id"])
+        return model_forward(batch, generator, *a, **kw)
+
+    monkeypatch.setattr(trainer.model, "forward", spy)
+    trainer.fit(progress=False)
+    per_epoch = trainer.dataset.epoch_length(0)
+    assert per_epoch == len(rows) and recipe.data.batch_size == 2
+    # 18 samples: all of epoch 0 once, then the start of epoch 1, from one DataLoader whose worker persists
+    assert len(made) == 1 and made[0]["persistent_workers"] is True
+    assert (trainer.epoch, trainer.offset) == (1, 18 - per_epoch)
+    assert sorted(seen[:per_epoch]) == sorted(r["clip_id"] for r in rows)
+    ds = trainer.dataset
+    epoch1 = [ds._row(f, r)["clip_id"] for f, r in ds.rank_order(1)[:18 - per_epoch]]
+    assert seen[per_epoch:] == epoch1
+    assert epoch1 != seen[:len(epoch1)]  # each epoch has its own order

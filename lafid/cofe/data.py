@@ -175,6 +175,8 @@ class ClipDataset(IterableDataset):
             self.weights.append(np.array([max((cfg.bucket_weights.get(b, 1.0) for b in bs or []), default=1.0)
                                           for bs in buckets]))
         self.epoch, self.offset = 0, 0
+        self.spans_epochs = False
+        self._lengths: dict[int, int] = {}
         self._tables: OrderedDict[int, list[dict]] = OrderedDict()
         from lafid.cofe.cache import open_cache  # precomputed inputs (`lafid cache`): no decoding when present
 
@@ -202,16 +204,30 @@ class ClipDataset(IterableDataset):
     def __len__(self) -> int:
         return len(self.rank_order(self.epoch))
 
+    def epoch_length(self, epoch: int) -> int:
+        """Samples of `epoch` for this rank (epochs differ when bucket weights are fractional)."""
+        if epoch not in self._lengths:
+            self._lengths[epoch] = len(self.rank_order(epoch))
+        return self._lengths[epoch]
+
     def __iter__(self) -> Iterator[dict]:
+        """From (epoch, offset) to the end of that epoch, or on through every later epoch when
+        `spans_epochs` (one DataLoader, and its workers, for a whole run)."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        mine = self.rank_order(self.epoch)
-        for k in range(self.offset, len(mine)):
-            if (k - self.offset) % workers == worker:
-                f, r = mine[k]
-                rng = np.random.default_rng([self.cfg.seed, self.epoch, self.rank, k])
-                row = self._row(f, r)
-                yield self.sample(row, rng) if self.cache is None else self.cache.sample(row["clip_id"])
+        epoch, start, j = self.epoch, self.offset, 0
+        while True:
+            mine = self.rank_order(epoch)
+            for k in range(start, len(mine)):
+                if j % workers == worker:
+                    f, r = mine[k]
+                    rng = np.random.default_rng([self.cfg.seed, epoch, self.rank, k])
+                    row = self._row(f, r)
+                    yield self.sample(row, rng) if self.cache is None else self.cache.sample(row["clip_id"])
+                j += 1
+            if not self.spans_epochs or not mine:
+                return
+            epoch, start = epoch + 1, 0
 
     def _row(self, f: int, r: int) -> dict:
         if f not in self._tables:

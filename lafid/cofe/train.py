@@ -86,11 +86,19 @@ class Trainer:
         self.acc = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum)
         torch.manual_seed(t.seed)  # the same random tiny weights / CoFE init on every rank and run
         self.model = CoFEModel(recipe)
+        self.sharded = t.distributed == "fsdp" and self.acc.num_processes > 1
+        if self.sharded:  # before the optimizer takes the parameters: FSDP replaces them by their shards
+            from lafid.cofe.shard import fully_shard_cofe
+
+            fully_shard_cofe(self.model, t.mixed_precision)
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, t.warmup_steps, t.steps, t.lr_schedule, t.min_lr_ratio))
-        self.model, self.optimizer = self.acc.prepare(self.model, optimizer)
+        if self.sharded:  # FSDP reduces gradients itself: no DDP wrapper
+            self.optimizer = self.acc.prepare_optimizer(optimizer)
+        else:
+            self.model, self.optimizer = self.acc.prepare(self.model, optimizer)
         self.scheduler = scheduler  # stepped once per optimizer step, not per process
         self.dataset = ClipDataset(recipe.data, rank=self.acc.process_index, world_size=self.acc.num_processes)
         if self.dataset.cache is not None:
@@ -123,7 +131,11 @@ class Trainer:
 
         folder.mkdir(parents=True, exist_ok=True)
         rank = self.acc.process_index
-        if self.acc.is_main_process:
+        if self.sharded:
+            from lafid.cofe.shard import save_sharded
+
+            save_sharded(self, folder)
+        elif self.acc.is_main_process:
             save_file({k: v.detach().contiguous() for k, v in self.core.trainable_state().items()},
                       folder / "trainable.safetensors")
             if self.ema is not None:
@@ -138,11 +150,18 @@ class Trainer:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             (folder / "done").write_text(str(self.step))
+            from lafid.cofe.shard import prune_checkpoints
+
+            prune_checkpoints(folder.parent, self.recipe.train.save_total_limit, CKPT_PREFIX)
         return folder
 
     def load(self, folder: Path) -> None:
         from safetensors.torch import load_file
 
+        if self.sharded:
+            from lafid.cofe.shard import load_sharded
+
+            return load_sharded(self, folder)
         rank = self.acc.process_index
         weights = load_file(str(folder / "trainable.safetensors"))
         missing = set(self.core.trainable_state()) - set(weights)
@@ -159,14 +178,19 @@ class Trainer:
         _set_rng_state(self.generator, load_file(str(folder / f"rank{rank}.safetensors")))
 
     def batches(self):
-        """Endless (batch, size) stream from the saved data position, one epoch after another."""
+        """Endless (batch, size) stream from the saved data position, one epoch after another: one
+        DataLoader whose dataset runs on through the epochs, so its workers start (and import their
+        models) once per run; (epoch, offset) follow the samples consumed."""
         d = self.recipe.data
-        while True:
-            self.dataset.set_position(self.epoch, self.offset)
-            loader = DataLoader(self.dataset, batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=collate)
-            for batch in loader:
-                yield batch, len(batch["clip_id"])
-            self.epoch, self.offset = self.epoch + 1, 0
+        self.dataset.set_position(self.epoch, self.offset)
+        self.dataset.spans_epochs = True
+        loader = DataLoader(self.dataset, batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=collate,
+                            persistent_workers=d.num_workers > 0)
+        for batch in loader:
+            while self.offset >= self.dataset.epoch_length(self.epoch):
+                self.offset -= self.dataset.epoch_length(self.epoch)
+                self.epoch += 1
+            yield batch, len(batch["clip_id"])
 
     def fit(self, steps: int | None = None, progress: bool = True) -> TrainResult:
         """Run until optimizer step `steps` (default: the recipe's), checkpointing on the way."""
@@ -199,7 +223,7 @@ class Trainer:
                         self.update_ema()
                 self.offset += n
                 result.clips += n
-                total += loss.item() / t.grad_accum
+                total += self.acc.reduce(loss.detach(), reduction="mean").item() / t.grad_accum  # over ranks
             self.step += 1
             result.losses.append(total)
             bar.update(1)
