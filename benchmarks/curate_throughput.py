@@ -2,11 +2,14 @@
 
 Prints video-seconds processed per wall-second for: decode-only of every frame
 (the floor the pipeline cannot beat), the sequential runner, and the Ray runner
-on a local cluster started before timing (its start-up time is printed); then the
-memory of the sequential runner on a 1-minute and a 10-minute video, each in a
-fresh process: peak RSS, and how far RSS rises after the first clip is written.
+on a local cluster started before timing (its start-up time is printed), all with
+the same recipe (default: the bundled default, `lafid180k`); the bytes the Ray
+driver received per clip (summaries and output rows: working data stays in the
+object store) and the largest each pool grew to; then the memory of the
+sequential runner on a 1-minute and a 10-minute video, each in a fresh process:
+peak RSS, and how far RSS rises after the first clip is written.
 
-    python benchmarks/curate_throughput.py [--videos 4] [--seconds 60] [--cpus 2] [--memory-only]
+    python benchmarks/curate_throughput.py [--recipe lafid180k] [--videos 4] [--seconds 60] [--cpus 2] [--memory-only]
 """
 
 from __future__ import annotations
@@ -53,11 +56,11 @@ def decode_only(paths: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def timed_curate(recipe, paths, executor) -> float:
+def timed_curate(recipe, paths, executor) -> tuple[float, object]:
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        curate(recipe, paths, out, executor=executor)
-        return time.perf_counter() - start
+        stats = curate(recipe, paths, out, executor=executor)
+        return time.perf_counter() - start, stats
 
 
 def start_ray(cpus: int) -> float:
@@ -80,21 +83,22 @@ def on_update(stats):
     seen.setdefault("first", rss)
     seen["max"] = max(seen.get("max", 0), rss)
 with tempfile.TemporaryDirectory() as out:
-    curate(load_recipe("demo"), [sys.argv[1]], out, executor="sequential", on_update=on_update)
+    curate(load_recipe(sys.argv[2]), [sys.argv[1]], out, executor="sequential", on_update=on_update)
 print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **seen}))
 """
 
 
-def memory_mb(path: str) -> dict[str, float]:
+def memory_mb(path: str, recipe: str) -> dict[str, float]:
     """A fresh process curates one video: its peak RSS, and how far RSS rose after the first clip was written
     (models are loaded by then, so that rise is what processing the rest of the video costs)."""
-    result = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, path], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, path, recipe], capture_output=True, text=True, check=True)
     m = json.loads(result.stdout.strip().splitlines()[-1])
     return {"peak": m["peak"] / 2**20, "growth": (m["max"] - m["first"]) / 2**20}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default="lafid180k", help="bundled name or path (default: the default recipe)")
     ap.add_argument("--videos", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--cpus", type=int, default=2)
@@ -106,7 +110,7 @@ def main() -> None:
     figures = {} if args.memory_only else throughput(args)
     short = long_video(os.path.join(args.cache, "one_minute.mp4"), 60)
     long = long_video(os.path.join(args.cache, f"{args.long_minutes:g}_minutes.mp4"), args.long_minutes * 60)
-    m1, m10 = memory_mb(short), memory_mb(long)
+    m1, m10 = memory_mb(short, args.recipe), memory_mb(long, args.recipe)
     print(f"peak RSS, 1-minute video: {m1['peak']:.0f} MB; {args.long_minutes:g}-minute video: {m10['peak']:.0f} MB; "
           f"ratio {m10['peak'] / m1['peak']:.2f}")
     print(f"RSS rise after the first clip: {m1['growth']:.0f} MB (1 min) vs {m10['growth']:.0f} MB ({args.long_minutes:g} min)")
@@ -120,18 +124,28 @@ def throughput(args) -> dict[str, float]:
         path = long_video(os.path.join(args.cache, f"input_{args.seconds:.0f}s_{i}.mp4"), args.seconds + i)
         paths.append(path)
     total_s = sum(args.seconds + i for i in range(args.videos))
-    recipe = load_recipe("demo")
-    figures = {
-        "decode_only": total_s / decode_only(paths),
-        "sequential": total_s / timed_curate(recipe, paths, "sequential"),
-    }
+    recipe = load_recipe(args.recipe)
+    seq_s, seq = timed_curate(recipe, paths, "sequential")
+    figures = {"decode_only": total_s / decode_only(paths), "sequential": total_s / seq_s}
     ray_start = start_ray(args.cpus)
-    figures["ray"] = total_s / timed_curate(recipe, paths, "ray")
-    print(f"inputs: {args.videos} videos, {total_s:.0f} s of {SIZE[0]}x{SIZE[1]} footage, recipe 'demo', {args.cpus} CPUs")
+    ray_s, par = timed_curate(recipe, paths, "ray")
+    figures["ray"] = total_s / ray_s
+    from lafid.ray_executor import last_run
+
+    clips = par.kept + par.rejected
+    assert (par.kept, par.rejected) == (seq.kept, seq.rejected), "the runners disagree"
+    print(f"inputs: {args.videos} videos, {total_s:.0f} s of {SIZE[0]}x{SIZE[1]} footage, recipe {recipe.name!r}, "
+          f"{args.cpus} CPUs; {par.kept} clips kept, {par.rejected} rows rejected (both runners)")
     print(f"{'runner':<14}{'video-s / wall-s':>18}")
     for name, rate in figures.items():
         print(f"{name:<14}{rate:>18.2f}")
     print(f"ray / sequential: {figures['ray'] / figures['sequential']:.2f}x  (local Ray start-up, not timed: {ray_start:.1f} s)")
+    print(f"driver received {last_run.driver_bytes} bytes from actors: {last_run.driver_bytes / max(1, clips):.0f} "
+          f"bytes per clip row (kept and rejected), output rows included")
+    print("pools (largest size, actors given back when idle, CPUs per actor): "
+          + ", ".join(f"{k} {last_run.peak_actors[k]}/{last_run.retired.get(k, 0)}/{last_run.requests[k]:g}"
+                      for k in last_run.peak_actors))
+    figures["driver_bytes_per_clip"] = last_run.driver_bytes / max(1, clips)
     return figures
 
 

@@ -44,7 +44,8 @@ def _quiet_native_logs() -> None:
 @app.command()
 def curate(
     inputs: List[str] = typer.Argument(..., help="video files and/or folders (searched recursively)"),
-    out: Path = typer.Option(..., "--out", "-o", help="output folder for shards, rejects and manifest"),
+    out: str = typer.Option(..., "--out", "-o", help="output folder for shards, rejects and manifest; "
+                            "or s3://bucket/prefix, gs://..., file://..."),
     recipe: str = typer.Option("lafid180k", "--recipe", "-r", help="recipe path or bundled name"),
     address: Optional[str] = typer.Option(None, help="join this Ray cluster instead of starting a local one"),
     executor: str = typer.Option("ray", help="'ray' or 'sequential' (in-process, for debugging)"),
@@ -62,10 +63,16 @@ def curate(
                     progress=progress, retry_failed=retry_failed, allow_recipe_change=allow_recipe_change)
     if stats.reasons:
         console.print(count_table("rejects by stage/reason", "stage/reason", stats.reasons))
+    if executor == "ray":
+        from lafid.ray_executor import last_run
+
+        if last_run.native_lines:
+            console.print(f"native library messages: {last_run.native_lines} lines in {last_run.native_log}",
+                          soft_wrap=True, markup=False, highlight=False)
     console.print(f"output: {out}")
 
 
-def _curate(recipe: str, inputs: List[str], out: Path, *, address: Optional[str], executor: str,
+def _curate(recipe: str, inputs: List[str], out: Path | str, *, address: Optional[str], executor: str,
             num_cpus: Optional[int], progress: bool, retry_failed: bool = False,
             allow_recipe_change: bool = False):
     """Run a curation under the live display; prints the recipe used and the run's table."""
@@ -92,7 +99,7 @@ def _curate(recipe: str, inputs: List[str], out: Path, *, address: Optional[str]
                 raise OutputError(f"cannot write to {out}: {exc.strerror} ({exc.filename or out})") from None
             except Exception as exc:  # the full traceback is in the run's log
                 what = str(exc) if isinstance(exc, RunFailed) else f"{type(exc).__name__}: {exc}"
-                console.print(f"[red]error:[/red] {what} (full traceback: {out / LOG})")
+                console.print(f"[red]error:[/red] {what} (full traceback: {str(out).rstrip('/')}/{LOG})")
                 raise typer.Exit(1) from None
     console.print(stats.table())
     return stats

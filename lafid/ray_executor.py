@@ -1,9 +1,19 @@
-"""The Ray executor: one actor pool per stage, streamed with a bounded window.
+"""The Ray executor: one autoscaling actor pool per stage, streamed with a bounded window.
 
 This is the only module that imports ray. Each stage runs in its own pool of
-actors sized by the recipe (`workers`, `cpus`, `gpus`); the driver keeps at most
+actors (`workers`: a fixed number, `auto`, or `{min, max}`); a pool starts at its
+minimum, grows by one actor at a time while batches wait and the cluster has room,
+and gives back an actor that has been idle for `IDLE_S` seconds. `auto` pools ask
+for a share of a CPU scaled to the cluster (see `_plan`), so the same recipe fits a
+2-core laptop and fills a large cluster. The driver keeps at most
 `max_videos_in_flight` videos between source and writer, so memory stays flat
 however long the input list is. Where items go is decided by `lafid.router`.
+
+Data stays in the object store: an actor returns two objects, the items it made
+(decoded faces, audio: they stay where they were made, in Ray's object store) and a
+small summary (per item: its key, its reject if any, and its output row only when it
+goes to the writer). The driver routes on summaries and hands the next pool the
+*reference* to the previous pool's items; the next actor picks its items out of it.
 
 Failures of the machinery are not failures of the media:
 - every actor must report its stage set up before any work is handed out; a
@@ -11,6 +21,9 @@ Failures of the machinery are not failures of the media:
 - an actor that dies leaves its pool and a fresh one is started in its place;
   its batch is retried, each item alone, and only an item that kills its worker
   `max_item_retries` times on its own becomes a `worker_crashed` reject;
+- working data lost with a node (an object that cannot be fetched) sends the
+  videos it belonged to back to the first stage; nothing is recorded for them
+  until they come through again;
 - a pool left with no live actor that cannot start a new one fails the run.
 """
 
@@ -18,13 +31,17 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
+import pickle
 import re
+import tempfile
+import time
 import traceback
 from collections import Counter, deque
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import ray
-from ray.exceptions import RayError, RayTaskError
+from ray.exceptions import ObjectLostError, RayError, RayTaskError
 
 from lafid.item import Item
 from lafid.recipe import Recipe, RecipeError
@@ -32,14 +49,56 @@ from lafid.router import Router, RunFailed, setup_failed
 from lafid.stage import Stage, StageWorker
 
 _QUIET_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+# Native libraries' own logging (mediapipe/TFLite glog, TensorFlow, libav) is turned down in workers,
+# and what they still write to stderr goes to NATIVE_LOG (see _StageActor), never to the terminal.
+_NATIVE_QUIET_ENV = {"GLOG_minloglevel": "2", "TF_CPP_MIN_LOG_LEVEL": "2"}
+NATIVE_LOG = "_native.log"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 log = logging.getLogger("lafid.run")
 
+IDLE_S = 5.0  # an actor idle this long leaves a pool that is above its minimum
+HEADROOM = 2.0  # `auto` pools: room for this many times one actor per stage before CPU requests are scaled down
+TICK_S = 0.5  # how often the driver looks at queues and free resources
+
+
+@dataclass
+class RunInfo:
+    """What the last Ray run did, for benchmarks and the run's log."""
+
+    driver_bytes: int = 0  # bytes of summaries the driver received from actors
+    summaries: int = 0
+    items: int = 0  # items the summaries described
+    restarted_videos: int = 0  # videos sent back to the first stage after their data was lost
+    peak_actors: dict[str, int] = field(default_factory=dict)
+    retired: dict[str, int] = field(default_factory=dict)  # actors given back for being idle, per stage
+    requests: dict[str, float] = field(default_factory=dict)  # CPUs per actor, as asked of Ray
+    native_log: str = ""
+    native_lines: int = 0  # lines native libraries wrote to native_log during the run
+
+
+last_run = RunInfo()
+
+
+def _key(item: Item) -> tuple[str, int]:
+    return item.video_id, item.clip_index
+
+
+def _stub(item: Item, full: bool) -> Item:
+    """What the driver needs of an item: its key and reject, and its output row only if `full`."""
+    return Item(source=item.source, video_id=item.video_id, clip_index=item.clip_index,
+                clip_count=item.clip_count, start_s=item.start_s, end_s=item.end_s,
+                columns=dict(item.columns) if full else {}, reject=item.reject)
+
 
 class _StageActor:
-    def __init__(self, stage: Stage, last: bool):
+    def __init__(self, stage: Stage, last: bool, native_log: str | None = None):
         self.worker: StageWorker | None = None
         self.error: tuple[str, str] | None = None
+        if native_log:
+            try:
+                _stderr_to(native_log)
+            except OSError:  # the output folder is not on this node: the node's temp folder
+                _stderr_to(os.path.join(tempfile.gettempdir(), "lafid", NATIVE_LOG))
         try:
             self.worker = StageWorker(stage, last)
         except Exception as exc:  # reported by ready(): the driver fails the run with it
@@ -49,12 +108,30 @@ class _StageActor:
         """None once the stage is set up; otherwise (error, traceback)."""
         return self.error
 
-    def run(self, items: list[Item]):
-        return self.worker.run(items)
+    def run(self, direct: list[Item], picks: list[list[tuple[str, int]]], *parts: list[Item]):
+        """Run the stage on `direct` items plus, from each earlier pool's output `parts[i]`, the items
+        keyed `picks[i]`. Returns (the items, for the next pool; a small summary, for the driver)."""
+        items = list(direct)
+        for keys, part in zip(picks, parts):
+            wanted = set(keys)
+            items.extend(i for i in part if _key(i) in wanted)
+        out, stats = self.worker.run(items)
+        full = self.worker.last
+        return out, (stats, [_stub(i, full or i.rejected) for i in out])
 
     def close(self) -> None:
         if self.worker is not None:
             self.worker.close()
+
+
+def _stderr_to(path: str) -> None:
+    """Send this process's stderr to `path`: native libraries (TFLite, glog, libav) write there directly.
+    libav's own logging is left to libav: routing it through PyAV's Python callback deadlocks threaded
+    decoding."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
@@ -63,7 +140,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         return False
     os.environ.update(_QUIET_ENV)
     kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False,
-                  runtime_env={"env_vars": _QUIET_ENV})
+                  runtime_env={"env_vars": {**_QUIET_ENV, **_NATIVE_QUIET_ENV}})
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -98,14 +175,48 @@ def _stdin_detached():
         os.close(devnull)
 
 
-def _check_fits(recipe: Recipe, stages: list[Stage]) -> None:
-    """Pools that cannot all be placed would hang silently; fail with a clear message instead."""
-    want = sum(spec.workers * stage.resources.cpus for spec, stage in zip(recipe.stages, stages))
-    have = ray.cluster_resources().get("CPU", 0)
-    if want > have + 1e-9:
-        detail = ", ".join(f"{s.stage}: {s.workers} x {st.resources.cpus}" for s, st in zip(recipe.stages, stages))
-        raise RecipeError(f"recipe {recipe.name!r} asks for {want:g} CPUs ({detail}) but the cluster has {have:g}; "
-                          "lower 'workers' or 'cpus' per stage")
+@dataclass
+class _Plan:
+    """How one stage's pool is sized: actors (min, max) and what each asks of Ray."""
+
+    low: int
+    high: int | None
+    cpus: float
+    gpus: float
+
+
+def _plan(recipe: Recipe, stages: list[Stage]) -> list[_Plan]:
+    """Size every pool from the cluster, or fail now when a request can never fit.
+
+    Fixed and {min, max} pools ask for what the recipe says, and their minimum must fit. `auto` pools
+    start at one actor; their CPU request is the stage's, scaled down (fractional CPUs) when the
+    cluster cannot hold HEADROOM times one actor of every auto stage beside the fixed minimums, and
+    never above the largest node."""
+    have = ray.cluster_resources()
+    cpus, gpus = have.get("CPU", 0.0), have.get("GPU", 0.0)
+    node_cpus = max((n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=cpus)
+    specs = list(zip(recipe.stages, stages))
+    fixed = sum(spec.worker_range[0] * st.resources.cpus for spec, st in specs if spec.workers != "auto")
+    auto = sum(st.resources.cpus for spec, st in specs if spec.workers == "auto")
+    room = cpus - fixed
+    scale = 1.0 if auto == 0 else min(1.0, room / (HEADROOM * auto))
+    if fixed > cpus + 1e-9 or (auto and scale <= 0.01):
+        detail = ", ".join(f"{s.stage}: {s.workers if s.workers != 'auto' else 'auto (at least 1)'} x "
+                           f"{st.resources.cpus:g}" for s, st in specs)
+        raise RecipeError(f"recipe {recipe.name!r} asks for {fixed:g} CPUs ({detail}) but the cluster has "
+                          f"{cpus:g}; lower 'workers' or 'cpus' per stage, or use workers: auto")
+    plans = []
+    for spec, st in specs:
+        low, high = spec.worker_range
+        want_gpus = st.resources.gpus
+        if want_gpus and low * want_gpus > gpus + 1e-9:
+            raise RecipeError(f"recipe {recipe.name!r}: stage {spec.stage!r} asks for {low} x {want_gpus:g} GPUs "
+                              f"but the cluster has {gpus:g}")
+        per = st.resources.cpus
+        if spec.workers == "auto":
+            per = round(max(0.01, min(per * scale, node_cpus)), 4)
+        plans.append(_Plan(low, high, per, want_gpus))
+    return plans
 
 
 def _one_line(exc: BaseException) -> str:
@@ -114,33 +225,50 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
 
 
-class _Pool:
-    """The actors of one stage. Dead actors leave it and are replaced by fresh ones."""
+def _lost_data(exc: BaseException) -> bool:
+    """The call failed because an object it needed was lost (with a node), not because of its worker."""
+    return isinstance(exc, ObjectLostError) or isinstance(getattr(exc, "cause", None), ObjectLostError)
 
-    def __init__(self, stage: Stage, workers: int, batch_size: int, last: bool, max_item_retries: int):
+
+class _Pool:
+    """The actors of one stage. Dead actors leave it and are replaced by fresh ones; the pool grows
+    with its queue and shrinks when idle, within its plan."""
+
+    def __init__(self, stage: Stage, plan: _Plan, batch_size: int, last: bool, max_item_retries: int,
+                 native_log: str | None):
         res = stage.resources
         self._actor = ray.remote(_StageActor).options(
-            num_cpus=res.cpus, num_gpus=res.gpus or None,
+            num_cpus=plan.cpus, num_gpus=plan.gpus or None,
             memory=int(res.memory_gb * 2**30) or None, max_restarts=0, max_task_retries=0,
         )
         self.stage = stage
+        self.plan = plan
         self.last = last
+        self.native_log = native_log
         self.name = stage.name
         self.batch_size = batch_size
         self.max_item_retries = max_item_retries
         self.starting: dict = {}  # ready() ref -> actor
         self.idle: deque = deque()
+        self.idle_since: dict = {}  # actor -> monotonic time it became idle
         self.busy: set = set()
         self.queue: deque[Item] = deque()
         self.alone: deque[Item] = deque()  # items of a batch whose worker died: retried one at a time
         self.crashes: Counter = Counter()  # (video_id, clip_index) -> deaths while run alone
         self.last_error = ""
-        for _ in range(workers):
+        self.peak = 0
+        self.retired = 0
+        for _ in range(plan.low):
             self.spawn()
 
+    @property
+    def size(self) -> int:
+        return len(self.idle) + len(self.busy) + len(self.starting)
+
     def spawn(self) -> None:
-        actor = self._actor.remote(self.stage, self.last)
+        actor = self._actor.remote(self.stage, self.last, self.native_log)
         self.starting[actor.ready.remote()] = actor
+        self.peak = max(self.peak, self.size)
 
     def started(self, ref) -> str | None:
         """Handle a finished ready() call; returns the setup error, if any."""
@@ -150,7 +278,7 @@ class _Pool:
         except RayError as exc:
             error = (f"its worker died while setting up ({_one_line(exc)})", "")
         if error is None:
-            self.idle.append(actor)
+            self._idle(actor)
             return None
         ray.kill(actor, no_restart=True)
         message, tb = error
@@ -159,16 +287,25 @@ class _Pool:
         self.last_error = message
         return message
 
+    def _idle(self, actor) -> None:
+        self.idle.append(actor)
+        self.idle_since[actor] = time.monotonic()
+
     @property
     def has_work(self) -> bool:
         return bool(self.alone or self.queue)
+
+    @property
+    def waiting_batches(self) -> int:
+        return len(self.alone) + -(-len(self.queue) // self.batch_size)
 
     @property
     def alive(self) -> bool:
         return bool(self.idle or self.busy or self.starting)
 
     def take(self) -> tuple[object, list[Item]]:
-        actor = self.idle.popleft()
+        actor = self.idle.pop()  # the most recently idle: the longest idle ones are the first to go
+        self.idle_since.pop(actor, None)
         self.busy.add(actor)
         if self.alone:
             return actor, [self.alone.popleft()]
@@ -176,7 +313,27 @@ class _Pool:
 
     def returned(self, actor) -> None:
         self.busy.discard(actor)
-        self.idle.append(actor)
+        self._idle(actor)
+
+    def can_grow(self) -> bool:
+        return (not self.starting and not self.idle and self.waiting_batches > 0
+                and (self.plan.high is None or self.size < self.plan.high))
+
+    def shrink(self, now: float) -> int:
+        """Give back actors idle for IDLE_S while the pool has no work and is above its minimum."""
+        gone = 0
+        while (not self.has_work and self.idle and self.size > self.plan.low
+               and now - self.idle_since.get(self.idle[0], now) >= IDLE_S):
+            actor = self.idle.popleft()
+            self.idle_since.pop(actor, None)
+            try:
+                ray.get(actor.close.remote(), timeout=30)
+            except RayError:
+                pass
+            ray.kill(actor, no_restart=True)
+            gone += 1
+        self.retired += gone
+        return gone
 
     def died(self, actor, batch: list[Item], exc: BaseException) -> list[Item]:
         """An actor died running `batch`: replace it, requeue the batch item by item; returns
@@ -191,7 +348,7 @@ class _Pool:
             self.alone.extend(batch)
             return []
         (item,) = batch
-        key = (item.video_id, item.clip_index)
+        key = _key(item)
         self.crashes[key] += 1
         if self.crashes[key] < self.max_item_retries:
             self.alone.appendleft(item)
@@ -200,6 +357,11 @@ class _Pool:
                     item.clip_index, self.crashes[key])
         return [item.drop(self.name, "worker_crashed",
                           f"its worker died {self.crashes[key]} times running it alone: {self.last_error}")]
+
+    def forget(self, video_id: str) -> None:
+        """Drop every waiting item of a video that goes back to the first stage."""
+        self.queue = deque(i for i in self.queue if i.video_id != video_id)
+        self.alone = deque(i for i in self.alone if i.video_id != video_id)
 
     def close(self) -> None:
         """Tear down every actor (best effort: idle ones are asked to free their models first)."""
@@ -215,22 +377,58 @@ class _Pool:
         self.starting.clear()
 
 
+def _native_log_path(router: Router) -> str:
+    """Workers' native stderr goes to the output folder when it is a local folder, else to the temp dir."""
+    out = str(router.writer.out_dir)
+    if os.path.isdir(out):
+        return os.path.join(out, NATIVE_LOG)
+    return os.path.join(tempfile.gettempdir(), "lafid", NATIVE_LOG)
+
+
+def _native_lines(path: str, since: int) -> int:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(since)
+            return sum(1 for _ in fh)
+    except OSError:
+        return 0
+
+
 def run_ray(recipe: Recipe, items, router: Router, address: str | None = None, num_cpus: int | None = None) -> None:
+    global last_run
+    last_run = RunInfo()
     started = init_ray(address, num_cpus)
     stages = recipe.build_stages()
     pools: list[_Pool] = []
+    native = _native_log_path(router)
     try:
-        _check_fits(recipe, stages)
-        for i, (stage, spec) in enumerate(zip(stages, recipe.stages)):
-            pools.append(_Pool(stage, spec.workers, spec.batch_size, last=i == len(stages) - 1,
-                               max_item_retries=recipe.max_item_retries))
+        native_start = os.path.getsize(native)
+    except OSError:
+        native_start = 0
+    last_run.native_log = native
+    try:
+        plans = _plan(recipe, stages)
+        for i, (stage, spec, plan) in enumerate(zip(stages, recipe.stages, plans)):
+            pools.append(_Pool(stage, plan, spec.batch_size, last=i == len(stages) - 1,
+                               max_item_retries=recipe.max_item_retries, native_log=native))
+            last_run.requests[stage.name] = plan.cpus
+        log.info("pools: %s", ", ".join(f"{p.name} {p.plan.low}..{p.plan.high or 'fit'} x {p.plan.cpus:g} CPU"
+                                         for p in pools))
         _wait_ready(pools)
-        _stream(recipe, pools, iter(items), router)
+        _Stream(recipe, pools, router).run(iter(items))
     finally:
         for pool in pools:
+            last_run.peak_actors[pool.name] = pool.peak
+            last_run.retired[pool.name] = pool.retired
             pool.close()
         if started:
             ray.shutdown()
+        lines = last_run.native_lines = _native_lines(native, native_start)
+        if lines:
+            log.info("native libraries wrote %d lines to %s", lines, native)
+        if last_run.items:
+            log.info("driver received %d bytes of summaries for %d items (%d bytes per item)", last_run.driver_bytes,
+                     last_run.items, last_run.driver_bytes // max(1, last_run.items))
 
 
 def _wait_ready(pools: list[_Pool]) -> None:
@@ -243,50 +441,137 @@ def _wait_ready(pools: list[_Pool]) -> None:
             raise setup_failed(pool.name, error)
 
 
-def _stream(recipe: Recipe, pools: list[_Pool], source, router: Router) -> None:
-    running: dict = {}  # run() ref -> (stage index, actor, batch)
-    exhausted = False
-    while True:
-        while not exhausted and router.open_videos < recipe.max_videos_in_flight:
-            item = next(source, None)
-            if item is None:
-                exhausted = True
-            else:
-                pools[0].queue.extend(router.admit(item))
-        for index in reversed(range(len(pools))):  # drain later stages first
-            pool = pools[index]
-            while pool.idle and pool.has_work:
-                actor, batch = pool.take()
-                running[actor.run.remote(batch)] = (index, actor, batch)
-        starting = {ref: pool for pool in pools for ref in pool.starting}
-        if not running and exhausted and not any(pool.has_work for pool in pools):
-            return  # replacements still starting are not waited for
-        if not running and not starting:
-            # nothing can move: no worker to give the waiting items to, or videos lost in flight
-            raise RunFailed(f"the run cannot go on: {router.open_videos} videos in flight, "
-                            f"{sum(len(p.queue) + len(p.alone) for p in pools)} items waiting, no live worker")
-        ready, _ = ray.wait([*running, *starting], num_returns=1)
-        for ref in ready:
-            if ref in starting:
-                pool = starting[ref]
-                if pool.started(ref) and not pool.alive:
-                    raise RunFailed(f"stage {pool.name!r} has no live worker and cannot start one: "
-                                    f"{pool.last_error}")
+class _Stream:
+    """The driver loop: admit videos, hand batches (object references) to pools, route summaries."""
+
+    def __init__(self, recipe: Recipe, pools: list[_Pool], router: Router):
+        self.recipe = recipe
+        self.pools = pools
+        self.router = router
+        self.where: dict[tuple[str, int], object] = {}  # item key -> ref of the pool output holding it
+        self.epoch: Counter = Counter()  # video -> times it went back to the first stage
+        self.running: dict = {}  # summary ref -> (stage index, actor, batch, items ref, epochs)
+        self.next_tick = 0.0
+
+    def run(self, source) -> None:
+        pools, router = self.pools, self.router
+        exhausted = False
+        while True:
+            while not exhausted and router.open_videos < self.recipe.max_videos_in_flight:
+                item = next(source, None)
+                if item is None:
+                    exhausted = True
+                else:
+                    pools[0].queue.extend(router.admit(item))
+            for index in reversed(range(len(pools))):  # drain later stages first
+                pool = pools[index]
+                while pool.idle and pool.has_work:
+                    self.submit(index, *pool.take())
+            self.scale()
+            starting = {ref: pool for pool in pools for ref in pool.starting}
+            if not self.running and exhausted and not any(pool.has_work for pool in pools):
+                return  # replacements still starting are not waited for
+            if not self.running and not starting:
+                # nothing can move: no worker to give the waiting items to, or videos lost in flight
+                raise RunFailed(f"the run cannot go on: {router.open_videos} videos in flight, "
+                                f"{sum(len(p.queue) + len(p.alone) for p in pools)} items waiting, no live worker")
+            ready, _ = ray.wait([*self.running, *starting], num_returns=1, timeout=TICK_S)
+            for ref in ready:
+                if ref in starting:
+                    pool = starting[ref]
+                    if pool.started(ref) and not pool.alive:
+                        raise RunFailed(f"stage {pool.name!r} has no live worker and cannot start one: "
+                                        f"{pool.last_error}")
+                    continue
+                self.finished(ref)
+
+    def submit(self, index: int, actor, batch: list[Item]) -> None:
+        direct, picks, parts, where = [], [], [], {}
+        for item in batch:
+            ref = self.where.get(_key(item))
+            if ref is None:
+                direct.append(item)
                 continue
-            index, actor, batch = running.pop(ref)
-            pool = pools[index]
-            try:
-                out, stats = ray.get(ref)
-            except RayTaskError as exc:  # the call failed around the stage (StageWorker catches the stage's own)
+            if ref not in where:
+                where[ref] = len(parts)
+                parts.append(ref)
+                picks.append([])
+            picks[where[ref]].append(_key(item))
+        items_ref, summary_ref = actor.run.options(num_returns=2).remote(direct, picks, *parts)
+        epochs = {i.video_id: self.epoch[i.video_id] for i in batch}
+        self.running[summary_ref] = (index, actor, batch, items_ref, epochs)
+
+    def finished(self, ref) -> None:
+        index, actor, batch, items_ref, epochs = self.running.pop(ref)
+        pool = self.pools[index]
+        try:
+            stats, out = ray.get(ref)
+        except RayError as exc:
+            if _lost_data(exc):  # an input object went with its node: the worker is fine
+                pool.returned(actor)
+                self.restart(batch, exc)
+                return
+            if isinstance(exc, RayTaskError):  # the call failed around the stage (StageWorker catches the stage's own)
                 pool.returned(actor)
                 out = [i.drop(pool.name, "stage_error", _one_line(exc)) for i in batch]
-            except RayError as exc:  # the worker process is gone: infrastructure, not this media
+            else:  # the worker process is gone: infrastructure, not this media
                 out = pool.died(actor, batch, exc)
                 batch = out  # only the items rejected now are settled; the rest are queued again
-            else:
-                pool.returned(actor)
-                router.stats.stage(pool.name, stats)
-            if batch:
-                onward = router.done(index, batch, out)
-                if index + 1 < len(pools):
-                    pools[index + 1].queue.extend(onward)
+        else:
+            pool.returned(actor)
+            self.router.stats.stage(pool.name, stats)
+            last_run.driver_bytes += len(pickle.dumps((stats, out), protocol=5))
+            last_run.summaries += 1
+            last_run.items += len(out)
+        stale = {v for v, e in epochs.items() if self.epoch[v] != e}
+        if stale:  # videos sent back to the first stage while this batch ran: its results are void
+            batch = [i for i in batch if i.video_id not in stale]
+            out = [i for i in out if i.video_id not in stale]
+        if not batch:
+            return
+        for item in batch:
+            self.where.pop(_key(item), None)
+        onward = self.router.done(index, batch, out)
+        if index + 1 < len(self.pools):
+            for item in onward:
+                self.where[_key(item)] = items_ref
+            self.pools[index + 1].queue.extend(onward)
+
+    def restart(self, batch: list[Item], exc: BaseException) -> None:
+        """The working data of `batch` was lost (its node left the cluster): every video in it goes
+        back to the first stage; their rows are written only when they come through again."""
+        videos = {i.video_id: i.source for i in batch}
+        log.warning("working data of %d video(s) was lost (%s); they start again", len(videos), _one_line(exc))
+        for video_id, source in videos.items():
+            if not self.router.is_open(video_id):
+                continue
+            self.epoch[video_id] += 1
+            for pool in self.pools:
+                pool.forget(video_id)
+            for key in [k for k in self.where if k[0] == video_id]:
+                del self.where[key]
+            self.pools[0].queue.extend(self.router.restart(video_id, source))
+            last_run.restarted_videos += 1
+
+    def scale(self) -> None:
+        """Grow pools whose batches wait (one actor at a time each, while the cluster has room) and
+        give back actors idle for IDLE_S."""
+        now = time.monotonic()
+        if now < self.next_tick:
+            return
+        self.next_tick = now + TICK_S
+        for pool in self.pools:
+            pool.shrink(now)
+        growing = sorted((p for p in self.pools if p.can_grow()), key=lambda p: -p.waiting_batches / max(1, p.size))
+        if not growing:
+            return
+        free = ray.available_resources()
+        cpu, gpu = free.get("CPU", 0.0), free.get("GPU", 0.0)
+        for pool in self.pools:  # actors asked for but not yet placed hold nothing yet: count them as taken
+            cpu -= pool.plan.cpus * len(pool.starting)
+            gpu -= pool.plan.gpus * len(pool.starting)
+        for pool in growing:
+            if pool.plan.cpus <= cpu + 1e-9 and pool.plan.gpus <= gpu + 1e-9:
+                pool.spawn()
+                cpu -= pool.plan.cpus
+                gpu -= pool.plan.gpus

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -35,9 +35,24 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class WorkerRange(StrictModel):
+    """A pool that grows with its queue up to `max` actors and shrinks back to `min` when idle."""
+
+    min: int = Field(1, ge=1, description="actors the pool never goes below")
+    max: int | None = Field(None, ge=1, description="actors the pool never goes above; default: as many as fit")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "WorkerRange":
+        if self.max is not None and self.max < self.min:
+            raise ValueError(f"max ({self.max}) is below min ({self.min})")
+        return self
+
+
 class StageSpec(StrictModel):
     stage: str = Field(description="stage name, see lafid.registry")
-    workers: int = Field(1, ge=1, description="actors in this stage's pool (Ray runner)")
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] | WorkerRange = Field(
+        "auto", description="actors in this stage's pool (Ray runner): a fixed number, `auto` (from one actor up "
+                            "to what the cluster has, CPU requests scaled to fit), or {min, max}")
     cpus: float | None = Field(None, gt=0, description="CPUs per worker; default: the stage's own")
     gpus: float = Field(0.0, ge=0)
     memory_gb: float = Field(0.0, ge=0)
@@ -48,6 +63,15 @@ class StageSpec(StrictModel):
     def _known_stage(self) -> "StageSpec":
         stage_class(self.stage)
         return self
+
+    @property
+    def worker_range(self) -> tuple[int, int | None]:
+        """(min, max) actors of the pool; max None: as many as the cluster fits."""
+        if self.workers == "auto":
+            return 1, None
+        if isinstance(self.workers, WorkerRange):
+            return self.workers.min, self.workers.max
+        return self.workers, self.workers
 
     def build(self) -> Stage:
         cls = stage_class(self.stage)

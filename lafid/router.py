@@ -17,7 +17,7 @@ fails the run loudly otherwise.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -120,6 +120,22 @@ class Router:
             self.discarded += sum(map(len, clips.values()))
             log.warning("stage %s returned clips outside 0..%d for %s; discarded", name, n - 1, item.video_id)
         return out
+
+    def is_open(self, video_id: str) -> bool:
+        return video_id in self._videos
+
+    def restart(self, video_id: str, source: str) -> list[Item]:
+        """Forget what is known of an open video (its working data was lost with a node) and send it
+        to the first stage again; its clips already at the writer are taken back from the counts."""
+        for item in self._videos.pop(video_id).done.values():
+            if item.rejected:
+                self.stats.rejected -= 1
+                self.stats.reasons[f"{item.reject.stage}/{item.reject.reason}"] -= 1
+                self.stats.reasons += Counter()  # drops reasons counted down to zero
+            else:
+                self.stats.kept -= 1
+        self._videos[video_id] = _Video()
+        return self._send([Item(source=source, video_id=video_id)], 0)
 
     def _send(self, items: list[Item], stage: int) -> list[Item]:
         onward = []

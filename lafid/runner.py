@@ -27,7 +27,8 @@ from lafid.registry import stage_class
 from lafid.router import Router, setup_failed
 from lafid.shards import ShardWriter
 from lafid.stage import StageWorker
-from lafid.storage import OutputLock, prepare_output, remove_stale_temporaries
+from lafid.storage import (OutputLock, RemoteOutput, is_url, list_url, local_path, prepare_output,
+                           remove_stale_temporaries, url_content_id)
 from lafid.video import content_id
 
 LOG = "_curate.log"
@@ -64,7 +65,13 @@ def list_sources(inputs: Iterable[str]) -> list[str]:
             out.append(path)
 
     for entry in inputs:
-        if os.path.isdir(entry):
+        entry = local_path(entry)
+        if is_url(entry):  # object storage: the object, or every media object under the prefix
+            for url in list_url(entry, VIDEO_EXTENSIONS):
+                if url not in seen_files:
+                    seen_files.add(url)
+                    out.append(url)
+        elif os.path.isdir(entry):
             for path in _scan(entry, seen_dirs):
                 add(path)
         else:
@@ -91,7 +98,7 @@ def source_items(sources: list[str], writer: ShardWriter, stats: RunStats) -> It
     the same content becomes a `duplicate_content` reject, so the ledger explains it."""
     first_path: dict[str, str] = {}
     for source in sources:
-        video_id = content_id(source)
+        video_id = url_content_id(source) if is_url(source) else content_id(source)
         if video_id in first_path:
             path_key = hashlib.sha1(os.path.abspath(source).encode()).hexdigest()[:8]
             duplicate_id = f"{video_id}~{path_key}"
@@ -179,28 +186,36 @@ def curate(
     `lafid.router.RunFailed` when the run cannot go on (a stage that cannot set up)."""
     if executor not in ("ray", "sequential"):
         raise ValueError(f"unknown executor {executor!r}: use 'ray' or 'sequential'")
-    out = prepare_output(out_dir)
+    out_dir = local_path(out_dir)
+    remote = RemoteOutput(str(out_dir)) if is_url(str(out_dir)) else None
+    out = prepare_output(remote.staging if remote else out_dir)  # object storage: a local staging folder
     with OutputLock(out):
+        if remote:
+            remote.pull()
         handler = _log_to(out)
         try:
             return _curate_locked(recipe, inputs, out, executor, address, num_cpus, on_update,
-                                  retry_failed, allow_recipe_change)
+                                  retry_failed, allow_recipe_change, remote)
         except BaseException:
-            log.exception("run into %s failed", out)
+            log.exception("run into %s failed", remote.url if remote else out)
             raise
         finally:
             logging.getLogger("lafid").removeHandler(handler)
             handler.close()
+            if remote:
+                remote.push(logs=True)
 
 
 def _curate_locked(recipe, inputs, out, executor, address, num_cpus, on_update, retry_failed,
-                   allow_recipe_change) -> RunStats:
+                   allow_recipe_change, remote: RemoteOutput | None = None) -> RunStats:
     fingerprint = recipe_fingerprint(recipe)
     log.info("run: recipe %s (fingerprint %s), executor %s", recipe.name, fingerprint, executor)
     stale = remove_stale_temporaries(out)
     if stale:
         log.info("removed %d temporary files left by an interrupted run", len(stale))
     writer = ShardWriter(out, recipe.output.rows_per_shard, fingerprint, allow_recipe_change)
+    if remote:
+        writer.on_flush = remote.push  # each flush's shards, then its manifest, go to the store
     if retry_failed:
         log.info("%d finished videos have worker_crashed/stage_error rows: redone if given", writer.retry_failed())
     sources = list_sources(inputs)

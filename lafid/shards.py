@@ -17,6 +17,7 @@ import hashlib
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -80,6 +81,7 @@ class ShardWriter:
         self._ready: list[Item] = []
         self.retrying: set[str] = set()  # finished videos this run redoes (see retry_failed)
         self.counts: Counter[str] = Counter()
+        self.on_flush: Callable[[], None] | None = None  # called after each flush is recorded
 
     def _remove_orphans(self, recorded: set[str]) -> None:
         for path in self.out_dir.iterdir():  # only shards: identities.parquet and user files stay
@@ -122,6 +124,8 @@ class ShardWriter:
         self.completed.update(videos)
         self.counts.update(clips=len(kept), rejects=len(dropped), videos=len(videos))
         self._ready = []
+        if self.on_flush:
+            self.on_flush()
 
     def close(self) -> None:
         """Flush what is buffered."""

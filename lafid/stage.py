@@ -115,6 +115,23 @@ class BatchStats:
         self.seconds += other.seconds
 
 
+def _localize(items: list[Item]) -> dict[str, str]:
+    """Point items whose source is a URL at a local copy; returns local path -> URL. A copy that
+    cannot be made leaves the URL, which the stage then rejects as unreadable."""
+    from lafid.storage import is_url, local_copy
+
+    back: dict[str, str] = {}
+    for item in items:
+        if is_url(item.source):
+            url = item.source
+            try:
+                item.source = local_copy(url)
+            except OSError:
+                continue
+            back[item.source] = url
+    return back
+
+
 class StageWorker:
     """Runs one stage on batches, isolating failures to the items that caused them.
 
@@ -130,12 +147,15 @@ class StageWorker:
 
     def run(self, items: list[Item]) -> tuple[list[Item], BatchStats]:
         start = time.perf_counter()
+        urls = _localize(items)  # sources in object storage are read from a local copy
         live = [i for i in items if not i.rejected]
         passed = [i for i in items if i.rejected]
         # Per batch, not per process: in the sequential runner all stages share one process,
         # and results (e.g. Whisper's) depend on the OpenMP/BLAS thread count.
         with threadpool_limits(self.stage.resources.threads):
             out = self._process(live)
+        for item in out:
+            item.source = urls.get(item.source, item.source)
         if self.last:
             for item in out:
                 item.work.clear()

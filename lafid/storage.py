@@ -1,19 +1,36 @@
-"""Files of an output folder: preflight, the run lock, atomic writes, stale temporaries.
+"""Files of an output folder: preflight, the run lock, atomic writes, stale temporaries,
+and object storage.
 
 Every file lafid writes into an output folder goes through here: Parquet and text
 are written to a `.tmp-` name and renamed, so readers never see half a file; a run
 holds an exclusive lock on the folder for its whole life, so two runs never write
 into the same folder at once; and temporaries a crashed run left behind are
 removed when the next run takes the lock.
+
+Inputs and outputs may also be URLs (`s3://bucket/prefix`, `gs://...`, `file://...`),
+read and written through `pyarrow.fs`; an S3-compatible endpoint comes from the
+standard `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`) variable. Object stores have
+no rename and no lock: a `RemoteOutput` keeps a local staging folder (where the lock
+and the atomic renames happen) and uploads each shard under its final,
+content-derived name once it is complete, then the manifest, as one whole object;
+a shard no manifest names is deleted by the next run, as in a local folder. Input
+URLs are copied once per node into a local cache before a stage reads them.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
+import json
 import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
+from urllib.parse import urlparse
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 LOCK = "_lock"
@@ -131,3 +148,168 @@ def append_line(line: str, path: Path) -> None:
         fh.write(line + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+
+
+# --- object storage -------------------------------------------------------------------------
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_ID_CHUNK = 1 << 20  # as lafid.video.content_id: size plus the first and last MiB
+MANIFEST_NAME = "_manifest.jsonl"
+LOGS = ("_curate.log", "_native.log")
+
+
+def is_url(path: object) -> bool:
+    """`s3://...`, `gs://...`, `file://...`: anything with a scheme."""
+    return isinstance(path, str) and bool(_URL.match(path))
+
+
+def local_path(path: str | os.PathLike) -> str | os.PathLike:
+    """A `file://` URL as a plain path; anything else unchanged."""
+    if isinstance(path, str) and path.lower().startswith("file://"):
+        return urlparse(path).path
+    return path
+
+
+def url_filesystem(url: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem for `url` and the path inside it. S3 honours `AWS_ENDPOINT_URL_S3` /
+    `AWS_ENDPOINT_URL` (passed as `endpoint_override`: pyarrow's S3 client does not read them itself)."""
+    scheme = url.split("://", 1)[0].lower()
+    if scheme == "s3":
+        kwargs = {}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+            kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            kwargs["region"] = region
+        return pafs.S3FileSystem(**kwargs), url.split("://", 1)[1].rstrip("/")
+    if scheme == "file":
+        return pafs.LocalFileSystem(), urlparse(url).path
+    try:
+        return pafs.FileSystem.from_uri(url)
+    except (ValueError, OSError) as exc:
+        raise OutputError(f"cannot use {url}: {exc}") from None
+
+
+def list_url(url: str, extensions: frozenset[str]) -> list[str]:
+    """An object URL as itself; a prefix as every object under it with one of `extensions`, sorted."""
+    fs, path = url_filesystem(url)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.Directory:
+        return [url]  # a file, or missing: the stage gives it its reject reason
+    scheme = url.split("://", 1)[0]
+    found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sorted(f"{scheme}://{f.path}" for f in found
+                  if f.type == pafs.FileType.File and os.path.splitext(f.path)[1].lower() in extensions)
+
+
+def url_content_id(url: str) -> str:
+    """The same id `lafid.video.content_id` gives the same bytes on a local disk."""
+    try:
+        fs, path = url_filesystem(url)
+        with fs.open_input_file(path) as fh:
+            size = fh.size()
+            digest = hashlib.sha1(str(size).encode())
+            digest.update(fh.read(_ID_CHUNK))
+            if size > 2 * _ID_CHUNK:
+                fh.seek(size - _ID_CHUNK)
+                digest.update(fh.read(_ID_CHUNK))
+        return digest.hexdigest()[:16]
+    except (OSError, OutputError):
+        return "path-" + hashlib.sha1(url.encode()).hexdigest()[:11]
+
+
+def input_cache() -> Path:
+    return Path(os.environ.get("LAFID_INPUT_CACHE") or Path(tempfile.gettempdir()) / "lafid-inputs")
+
+
+def local_copy(url: str) -> str:
+    """A local file holding the object at `url`, downloaded once per machine (written under a
+    temporary name, then renamed)."""
+    name = hashlib.sha1(url.encode()).hexdigest()[:20] + os.path.splitext(urlparse(url).path)[1]
+    target = input_cache() / name
+    if target.exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fs, path = url_filesystem(url)
+    tmp = target.with_name(f"{TMP_PREFIX}{os.getpid()}-{name}")
+    with fs.open_input_stream(path) as src, open(tmp, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 22)
+    os.replace(tmp, target)
+    return str(target)
+
+
+class RemoteOutput:
+    """An output folder in object storage, mirrored by a local staging folder.
+
+    `pull()` (under the staging folder's lock) makes the staging folder hold what the
+    store holds: the manifest and the shards it names; shards under the prefix that no
+    manifest names (left by a run that died between a shard and its manifest) are
+    deleted. `push()` uploads every recorded shard not yet in the store under its final
+    name, then the manifest, then deletes shards the manifest no longer names."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.fs, self.prefix = url_filesystem(self.url)
+        key = hashlib.sha1(self.url.encode()).hexdigest()[:16]
+        self.staging = Path(os.environ.get("LAFID_STAGING") or Path(tempfile.gettempdir()) / "lafid-staging") / key
+        self.pushed: set[str] = set()
+
+    def _remote(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
+
+    def _recorded(self) -> set[str]:
+        path = self.staging / MANIFEST_NAME
+        names: set[str] = set()
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    names.update(json.loads(line)["files"])
+                except (json.JSONDecodeError, KeyError):
+                    continue
+        return names
+
+    def pull(self) -> None:
+        try:
+            self.fs.create_dir(self.prefix)
+            listing = self.fs.get_file_info(pafs.FileSelector(self.prefix, recursive=False, allow_not_found=True))
+        except OSError as exc:
+            raise OutputError(f"output {self.url} cannot be used: {exc}") from None
+        remote = {Path(f.path).name for f in listing if f.type == pafs.FileType.File}
+        for path in self.staging.iterdir():  # the store is the truth; the lock file stays
+            if path.name != LOCK and path.is_file():
+                path.unlink()
+        for name in (MANIFEST_NAME, *LOGS):
+            if name in remote:
+                self._download(name)
+        recorded = self._recorded()
+        for name in sorted(recorded & remote):
+            self._download(name)
+        for name in sorted(remote - recorded):
+            if name.endswith(".parquet") and name.startswith(("clips-", "rejects-")):
+                self.fs.delete_file(self._remote(name))
+        self.pushed = recorded & remote
+
+    def _download(self, name: str) -> None:
+        with self.fs.open_input_stream(self._remote(name)) as src, open(self.staging / name, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
+
+    def _upload(self, name: str) -> None:
+        # an object store commits an object when its stream closes: it appears complete or not at all
+        with open(self.staging / name, "rb") as src, self.fs.open_output_stream(self._remote(name)) as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
+
+    def push(self, logs: bool = False) -> None:
+        recorded = self._recorded()
+        for name in sorted(recorded - self.pushed):
+            self._upload(name)
+        if (self.staging / MANIFEST_NAME).exists():
+            self._upload(MANIFEST_NAME)  # last: only now do the new shards count
+        for name in sorted(self.pushed - recorded):  # replaced by --retry-failed
+            self.fs.delete_file(self._remote(name))
+        self.pushed = recorded
+        if logs:
+            for name in LOGS:
+                if (self.staging / name).exists():
+                    self._upload(name)

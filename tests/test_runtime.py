@@ -1,0 +1,180 @@
+"""The Ray runtime: pools sized from the cluster, data kept in the object store, faults of
+workers and nodes. The stages that carry large data are in tests/runtime_stages.py."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import runtime_stages
+from lafid import media, ray_executor
+from lafid.recipe import Recipe, RecipeError, load_recipe
+from lafid.report import read_table
+from lafid.runner import curate
+from lafid.shards import MANIFEST
+
+SPLIT = {"stage": "shot_split", "cpus": 0.25, "params": {"min_clip_s": 0.5}}
+
+
+@pytest.fixture
+def carry_stages():
+    runtime_stages.register()
+    yield
+    runtime_stages.unregister()
+
+
+def rows(out_dir, kind="clips"):
+    table = read_table(out_dir, kind)
+    return [] if table is None else sorted(json.dumps(r, sort_keys=True) for r in table.to_pylist())
+
+
+def manifest_videos(out_dir):
+    return [v for line in (Path(out_dir) / MANIFEST).read_text().splitlines() for v in json.loads(line)["videos"]]
+
+
+@pytest.fixture(scope="module")
+def videos(make_video, carphone):
+    """Six videos of distinct real content; one has a hard cut (two clips)."""
+    mirrored = media.mirror(carphone)
+    hopper = media.still(media.grace_hopper(), 3.0, fps=29.97, size=256)
+    return [
+        make_video("f_carphone", lambda: carphone, 29.97),
+        make_video("f_mirrored", lambda: mirrored, 29.97),
+        make_video("f_cut", lambda: media.resize(carphone, 256, 256) + hopper, 29.97),
+        make_video("f_late20", lambda: carphone[20:], 29.97),
+        make_video("f_late40", lambda: carphone[40:], 29.97),
+        make_video("f_mirrored30", lambda: mirrored[30:], 29.97),
+    ]
+
+
+def carry_recipe(workers="auto", delay_s=0.0, pid_dir="", megabytes=1.0, rows_per_shard=1000):
+    return Recipe(name="carry", max_videos_in_flight=6, output={"rows_per_shard": rows_per_shard}, stages=[
+        SPLIT, {"stage": "carry", "workers": workers, "params": {"megabytes": megabytes}},
+        {"stage": "weigh", "workers": workers, "params": {"delay_s": delay_s, "pid_dir": pid_dir}}])
+
+
+def test_workers_may_be_a_number_auto_or_a_range():
+    recipe = Recipe(name="w", stages=[{"stage": "shot_split"}, {"stage": "face_constraints", "workers": 3},
+                                      {"stage": "identity_consistency", "workers": {"min": 2, "max": 5}}])
+    assert [s.worker_range for s in recipe.stages] == [(1, None), (3, 3), (2, 5)]
+    assert all(s.workers == "auto" for s in load_recipe("lafid180k").stages)
+    for bad, message in (({"min": 3, "max": 2}, "below min"), (0, "greater than or equal"), ("many", "auto")):
+        with pytest.raises(ValueError, match=message):
+            Recipe(name="w", stages=[{"stage": "shot_split", "workers": bad}])
+
+
+@pytest.mark.ray
+def test_default_recipe_fits_two_cpus_and_explicit_requests_that_cannot_fit_fail(ray_cluster):
+    recipe = load_recipe("lafid180k")
+    plans = ray_executor._plan(recipe, recipe.build_stages())
+    assert len(plans) == 4 and all(p.low == 1 and p.high is None for p in plans)
+    # one actor per stage plus as many again for growth fit in the 2 CPUs: each asks for a quarter
+    assert sum(p.cpus for p in plans) * ray_executor.HEADROOM == pytest.approx(2.0)
+    fixed = recipe.model_copy(deep=True)
+    for spec in fixed.stages:  # the same stages asking for one whole-CPU actor each cannot all be placed
+        spec.workers = 1
+    with pytest.raises(RecipeError, match="asks for 4 CPUs .* but the cluster has 2"):
+        ray_executor._plan(fixed, fixed.build_stages())
+    gpu = recipe.model_copy(deep=True)
+    gpu.stages[1].gpus = 0.25
+    with pytest.raises(RecipeError, match="'face_constraints' asks for 1 x 0.25 GPUs but the cluster has 0"):
+        ray_executor._plan(gpu, gpu.build_stages())
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_data_stays_in_the_object_store_and_pools_grow_and_shrink(
+        ray_cluster, carry_stages, videos, tmp_path, monkeypatch):
+    monkeypatch.setattr(ray_executor, "IDLE_S", 0.5)
+    stats = curate(carry_recipe(delay_s=0.5), videos, tmp_path, executor="ray")
+    assert stats.videos_done == 6 and stats.kept == 7
+    clips = read_table(tmp_path).to_pylist()
+    for row in clips:  # each clip's 1 MiB array reached the next stage intact, through the object store
+        item = runtime_stages.Item(source="", video_id="", start_s=row["start_s"], end_s=row["end_s"])
+        assert row["face_ratio"] == pytest.approx(runtime_stages.fill_value(item) / 255)
+        assert row["face_area_median"] == 2**20
+    assert len({r["face_ratio"] for r in clips}) > 1  # the values differ per clip: nothing was mixed up
+    run = ray_executor.last_run
+    # the driver got summaries only: about 1% of the 1 MiB each clip carried between stages
+    assert run.items and run.driver_bytes / stats.kept < 2**20 / 100
+    assert run.peak_actors["weigh"] >= 2  # the slow stage's pool grew with its queue
+    assert sum(run.retired.values()) >= 1  # and idle actors were given back
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_kill_9_of_a_stage_actor_mid_run_leaves_complete_output_without_worker_crashed(
+        ray_cluster, carry_stages, videos, tmp_path):
+    clean = tmp_path / "clean"
+    curate(carry_recipe(), videos, clean, executor="sequential")
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    killed = []
+
+    def kill_one(stats):
+        if stats.videos_done >= 1 and not killed:
+            pid = int(sorted(pids.iterdir())[0].name)
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    out = tmp_path / "out"
+    stats = curate(carry_recipe(workers=1, delay_s=0.4, pid_dir=str(pids)), videos, out, executor="ray",
+                   on_update=kill_one)
+    assert killed and len(list(pids.iterdir())) >= 2  # a fresh worker replaced the killed one
+    assert stats.videos_done == 6
+    assert rows(out) == rows(clean) and len(rows(out)) == 7
+    assert read_table(out, "rejects") is None  # no worker_crashed (or any other) row
+    done = manifest_videos(out)
+    assert len(done) == len(set(done)) == 6
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_worker_node_leaves_a_three_node_cluster_mid_run(carry_stages, videos, tmp_path):
+    """Head plus two worker nodes; `lafid curate --address` runs; the worker node holding most actors
+    is removed after the first video is recorded. The rows equal a clean single-process run's."""
+    clean = tmp_path / "clean"
+    curate(carry_recipe(), videos, clean, executor="sequential")
+    recipe = tmp_path / "carry.yaml"
+    recipe.write_text(json.dumps(carry_recipe(delay_s=0.5, rows_per_shard=1).model_dump(mode="json")))
+    out = tmp_path / "out"
+    script = Path(__file__).parent / "multinode_curate.py"
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    result = subprocess.run([sys.executable, str(script), str(recipe), str(out), *videos], capture_output=True,
+                            text=True, env=env, timeout=560)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["rc"] == 0, report["output"]
+    assert report["removed"] and report["removed"]["actors_on_node"] >= 1  # the node held work when it left
+    assert report["removed"]["videos_done_before"] < 6  # and it left mid-run
+    log = (out / "_curate.log").read_text()
+    assert "a worker died" in log or "was lost" in log  # and the run noticed: actors or data went with it
+    assert rows(out) == rows(clean) and len(rows(out)) == 7
+    assert read_table(out, "rejects") is None
+    done = manifest_videos(out)
+    assert len(done) == len(set(done)) == 6
+
+
+def test_gpu_recipe_is_the_default_recipe_with_model_stages_on_gpus():
+    """docker/lafid180k-gpu.yaml (used by docker/rayjob.yaml) keeps the default recipe's stages and
+    parameters; only where the models run differs."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    gpu, cpu = load_recipe(root / "docker" / "lafid180k-gpu.yaml"), load_recipe("lafid180k")
+    assert [s.stage for s in gpu.stages] == [s.stage for s in cpu.stages]
+    placement = {"device", "asr_compute_type"}
+    for g, c in zip(gpu.stages, cpu.stages):
+        assert {k: v for k, v in g.params.items() if k not in placement} == \
+               {k: v for k, v in c.params.items() if k not in placement}, g.stage
+    assert [s.gpus for s in gpu.stages] == [0, 0, 0.125, 0.25]
+    job = yaml.safe_load((root / "docker" / "rayjob.yaml").read_text())
+    groups = {g["groupName"]: g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
+    assert set(groups) == {"cpu", "gpu"}
+    assert groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert "docker/lafid180k-gpu.yaml" in job["spec"]["entrypoint"]
