@@ -274,3 +274,18 @@ def test_arcface_onnx_and_torch_backends_agree_and_precomputed_rows_win(faces, t
     mixed = onnx(both, given, torch.tensor([True, False]))
     torch.testing.assert_close(mixed[0, 0], torch.nn.functional.normalize(given[0], dim=-1))
     torch.testing.assert_close(mixed[1], b[1])
+
+
+def test_detail_expert_sees_the_crop_at_its_own_size_never_upsampled():
+    from lafid.cofe.config import ModelSource
+    from lafid.cofe.experts import VisionExpert
+
+    torch.manual_seed(0)
+    tower = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, image_size=518, patch_size=14)
+    detail = VisionExpert("dinov2", ModelSource(config={**tower, "mlp_ratio": 2}))
+    semantic = VisionExpert("clip", ModelSource(config={**tower, "image_size": 224, "intermediate_size": 64}))
+    crops = {side: torch.randint(0, 256, (1, side, side, 3), dtype=torch.uint8) for side in (112, 224, 600)}
+    # DINOv2: 8x8 patches for a 112 crop, 16x16 for 224, capped at its 518 (37x37) for a larger one
+    assert [detail(c).shape[1] for c in crops.values()] == [8 * 8 + 1, 16 * 16 + 1, 37 * 37 + 1]
+    # CLIP has fixed position embeddings: always resized to its image_size
+    assert [semantic(c).shape[1] for c in crops.values()] == [16 * 16 + 1] * 3

@@ -124,7 +124,9 @@ class VisionExpert(nn.Module):
             self.model = Model.from_pretrained(str(cfg.path), local_files_only=True)
         else:
             self.model = Model(Config(**cfg.config))
+        self.kind = kind
         self.image_size = self.model.config.image_size
+        self.patch_size = self.model.config.patch_size
         self.dim = self.model.config.hidden_size
         mean, std = self.MEAN_STD[kind]
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -133,10 +135,17 @@ class VisionExpert(nn.Module):
 
     @torch.no_grad()
     def forward(self, faces: torch.Tensor, hidden_layer: int | None = None) -> torch.Tensor:
-        """uint8 images (B, H, W, 3), resized to the tower's native `image_size` -> tokens (B, N, dim):
-        the last hidden state, or hidden state `hidden_layer` (-2: Wan I2V's CLIP image embedding)."""
+        """uint8 images (B, H, W, 3) -> tokens (B, N, dim): the last hidden state, or hidden state
+        `hidden_layer` (-2: Wan I2V's CLIP image embedding).
+
+        CLIP sees its native `image_size`. DINOv2 (which interpolates its position
+        embeddings) is never given an upsampled image: a crop smaller than its
+        `image_size` is fed at its own size, rounded down to whole patches."""
         x = faces.permute(0, 3, 1, 2).float() / 255.0
-        size = (self.image_size, self.image_size)
+        side = self.image_size
+        if self.kind == "dinov2":
+            side = min(side, max(self.patch_size, min(x.shape[-2:]) // self.patch_size * self.patch_size))
+        size = (side, side)
         x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
         x = ((x - self.mean) / self.std).to(self.model.dtype)
         if hidden_layer is None:
