@@ -29,9 +29,12 @@ def test_bf16_frozen_models_train_with_float32_cofe(pose_shards, tmp_path, fresh
                          frozen_dtype="bfloat16", lr=5e-2)
     trainer = Trainer(recipe)
     core = trainer.core
-    frozen = [p for m in (core.transformer, core.vae, core.text, core.experts) for p in m.parameters()
-              if not p.requires_grad]
+    frozen = [p for m in (core.vae, core.text, core.experts) for p in m.parameters()]
     assert frozen and {p.dtype for p in frozen} == {torch.bfloat16}
+    kept = set(core.transformer._keep_in_fp32_modules)  # norms, time embedding: float32, as from_pretrained keeps them
+    dtypes = {name: p.dtype for name, p in core.transformer.named_parameters() if not p.requires_grad}
+    assert all(d == (torch.float32 if kept & set(n.split(".")) else torch.bfloat16) for n, d in dtypes.items())
+    assert sum(d == torch.bfloat16 for d in dtypes.values()) > len(dtypes) / 2
     assert {p.dtype for p in core.trainable_state().values()} == {torch.float32}
     before = {k: v.detach().clone() for k, v in core.trainable_state().items()}
     losses = trainer.fit(progress=False).losses
@@ -62,8 +65,10 @@ def _fsdp_job(rank: int, world: int, port: int, shards: str, root: str) -> None:
     torch.set_num_threads(1)
     root = Path(root)
     n = 2
-    settings = dict(steps=2 * n, save_every=n, grad_accum=2, warmup_steps=2, lr=5e-2, distributed="fsdp",
-                    save_total_limit=1, ema_decay=0.9)
+    # as the 14B recipe runs: bf16 frozen models and autocast, gradient checkpointing, EMA
+    settings = dict(steps=2 * n, save_every=n, grad_accum=1, warmup_steps=2, lr=5e-2, distributed="fsdp",
+                    save_total_limit=1, ema_decay=0.9, mixed_precision="bf16", frozen_dtype="bfloat16",
+                    gradient_checkpointing=True)
     straight = Trainer(tiny_recipe(shards, root / "straight", **settings))
     assert straight.sharded and straight.acc.num_processes == world
     losses = straight.fit(progress=False).losses

@@ -36,8 +36,7 @@ def build_transformer(cfg: ModelSource, dtype: torch.dtype | None = None):
 
     if cfg.path:  # torch_dtype: read straight into `dtype`, never a float32 copy first
         return WanTransformer3DModel.from_pretrained(str(cfg.path), local_files_only=True, torch_dtype=dtype)
-    model = WanTransformer3DModel.from_config(cfg.config)
-    return model if dtype is None else model.to(dtype)
+    return _cast(WanTransformer3DModel.from_config(cfg.config), dtype)
 
 
 def build_vae(cfg: ModelSource, dtype: torch.dtype | None = None):
@@ -45,8 +44,19 @@ def build_vae(cfg: ModelSource, dtype: torch.dtype | None = None):
 
     if cfg.path:
         return AutoencoderKLWan.from_pretrained(str(cfg.path), local_files_only=True, torch_dtype=dtype)
-    model = AutoencoderKLWan.from_config(cfg.config)
-    return model if dtype is None else model.to(dtype)
+    return _cast(AutoencoderKLWan.from_config(cfg.config), dtype)
+
+
+def _cast(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """`model` in `dtype` but for the modules diffusers keeps in float32 (`_keep_in_fp32_modules`: norms,
+    time embedding, RoPE), as `from_pretrained(torch_dtype=...)` loads them."""
+    if dtype is None:
+        return model
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point():
+            t.data = t.data.to(torch.float32 if keep & set(name.split(".")) else dtype)
+    return model
 
 
 def build_adapter(transformer_config, expert_dims: dict[str, int], recipe: CoFERecipe) -> CoFEAdapter:
