@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=8)
     ap.add_argument("--seeds", type=int, default=1, help="training seeds per injection")
     ap.add_argument("--injection", choices=["fused", "per_expert", "both"], default="both")
+    ap.add_argument("--id-projection", choices=["resample", "expand"], default="resample")
     args = ap.parse_args()
 
     root = devset.ensure()
@@ -57,7 +58,8 @@ def main() -> None:
               f"{args.draws} fixed draws")
         for injection in injections:
             for seed in range(args.seeds):
-                recipe = identity_recipe(tmp / "shards", tmp / "out", injection=injection, seed=seed)
+                recipe = identity_recipe(tmp / "shards", tmp / "out", injection=injection, seed=seed,
+                                         id_projection=args.id_projection)
                 start = time.perf_counter()
                 torch.manual_seed(seed)
                 model = CoFEModel(recipe)
@@ -69,7 +71,8 @@ def main() -> None:
                 batches = probe.standardise(probe.precompute(model, samples, len(rows)))
                 losses = probe.train(model, batches, args.steps, args.lr, seed=seed)
                 result = probe.condition_losses(model, batches[0], draws=args.draws)
-                print(f"\n{injection} (seed {seed}): train loss {losses[0]:.3f} -> {sum(losses[-20:]) / 20:.3f}, "
+                print(f"\n{injection}, id_projection {args.id_projection} (seed {seed}): "
+                      f"train loss {losses[0]:.3f} -> {sum(losses[-20:]) / 20:.3f}, "
                       f"{time.perf_counter() - start:.0f}s")
                 for condition, loss in result.items():
                     print(f"  {condition:<9} {loss:.3f}")

@@ -21,11 +21,12 @@ FULL_EXPERT_DIMS = {"id": 512, "sem": 1280, "det": 1024}
 
 
 def tiny(gate_inputs=("face",), checkpointing: bool = False, injection: str = "fused", recipe: str = "cofe_tiny",
-         **train) -> CoFEModel:
+         id_projection: str = "resample", **train) -> CoFEModel:
     r = load_cofe_recipe(recipe)
     torch.manual_seed(0)
     return CoFEModel(r.model_copy(update={
-        "cofe": r.cofe.model_copy(update={"gate_inputs": list(gate_inputs), "injection": injection}),
+        "cofe": r.cofe.model_copy(update={"gate_inputs": list(gate_inputs), "injection": injection,
+                                          "id_projection": id_projection}),
         "train": r.train.model_copy(update={"gradient_checkpointing": checkpointing, **train})}))
 
 
@@ -99,10 +100,10 @@ def zero_grad_tensors(model: CoFEModel, batch: dict, cut=None) -> tuple[list[str
     return zero, before, frozen()
 
 
-@pytest.mark.parametrize("injection,recipe", [("fused", "cofe_tiny"), ("per_expert", "cofe_tiny"),
-                                              ("fused", "cofe_tiny_i2v")])
-def test_every_cofe_tensor_learns_and_frozen_weights_stay_bit_identical(faces, injection, recipe):
-    model = tiny(injection=injection, recipe=recipe).train()
+@pytest.mark.parametrize("injection,recipe,id_projection", [
+    ("fused", "cofe_tiny", "resample"), ("per_expert", "cofe_tiny", "expand"), ("fused", "cofe_tiny_i2v", "resample")])
+def test_every_cofe_tensor_learns_and_frozen_weights_stay_bit_identical(faces, injection, recipe, id_projection):
+    model = tiny(injection=injection, recipe=recipe, id_projection=id_projection).train()
     batch = clip_batch(faces)
     zero, before, after = zero_grad_tensors(model, batch)
     trainable = model.trainable_state()
@@ -289,3 +290,24 @@ def test_detail_expert_sees_the_crop_at_its_own_size_never_upsampled():
     assert [detail(c).shape[1] for c in crops.values()] == [8 * 8 + 1, 16 * 16 + 1, 37 * 37 + 1]
     # CLIP has fixed position embeddings: always resized to its image_size
     assert [semantic(c).shape[1] for c in crops.values()] == [16 * 16 + 1] * 3
+
+
+def test_gate_entropy_logging_and_load_balancing_term(faces):
+    model = tiny()
+    batch, gen = clip_batch(faces), lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    plain = model(batch, gen())
+    stats = model.adapter.gate_stats()
+    g = model.adapter.gates()
+    assert len(stats["gate_entropy"]) == 2 and all(0 < e < 1.0987 for e in stats["gate_entropy"])
+    torch.testing.assert_close(torch.tensor(stats["gate_entropy"][0]),
+                               -(g[0] * g[0].log()).sum(-1).mean(), rtol=1e-5, atol=1e-6)
+    balance = model.adapter.balance_loss()
+    assert balance > 0
+    model.recipe = model.recipe.model_copy(update={"cofe": model.recipe.cofe.model_copy(update={"balance_weight": 0.5})})
+    weighted = model(batch, gen())
+    torch.testing.assert_close(weighted, plain + 0.5 * balance)
+    weighted.backward()
+    assert model.adapter.layers[0].fusion.gate[2].weight.grad.abs().sum() > 0
+    for layer in model.adapter.layers:  # an even mix costs nothing
+        layer.gate_live = torch.full((2, 3), 1 / 3)
+    assert abs(model.adapter.balance_loss().item()) < 1e-6

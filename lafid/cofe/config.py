@@ -104,6 +104,9 @@ class CoFEConfig(StrictModel):
         "fused", description="fused: one face cross-attention on the gated sum of experts; per_expert: one per "
                              "expert, outputs mixed by the gate after attention (per-expert attention maps); fused is "
                              "the default by measurement (docs/cofe.md)")
+    id_projection: Literal["resample", "expand"] = Field(
+        "resample", description="P_id: learned queries attending to the ArcFace vector (resample), or one linear "
+                                "map of it to face_tokens distinct tokens (expand)")
     balance_weight: float = Field(0.0, ge=0, description="weight of the gate load-balancing term (0 = off)")
     lora_rank: int = Field(0, ge=0, description="LoRA rank on the backbone's attention (0 = off)")
     lora_targets: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]

@@ -47,6 +47,21 @@ class TokenProjection(nn.Module):
         return self.norm(q + out)
 
 
+class VectorProjection(nn.Module):
+    """P_id for one-vector experts (`cofe.id_projection: expand`): the vector -> `n_tokens` distinct tokens
+    through one linear map (IP-Adapter's image projection), instead of attention over a single key,
+    which can only add the same value to every learned query."""
+
+    def __init__(self, in_dim: int, dim: int, n_tokens: int):
+        super().__init__()
+        self.n_tokens, self.dim = n_tokens, dim
+        self.proj = nn.Linear(in_dim, n_tokens * dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(tokens.mean(1)).view(tokens.shape[0], self.n_tokens, self.dim))
+
+
 class Expert(nn.Module):
     """ε_k^l: a residual MLP that adapts the shared projected tokens to one block."""
 
@@ -169,7 +184,7 @@ class CoFEAdapter(nn.Module):
 
     def __init__(self, dim: int, num_blocks: int, expert_dims: dict[str, int], *, face_tokens: int = 4,
                  heads: int = 8, expert_hidden: int | None = None, gate_hidden: int = 256,
-                 gate_inputs: Sequence[str] = ("face",), injection: str = "fused"):
+                 gate_inputs: Sequence[str] = ("face",), injection: str = "fused", id_projection: str = "resample"):
         super().__init__()
         unknown = set(gate_inputs) - set(GATE_INPUTS)
         if unknown or "face" not in gate_inputs:
@@ -178,6 +193,10 @@ class CoFEAdapter(nn.Module):
             raise ValueError(f"injection must be one of {INJECTIONS}, got {injection!r}")
         self.injection = injection
         self.projections = nn.ModuleDict({k: TokenProjection(expert_dims[k], dim, face_tokens, heads) for k in EXPERTS})
+        if id_projection == "expand":
+            self.projections["id"] = VectorProjection(expert_dims["id"], dim, face_tokens)
+        elif id_projection != "resample":
+            raise ValueError(f"id_projection must be resample or expand, got {id_projection!r}")
         self.layers = nn.ModuleList(
             CoFELayer(dim, expert_hidden or dim // 4, gate_hidden, gate_inputs, injection) for _ in range(num_blocks))
         self._projected: dict[str, torch.Tensor] | None = None
