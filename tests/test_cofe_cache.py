@@ -13,7 +13,7 @@ import lafid.cofe.data as data_module
 from lafid.cofe.cache import ClipCache, build_cache, cache_rng, read_index
 from lafid.cofe.data import ClipDataset, collate
 from lafid.cofe.train import Trainer
-from tests.cofe_fixtures import pose_shards, tiny_recipe  # noqa: F401  (fixture)
+from cofe_fixtures import pose_shards, tiny_recipe  # noqa: F401  (fixture)
 
 # Cached and uncached inputs come from the same encoders on the same frames; the cache
 # runs them per part in batches of data.batch_size, training in its own batches, so
@@ -63,7 +63,9 @@ def test_cached_training_gives_the_uncached_losses_without_decoding(pose_shards,
         raise AssertionError("video decoded although the cache holds every clip")
 
     monkeypatch.setattr(data_module, "decode_frames", no_decoding)
-    got = Trainer(cached).fit(progress=False).losses
+    trainer = Trainer(cached)
+    assert trainer.core.vae is None and trainer.core.text is None and trainer.core.experts is None  # freed
+    got = trainer.fit(progress=False).losses
     print(f"\nlosses uncached (cache's draw) {reference}\nlosses cached {got}")
     np.testing.assert_allclose(got, reference, rtol=RTOL)
     monkeypatch.undo()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lafid.cofe.train import Trainer
-from tests.cofe_fixtures import pose_shards, tiny_recipe  # noqa: F401  (fixture)
+from cofe_fixtures import pose_shards, tiny_recipe  # noqa: F401  (fixture)
 
 
 @pytest.fixture
