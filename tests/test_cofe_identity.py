@@ -89,6 +89,22 @@ def test_matched_face_beats_another_persons_face(identity_samples, tmp_path, inj
     area = np.mean([s["id"][1] for s in shares])
     print("map mass inside the face box (area share %.2f): " % area + ", ".join(f"{k} {v:.2f}" for k, v in mean.items()))
 
+    # the command-line tool, from a checkpoint folder, on a real clip
+    from safetensors.torch import save_file
+
+    from lafid.cofe.maps import main
+
+    ckpt = tmp_path / "checkpoint-300"
+    ckpt.mkdir()
+    save_file({k: v.detach().contiguous() for k, v in model.trainable_state().items()},
+              ckpt / "trainable.safetensors")
+    (ckpt / "recipe.json").write_text(recipe.model_dump_json())
+    main(["--checkpoint", str(ckpt), "--video", by_id["carphone"]["source"], "--start", "0.5",
+          "--out", str(tmp_path / "cli_maps")])
+    written = sorted(p.name for p in (tmp_path / "cli_maps").glob("*.png"))
+    assert written == ["det.png", "id.png", "sem.png"]
+    assert cv2.imread(str(tmp_path / "cli_maps" / "id.png")).std() > 10  # a picture, not a blank
+
 
 def square_box(row: dict) -> list[float]:
     """The row's median face box in the centre-square crop the dataset feeds the VAE."""

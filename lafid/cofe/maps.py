@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     recipe = CoFERecipe.model_validate_json((args.checkpoint / "recipe.json").read_text())
+    torch.manual_seed(recipe.train.seed)  # as the trainer: parts built from a config get the same weights
     model = CoFEModel(recipe).eval()
     model.load_state_dict(load_file(str(args.checkpoint / "trainable.safetensors")), strict=False)
     d = recipe.data
