@@ -35,7 +35,8 @@ def fixed_draw(monkeypatch):
 
 def test_cached_training_gives_the_uncached_losses_without_decoding(pose_shards, tmp_path, monkeypatch):  # noqa: F811
     shards, rows = pose_shards
-    plain = tiny_recipe(shards, tmp_path / "plain", steps=3, save_every=1000, lr=5e-2)
+    # with text and face dropout: the cached run uses the empty caption embedding kept when its encoders were freed
+    plain = tiny_recipe(shards, tmp_path / "plain", steps=3, save_every=1000, lr=5e-2, text_drop=0.5, face_drop=0.25)
     cached = with_cache(plain, tmp_path / "cache", tmp_path / "cached")
     made = build_cache(cached, shard_size=5)
     assert (made.clips, made.skipped, made.parts) == (len(rows), 0, 3)
@@ -63,7 +64,9 @@ def test_cached_training_gives_the_uncached_losses_without_decoding(pose_shards,
         raise AssertionError("video decoded although the cache holds every clip")
 
     monkeypatch.setattr(data_module, "decode_frames", no_decoding)
-    got = Trainer(cached).fit(progress=False).losses
+    trainer = Trainer(cached)
+    assert trainer.core.vae is None and trainer.core.text is None and trainer.core.experts is None  # freed
+    got = trainer.fit(progress=False).losses
     print(f"\nlosses uncached (cache's draw) {reference}\nlosses cached {got}")
     np.testing.assert_allclose(got, reference, rtol=RTOL)
     monkeypatch.undo()

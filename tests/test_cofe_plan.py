@@ -73,8 +73,10 @@ def test_plan_of_the_480p_recipes_before_anything_loads():
     print("\n" + eight.table(80))
     assert 14e9 < eight.params["transformer"] < 14.5e9
     assert eight.total < 72 * GiB < one.total  # 14B + CoFE fits an 80 GB card only when sharded
+    assert eight.total - eight.cached_total == sum(eight.bytes[k] for k in ("vae", "text", "experts")) > 12 * GiB
 
     run = CliRunner().invoke(app, ["train", "--recipe", "cofe_wan21_14b_fsdp", "--plan", "--gpus", "8"])
     assert run.exit_code == 0, run.output
     assert f"{eight.params['trainable']:,}" in run.output and f"{eight.total / GiB:.2f}" in run.output
-    assert "fits a 80 GiB GPU" in run.output and "NOT" not in run.output
+    assert "fits a 80 GiB GPU (" in run.output and "NOT" not in run.output
+    assert f"{eight.cached_total / GiB:.2f}" in run.output

@@ -133,8 +133,16 @@ class CoFEModel(nn.Module):
         """Frozen parts stay in inference mode (IResNet BatchNorm, dropout) while CoFE trains."""
         super().train(mode)
         for frozen in (self.vae, self.text, self.experts):
-            frozen.eval()
+            if frozen is not None:  # None: freed by drop_encoders
+                frozen.eval()
         return self
+
+    @torch.no_grad()
+    def drop_encoders(self) -> None:
+        """Free the frozen VAE, text encoder and experts: every input comes precomputed (`lafid cache`).
+        The empty caption's embedding (text dropout) is kept."""
+        self.register_buffer("empty_embedding", self.text([""]), persistent=False)
+        self.vae = self.text = self.experts = None
 
     @torch.no_grad()
     def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
@@ -193,7 +201,8 @@ class CoFEModel(nn.Module):
 
     def empty_text(self, n: int, like: torch.Tensor) -> torch.Tensor:
         """Embedding of the empty caption (text dropout), (n, L, D)."""
-        return self.text([""]).to(like.device, like.dtype).expand(n, -1, -1)
+        empty = self.empty_embedding if self.text is None else self.text([""])
+        return empty.to(like.device, like.dtype).expand(n, -1, -1)
 
     def forward(self, batch: dict, generator: torch.Generator, keep_face: torch.Tensor | None = None,
                 keep_text: torch.Tensor | None = None) -> torch.Tensor:

@@ -7,7 +7,8 @@ and the bytes per GPU computed for a number of GPUs:
 - frozen transformer weights in `train.frozen_dtype` (sharded over the GPUs under
   `train.distributed: fsdp`, whole on every GPU under ddp);
 - frozen encoders (VAE, text encoder, experts) in the same dtype, whole on every
-  GPU (unused at train time once `lafid cache` has run, but built);
+  GPU; none when training reads a cache (`lafid cache`: the trainer frees them),
+  the second total;
 - trained weights (CoFE + LoRA) float32, their gradients float32 and AdamW's two
   moments float32 (16 bytes a parameter; sharded under fsdp);
 - FSDP's gather buffer: the largest transformer block (with its CoFE layer),
@@ -114,6 +115,11 @@ class Plan:
     def total(self) -> float:
         return sum(self.bytes.values())
 
+    @property
+    def cached_total(self) -> float:
+        """Per GPU when training reads a cache: the trainer frees the VAE, text encoder and experts."""
+        return self.total - sum(self.bytes[k] for k in ("vae", "text", "experts"))
+
     def table(self, gpu_gib: float | None = None) -> str:
         p = self.params
         lines = [f"recipe {self.recipe}: {self.gpus} GPU(s), {self.distributed}, frozen weights {self.dtype}, "
@@ -131,9 +137,11 @@ class Plan:
             if key in self.bytes:
                 lines.append(f"{name:<34}{'' if n is None else f'{n:,}':>16}{self.bytes[key] / GiB:>14.2f}")
         lines.append(f"{'total':<34}{'':>16}{self.total / GiB:>14.2f}")
+        lines.append(f"{'total reading a cache (lafid cache)':<34}{'':>16}{self.cached_total / GiB:>14.2f}")
         if gpu_gib:
-            verdict = "fits" if self.total <= 0.9 * gpu_gib * GiB else "does NOT fit"
-            lines.append(f"-> {verdict} a {gpu_gib:g} GiB GPU (keeping 10% for the allocator and CUDA context)")
+            for what, total in (("", self.total), (" reading a cache", self.cached_total)):
+                verdict = "fits" if total <= 0.9 * gpu_gib * GiB else "does NOT fit"
+                lines.append(f"-> {verdict} a {gpu_gib:g} GiB GPU{what} (keeping 10% for the allocator and CUDA context)")
         return "\n".join(lines)
 
 

@@ -36,7 +36,7 @@ def fully_shard_cofe(model: nn.Module, mixed_precision: str = "no") -> nn.Module
     """Shard a CoFEModel in place over the default process group (see the module doc)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    ignored = {p for m in (model.vae, model.text, model.experts) for p in m.parameters()}
+    ignored = {p for m in (model.vae, model.text, model.experts) if m is not None for p in m.parameters()}
     kwargs = {"ignored_params": ignored}
     if mixed_precision == "bf16":  # gather in bf16 (one dtype per unit), reduce gradients in float32
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,

@@ -86,6 +86,10 @@ class Trainer:
         self.acc = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum)
         torch.manual_seed(t.seed)  # the same random tiny weights / CoFE init on every rank and run
         self.model = CoFEModel(recipe)
+        from lafid.cofe.cache import CACHE_META
+
+        if recipe.data.cache is not None and (Path(recipe.data.cache) / CACHE_META).exists():
+            self.model.drop_encoders()  # every input comes from the cache: no VAE, text encoder or experts on the GPU
         self.sharded = t.distributed == "fsdp" and self.acc.num_processes > 1
         if self.sharded:  # before the optimizer takes the parameters: FSDP replaces them by their shards
             from lafid.cofe.shard import fully_shard_cofe
