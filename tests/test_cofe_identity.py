@@ -87,7 +87,8 @@ def test_matched_face_beats_another_persons_face(identity_samples, tmp_path, inj
         shares.append({k: face_share(m.mean(0), square_box(by_id[clip])) for k, m in maps.items()})
     mean = {k: np.mean([s[k][0] for s in shares]) for k in shares[0]}
     area = np.mean([s["id"][1] for s in shares])
-    print("map mass inside the face box (area share %.2f): " % area + ", ".join(f"{k} {v:.2f}" for k, v in mean.items()))
+    print(f"map mass inside the face box (area share {area:.2f}): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in mean.items()))
 
     # the command-line tool, from a checkpoint folder, on a real clip
     from safetensors.torch import save_file

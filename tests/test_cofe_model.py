@@ -86,8 +86,8 @@ def zero_grad_tensors(model: CoFEModel, batch: dict, cut=None) -> tuple[list[str
     """One AdamW step, then a second backward: (trainable tensors whose gradient is exactly zero,
     frozen state before, frozen state after). `cut(model)` may sever a path first."""
     trainable = model.trainable_state()
-    frozen = lambda: {n: t.detach().clone() for n, t in list(model.named_parameters()) + list(model.named_buffers())  # noqa: E731
-                      if n not in trainable}
+    named = lambda: list(model.named_parameters()) + list(model.named_buffers())  # noqa: E731
+    frozen = lambda: {n: t.detach().clone() for n, t in named() if n not in trainable}  # noqa: E731
     before = frozen()
     if cut is not None:
         cut(model)
@@ -303,7 +303,8 @@ def test_gate_entropy_logging_and_load_balancing_term(faces):
                                -(g[0] * g[0].log()).sum(-1).mean(), rtol=1e-5, atol=1e-6)
     balance = model.adapter.balance_loss()
     assert balance > 0
-    model.recipe = model.recipe.model_copy(update={"cofe": model.recipe.cofe.model_copy(update={"balance_weight": 0.5})})
+    cofe = model.recipe.cofe.model_copy(update={"balance_weight": 0.5})
+    model.recipe = model.recipe.model_copy(update={"cofe": cofe})
     weighted = model(batch, gen())
     torch.testing.assert_close(weighted, plain + 0.5 * balance)
     weighted.backward()

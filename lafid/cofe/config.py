@@ -121,7 +121,8 @@ class TrainConfig(StrictModel):
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
         "constant", description="after warmup: constant, or linear / cosine decay to min_lr_ratio x lr at `steps`")
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the trained weights (0 = off); saved as ema.safetensors")
+    ema_decay: float = Field(0.0, ge=0, lt=1,
+                             description="EMA of the trained weights (0 = off); saved as ema.safetensors")
     face_drop: float = Field(0.0, ge=0, le=1, description="share of samples trained without the face "
                                                            "(classifier-free guidance on the face)")
     text_drop: float = Field(0.0, ge=0, le=1, description="share of samples trained with the empty caption")
