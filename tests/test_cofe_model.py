@@ -312,3 +312,40 @@ def test_gate_entropy_logging_and_load_balancing_term(faces):
     for layer in model.adapter.layers:  # an even mix costs nothing
         layer.gate_live = torch.full((2, 3), 1 / 3)
     assert abs(model.adapter.balance_loss().item()) < 1e-6
+
+
+def test_load_cofe_attaches_adapter_and_lora_to_a_fresh_transformer(faces, tmp_path):
+    from safetensors.torch import save_file
+
+    from lafid.cofe.api import load_cofe
+    from lafid.cofe.model import build_transformer
+
+    model = tiny()  # CoFE + LoRA r=8
+    with torch.no_grad():  # stand-in for training: every trained tensor moves
+        for p in model.trainable_state().values():
+            p.add_(torch.randn_like(p) * 0.1)
+    save_file({k: v.detach().contiguous() for k, v in model.trainable_state().items()},
+              tmp_path / "trainable.safetensors")
+    (tmp_path / "recipe.json").write_text(model.recipe.model_dump_json())
+    cofe = load_cofe(tmp_path)
+    assert len(cofe.lora) == sum("lora_" in k for k in model.trainable_state()) > 0
+    transformer = build_transformer(model.recipe.transformer)
+    backbone = {k.replace(".base_layer", ""): v for k, v in model.transformer.state_dict().items() if "lora_" not in k}
+    transformer.load_state_dict(backbone)  # the same frozen backbone as the model's
+    with torch.no_grad():
+        before = transformer(*inputs_for(model), return_dict=False)[0]
+    cofe.attach(transformer)
+    cofe.experts = model.experts  # the tiny recipe's experts are random: share the model's
+    face = torch.cat(faces)[:1]
+    x, t, text = inputs_for(model)
+    with torch.no_grad():
+        cofe.set_reference(face)
+        got = transformer(x, t, text, return_dict=False)[0]
+        want = model.denoise(x, t, text, model.experts(face))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert (got - before).abs().max() > 1e-3  # adapter and LoRA changed the fresh transformer
+
+
+def inputs_for(model: CoFEModel):
+    gen = torch.Generator().manual_seed(2)
+    return torch.randn(1, 4, 2, 8, 8, generator=gen), torch.tensor([500.0]), model.text(["a woman talks"])
