@@ -102,3 +102,22 @@ def test_cache_resumes_and_refuses_another_recipe(pose_shards, tmp_path):  # noq
     other = recipe.model_copy(update={"data": recipe.data.model_copy(update={"height": 48})})
     with pytest.raises(ValueError, match="another recipe.*data"):
         build_cache(other)
+
+
+def test_cli_cache_builds_resumes_and_names_a_missing_folder(pose_shards, tmp_path):  # noqa: F811
+    import yaml
+    from typer.testing import CliRunner
+
+    from lafid.cli import app
+
+    shards, rows = pose_shards
+    recipe = tiny_recipe(shards, tmp_path / "run")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    run = CliRunner().invoke(app, ["cache", "--recipe", str(path), "--no-progress"])
+    assert run.exit_code == 2 and "has no data.cache" in run.output  # control: nowhere to write
+    run = CliRunner().invoke(app, ["cache", "--recipe", str(path), "--out", str(tmp_path / "c"), "--no-progress"])
+    assert run.exit_code == 0, run.output
+    assert f"cached {len(rows)} clips" in run.output and len(read_index(tmp_path / "c")) == len(rows)
+    run = CliRunner().invoke(app, ["cache", "--recipe", str(path), "--out", str(tmp_path / "c"), "--no-progress"])
+    assert f"cached 0 clips in 0 files ({len(rows)} cached before)" in run.output
