@@ -278,7 +278,8 @@ def cache(
     folder = out or parsed.data.cache
     with _exit_on(RecipeError, FileNotFoundError, ValueError):
         result = build_cache(parsed, folder, shard_size=shard_size, rank=state.process_index,
-                             world_size=state.num_processes, progress=progress and state.is_main_process)
+                             world_size=state.num_processes, device=str(state.device),
+                             progress=progress and state.is_main_process)
     console.print(f"cached {result.clips} clips in {result.parts} files ({result.skipped} cached before) "
                   f"in {result.seconds:.1f}s: {folder}", soft_wrap=True, markup=False, highlight=False)
 

@@ -32,11 +32,15 @@ from torch import nn
 UNIT_CLASSES = ("WanTransformerBlock", "FaceFusion", "FaceCrossAttention", "TokenProjection")
 
 
-def fully_shard_cofe(model: nn.Module, mixed_precision: str = "no") -> nn.Module:
-    """Shard a CoFEModel in place over the default process group (see the module doc)."""
+def fully_shard_cofe(model: nn.Module, mixed_precision: str = "no", device: torch.device | str = "cpu") -> nn.Module:
+    """Shard a CoFEModel in place over the default process group (see the module doc); FSDP moves the
+    shards to this rank's device, the frozen encoders it leaves out go to `device` whole."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    ignored = {p for m in (model.vae, model.text, model.experts) if m is not None for p in m.parameters()}
+    encoders = [m for m in (model.vae, model.text, model.experts) if m is not None]
+    for m in encoders:
+        m.to(device)
+    ignored = {p for m in encoders for p in m.parameters()}
     kwargs = {"ignored_params": ignored}
     if mixed_precision == "bf16":  # gather in bf16 (one dtype per unit), reduce gradients in float32
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
@@ -62,7 +66,7 @@ def is_sharded(model: nn.Module) -> bool:
 def _local(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
-    return (t.to_local() if isinstance(t, DTensor) else t).detach().contiguous().clone()
+    return (t.to_local() if isinstance(t, DTensor) else t).detach().cpu().contiguous().clone()
 
 
 def gathered_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -132,7 +136,8 @@ def load_sharded(trainer, folder: Path) -> None:
         for key in keys:
             t = tensors[f"optim.{name}.{key}"]
             if f"{name}.{key}" in meta["sharded"]:
-                t = DTensor.from_local(t, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                t = DTensor.from_local(t.to(p.to_local().device), p.device_mesh, p.placements, shape=p.shape,
+                                       stride=p.stride())
             entry[key] = t
         opt_state[index[name]] = entry
     order = [n for g in meta["param_groups"] for n in g["params"]]

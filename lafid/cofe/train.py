@@ -94,7 +94,7 @@ class Trainer:
         if self.sharded:  # before the optimizer takes the parameters: FSDP replaces them by their shards
             from lafid.cofe.shard import fully_shard_cofe
 
-            fully_shard_cofe(self.model, t.mixed_precision)
+            fully_shard_cofe(self.model, t.mixed_precision, self.acc.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
