@@ -98,7 +98,8 @@ def variant(args) -> dict:
     result = trainer.fit(progress=False)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    out.update(step_s=result.seconds / args.steps, peak_mib=peak_memory_mib(), losses=result.losses,  # before the loader
+    # peak memory read before the loader runs
+    out.update(step_s=result.seconds / args.steps, peak_mib=peak_memory_mib(), losses=result.losses,
                trainable=sum(p.numel() for p in trainer.core.trainable_state().values()),
                loader=loader_rate(recipe.data, args.loader_epochs),
                clips_per_step=recipe.data.batch_size * recipe.train.grad_accum)
@@ -135,7 +136,8 @@ def main() -> None:
     mem = "CUDA allocated" if torch.cuda.is_available() else "RSS, main"
     print(f"{'':<28}{'uncached':>14}{'cached':>14}")
     print(f"{'train step (ms)':<28}{rows['uncached']['step_s'] * 1e3:>14.1f}{rows['cached']['step_s'] * 1e3:>14.1f}")
-    print(f"{'peak memory (MiB, ' + mem + ')':<28}{rows['uncached']['peak_mib']:>14.1f}{rows['cached']['peak_mib']:>14.1f}")
+    label = f"peak memory (MiB, {mem})"
+    print(f"{label:<28}{rows['uncached']['peak_mib']:>14.1f}{rows['cached']['peak_mib']:>14.1f}")
     for name in ("uncached", "cached"):
         v = rows[name]
         need = v["clips_per_step"] / v["step_s"]

@@ -50,7 +50,8 @@ def test_cached_training_gives_the_uncached_losses_without_decoding(pose_shards,
     uncached = collate([ds.sample(row, cache_rng(plain.data.seed, row["clip_id"]))])
     hit = cache.sample(row["clip_id"])
     with torch.no_grad():
-        torch.testing.assert_close(hit["latents"], trainer.core.encode_video(uncached["frames"])[0], rtol=RTOL, atol=1e-6)
+        torch.testing.assert_close(hit["latents"], trainer.core.encode_video(uncached["frames"])[0],
+                                   rtol=RTOL, atol=1e-6)
         torch.testing.assert_close(hit["text_embeds"], trainer.core.text(uncached["caption"])[0], rtol=RTOL, atol=1e-6)
         for k, v in trainer.core.face_features(uncached).items():
             torch.testing.assert_close(hit[f"feat.{k}"], v[0], rtol=RTOL, atol=1e-6)

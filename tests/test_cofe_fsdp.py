@@ -40,7 +40,8 @@ def test_bf16_frozen_models_train_with_float32_cofe(pose_shards, tmp_path, fresh
     losses = trainer.fit(progress=False).losses
     print(f"\nbf16 losses {losses}")
     assert np.isfinite(losses).all()
-    assert all(not torch.equal(before[k], v) for k, v in core.trainable_state().items() if "lora_B" in k or "to_out" in k)
+    assert all(not torch.equal(before[k], v) for k, v in core.trainable_state().items()
+               if "lora_B" in k or "to_out" in k)
     # control: the float32 recipe really is float32
     from accelerate.state import AcceleratorState
 
@@ -100,7 +101,8 @@ def test_fsdp_two_processes_save_sharded_and_resume_to_identical_parameters(pose
         port = s.getsockname()[1]
     mp.start_processes(_fsdp_job, args=(2, port, str(shards), str(tmp_path)), nprocs=2, start_method="spawn")
 
-    straight, resumed = load_file(str(tmp_path / "straight.safetensors")), load_file(str(tmp_path / "resumed.safetensors"))
+    straight = load_file(str(tmp_path / "straight.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed.safetensors"))
     after_n = load_file(str(tmp_path / "after_n.safetensors"))
     assert straight.keys() == resumed.keys() and straight
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)

@@ -83,8 +83,9 @@ class DataConfig(StrictModel):
     def _wan_shape(self):
         """Wan's VAE compresses time 4x (keeping the first frame) and space 8x, its DiT patches 2x2."""
         if self.num_frames % 4 != 1:
-            near = sorted({max(1, self.num_frames - (self.num_frames - 1) % 4), self.num_frames + (5 - self.num_frames % 4) % 4})
-            raise ValueError(f"num_frames {self.num_frames}: Wan needs 4k+1 frames (e.g. {' or '.join(map(str, near))})")
+            n = self.num_frames
+            near = sorted({max(1, n - (n - 1) % 4), n + (5 - n % 4) % 4})
+            raise ValueError(f"num_frames {n}: Wan needs 4k+1 frames (e.g. {' or '.join(map(str, near))})")
         for side in ("height", "width"):
             v = getattr(self, side)
             if v % 16:

@@ -141,7 +141,8 @@ class Plan:
         if gpu_gib:
             for what, total in (("", self.total), (" reading a cache", self.cached_total)):
                 verdict = "fits" if total <= 0.9 * gpu_gib * GiB else "does NOT fit"
-                lines.append(f"-> {verdict} a {gpu_gib:g} GiB GPU{what} (keeping 10% for the allocator and CUDA context)")
+                lines.append(f"-> {verdict} a {gpu_gib:g} GiB GPU{what} "
+                             f"(keeping 10% for the allocator and CUDA context)")
         return "\n".join(lines)
 
 
