@@ -2,7 +2,7 @@
 
 This is the only module that imports ray. Each stage runs in its own pool of
 actors (`workers`: a fixed number, `auto`, or `{min, max}`); a pool starts at its
-minimum, grows by one actor at a time while batches wait and the cluster has room,
+minimum, grows while more batches wait than its actors can take and the cluster has room,
 and gives back an actor that has been idle for `IDLE_S` seconds. `auto` pools ask
 for a share of a CPU scaled to the cluster (see `_plan`), so the same recipe fits a
 2-core laptop and fills a large cluster. The driver keeps at most
@@ -66,6 +66,7 @@ class RunInfo:
     """What the last Ray run did, for benchmarks and the run's log."""
 
     driver_bytes: int = 0  # bytes of summaries the driver received from actors
+    row_bytes: int = 0  # of which output rows (columns of items going to the writer)
     summaries: int = 0
     items: int = 0  # items the summaries described
     restarted_videos: int = 0  # videos sent back to the first stage after their data was lost
@@ -215,6 +216,9 @@ def _plan(recipe: Recipe, stages: list[Stage]) -> list[_Plan]:
         per = st.resources.cpus
         if spec.workers == "auto":
             per = round(max(0.01, min(per * scale, node_cpus)), 4)
+        elif per > node_cpus + 1e-9:
+            raise RecipeError(f"recipe {recipe.name!r}: stage {spec.stage!r} asks for {per:g} CPUs per actor but "
+                              f"the largest node has {node_cpus:g}")
         plans.append(_Plan(low, high, per, want_gpus))
     return plans
 
@@ -316,14 +320,20 @@ class _Pool:
         self._idle(actor)
 
     def can_grow(self) -> bool:
-        return (not self.starting and not self.idle and self.waiting_batches > 0
+        """More batches wait than idle and starting actors could take, and the plan allows more."""
+        return (self.waiting_batches > len(self.idle) + len(self.starting)
                 and (self.plan.high is None or self.size < self.plan.high))
 
-    def shrink(self, now: float) -> int:
-        """Give back actors idle for IDLE_S while the pool has no work and is above its minimum."""
+    def can_give(self) -> bool:
+        """An idle actor could leave: nothing queued and above the minimum."""
+        return not self.has_work and bool(self.idle) and self.size > self.plan.low
+
+    def shrink(self, now: float, idle_s: float = IDLE_S, limit: int | None = None) -> int:
+        """Give back (up to `limit`) actors idle for `idle_s` while the pool has no work and is above
+        its minimum."""
         gone = 0
-        while (not self.has_work and self.idle and self.size > self.plan.low
-               and now - self.idle_since.get(self.idle[0], now) >= IDLE_S):
+        while (self.can_give() and now - self.idle_since.get(self.idle[0], now) >= idle_s
+               and (limit is None or gone < limit)):
             actor = self.idle.popleft()
             self.idle_since.pop(actor, None)
             try:
@@ -333,6 +343,8 @@ class _Pool:
             ray.kill(actor, no_restart=True)
             gone += 1
         self.retired += gone
+        if gone:
+            log.info("stage %s: %d idle actor(s) given back, %d left", self.name, gone, self.size)
         return gone
 
     def died(self, actor, batch: list[Item], exc: BaseException) -> list[Item]:
@@ -521,6 +533,7 @@ class _Stream:
             pool.returned(actor)
             self.router.stats.stage(pool.name, stats)
             last_run.driver_bytes += len(pickle.dumps((stats, out), protocol=5))
+            last_run.row_bytes += sum(len(pickle.dumps(i.columns, protocol=5)) for i in out if i.columns)
             last_run.summaries += 1
             last_run.items += len(out)
         stale = {v for v, e in epochs.items() if self.epoch[v] != e}
@@ -554,14 +567,15 @@ class _Stream:
             last_run.restarted_videos += 1
 
     def scale(self) -> None:
-        """Grow pools whose batches wait (one actor at a time each, while the cluster has room) and
-        give back actors idle for IDLE_S."""
+        """Grow pools with more batches waiting than actors to take them (one actor per pool per tick,
+        the longest queue per actor first, while the cluster has room) and give back actors idle for
+        IDLE_S."""
         now = time.monotonic()
         if now < self.next_tick:
             return
         self.next_tick = now + TICK_S
         for pool in self.pools:
-            pool.shrink(now)
+            pool.shrink(now, IDLE_S)
         growing = sorted((p for p in self.pools if p.can_grow()), key=lambda p: -p.waiting_batches / max(1, p.size))
         if not growing:
             return
@@ -570,8 +584,14 @@ class _Stream:
         for pool in self.pools:  # actors asked for but not yet placed hold nothing yet: count them as taken
             cpu -= pool.plan.cpus * len(pool.starting)
             gpu -= pool.plan.gpus * len(pool.starting)
-        for pool in growing:
+        for pool in growing:  # one actor per pool per tick: actors take seconds to start
             if pool.plan.cpus <= cpu + 1e-9 and pool.plan.gpus <= gpu + 1e-9:
                 pool.spawn()
+                log.info("stage %s: %d batches wait, starting actor %d", pool.name, pool.waiting_batches, pool.size)
                 cpu -= pool.plan.cpus
                 gpu -= pool.plan.gpus
+                continue
+            # no room: an idle actor of a pool with nothing queued leaves now, not after IDLE_S
+            donor = next((p for p in self.pools if p is not pool and p.can_give()), None)
+            if donor is not None:
+                donor.shrink(now, idle_s=0.0, limit=1)

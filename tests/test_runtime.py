@@ -90,7 +90,7 @@ def test_default_recipe_fits_two_cpus_and_explicit_requests_that_cannot_fit_fail
 def test_data_stays_in_the_object_store_and_pools_grow_and_shrink(
         ray_cluster, carry_stages, videos, tmp_path, monkeypatch):
     monkeypatch.setattr(ray_executor, "IDLE_S", 0.5)
-    stats = curate(carry_recipe(delay_s=0.5), videos, tmp_path, executor="ray")
+    stats = curate(carry_recipe(delay_s=2.0), videos, tmp_path, executor="ray")
     assert stats.videos_done == 6 and stats.kept == 7
     clips = read_table(tmp_path).to_pylist()
     for row in clips:  # each clip's 1 MiB array reached the next stage intact, through the object store
