@@ -204,6 +204,26 @@ def truncate(src: str, dst: str, keep: float = 0.5) -> str:
     return dst
 
 
+def garbage_audio_copy(src: str, dst: str) -> str:
+    """Copy of `src` whose audio packets keep their size and times but hold random bytes."""
+    rng = np.random.default_rng(0)
+    with av.open(src) as inp, av.open(dst, "w") as out:
+        video_in, audio_in = inp.streams.video[0], inp.streams.audio[0]
+        video_out, audio_out = out.add_stream_from_template(video_in), out.add_stream_from_template(audio_in)
+        for packet in inp.demux():
+            if packet.size == 0:
+                continue
+            if packet.stream is audio_in:
+                junk = av.Packet(rng.integers(0, 256, packet.size, dtype=np.uint8).tobytes())
+                junk.pts, junk.dts, junk.time_base = packet.pts, packet.dts, packet.time_base
+                junk.stream = audio_out
+                out.mux(junk)
+            else:
+                packet.stream = video_out
+                out.mux(packet)
+    return dst
+
+
 SAMPLE_SPEECH = "the quick brown fox jumps over the lazy dog near the river bank"
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 
 from lafid import media
 from lafid.item import Item
+from lafid.report import read_table
 from lafid.stage import StageWorker
 from lafid.video import content_id, probe
 
@@ -48,6 +50,22 @@ def clip_item(path: str) -> Item:
                 start_s=0.0, end_s=info.duration_s,
                 columns={"fps": info.fps, "width": info.width, "height": info.height,
                          "has_audio": info.has_audio, "start_frame": 0, "end_frame": info.frame_count})
+
+
+def shard_rows(out_dir, kind: str = "clips", drop: tuple[str, ...] = ()) -> list[str]:
+    """An output's rows as sorted JSON text (NaN compares equal to NaN), minus `drop` columns."""
+    table = read_table(out_dir, kind)
+    if table is None:
+        return []
+    return sorted(json.dumps(r, sort_keys=True, default=bytes.hex) for r in table.drop_columns(list(drop)).to_pylist())
+
+
+def manifest_videos(out_dir) -> list[str]:
+    """Every video id the output's manifest records as done, in order."""
+    from lafid.shards import MANIFEST
+
+    path = os.path.join(out_dir, MANIFEST)
+    return [v for line in open(path).read().splitlines() for v in json.loads(line)["videos"]]
 
 
 def run_stage(stage, items):

@@ -13,9 +13,10 @@ import time
 
 from pydantic import Field
 
-from lafid import registry
 from lafid.item import Item
 from lafid.stage import Resources, Stage, StageParams
+
+import stage_registry
 
 
 class CrashParams(StageParams):
@@ -118,16 +119,8 @@ STAGES = (CrashOnMarker, CrashAndBreak, Misroute, FailSetup, Gate)
 
 
 def register() -> None:
-    from ray import cloudpickle
-
-    for cls in STAGES:
-        registry.STAGES[cls.name] = f"{__name__}:{cls.__name__}"
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    stage_registry.register(sys.modules[__name__])
 
 
 def unregister() -> None:
-    from ray import cloudpickle
-
-    for cls in STAGES:
-        registry.STAGES.pop(cls.name, None)
-    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    stage_registry.unregister(sys.modules[__name__])

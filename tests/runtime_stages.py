@@ -13,9 +13,10 @@ import time
 import numpy as np
 from pydantic import Field
 
-from lafid import registry
 from lafid.item import Item
 from lafid.stage import Resources, Stage, StageParams
+
+import stage_registry
 
 
 def fill_value(item: Item) -> int:
@@ -71,16 +72,8 @@ STAGES = (Carry, Weigh)
 
 
 def register() -> None:
-    from ray import cloudpickle
-
-    for cls in STAGES:
-        registry.STAGES[cls.name] = f"{__name__}:{cls.__name__}"
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    stage_registry.register(sys.modules[__name__])
 
 
 def unregister() -> None:
-    from ray import cloudpickle
-
-    for cls in STAGES:
-        registry.STAGES.pop(cls.name, None)
-    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    stage_registry.unregister(sys.modules[__name__])

@@ -24,25 +24,6 @@ from lafid.runner import curate
 pytestmark = pytest.mark.ray
 
 
-def _garbage_audio(src: str, dst: str) -> str:
-    """A copy of `src` whose audio packets keep their size and times but hold random bytes."""
-    rng = np.random.default_rng(0)
-    with av.open(src) as inp, av.open(dst, "w") as out:
-        video_in, audio_in = inp.streams.video[0], inp.streams.audio[0]
-        video_out, audio_out = out.add_stream_from_template(video_in), out.add_stream_from_template(audio_in)
-        for packet in inp.demux():
-            if packet.size == 0:
-                continue
-            if packet.stream is audio_in:
-                junk = av.Packet(rng.integers(0, 256, packet.size, dtype=np.uint8).tobytes())
-                junk.pts, junk.dts, junk.time_base = packet.pts, packet.dts, packet.time_base
-                junk.stream = audio_out
-                out.mux(junk)
-            else:
-                packet.stream = video_out
-                out.mux(packet)
-    return dst
-
 
 def _audio_in(path: str, fmt: str, codec: str = "aac") -> str:
     with av.open(path, "w", format=fmt) as out:
@@ -90,7 +71,7 @@ def corpus(tmp_path_factory, carphone):
     os.symlink(d / "gone.mp4", d / "dangling.mp4")
     bad["dangling.mp4"] = str(d / "dangling.mp4")
     bad["missing.mp4"] = str(d / "missing.mp4")
-    bad["garbage_audio.mp4"] = _garbage_audio(voiced, str(d / "garbage_audio.mp4"))
+    bad["garbage_audio.mp4"] = media.garbage_audio_copy(voiced, str(d / "garbage_audio.mp4"))
     bad["too_short.mp4"] = media.write_video(str(d / "too_short.mp4"), carphone[:12], 29.97)
     bad["black.mp4"] = media.write_video(str(d / "black.mp4"), [np.zeros((144, 176, 3), np.uint8)] * 120, 25.0)
     bad["tiny.mp4"] = media.write_video(str(d / "tiny.mp4"), media.resize(talk, 16, 16), 29.97)

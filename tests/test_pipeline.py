@@ -14,6 +14,8 @@ from lafid.runner import curate
 from lafid.shards import MANIFEST
 from lafid.video import content_id
 
+from conftest import shard_rows as rows
+
 
 @pytest.fixture(scope="module")
 def inputs(media_dir, tmp_path_factory):
@@ -34,15 +36,6 @@ def inputs(media_dir, tmp_path_factory):
 def recipe():
     r = load_recipe("demo")
     return r.model_copy(update={"output": r.output.model_copy(update={"rows_per_shard": 2})})
-
-
-def rows(out_dir, kind="clips"):
-    """Rows as JSON text, so that NaN (a frame not measured) compares equal to NaN."""
-    table = read_table(out_dir, kind)
-    key = "clip_id" if kind == "clips" else "source"
-    if table is None:
-        return []
-    return [json.dumps(r, sort_keys=True, default=bytes.hex) for r in table.sort_by(key).to_pylist()]
 
 
 @pytest.fixture(scope="module")

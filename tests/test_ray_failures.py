@@ -18,6 +18,8 @@ from lafid.router import RunFailed, SetupFailed
 from lafid.runner import curate
 from lafid.shards import MANIFEST
 
+from conftest import manifest_videos, shard_rows
+
 SPLIT = {"stage": "shot_split", "cpus": 0.25, "params": {"min_clip_s": 0.5}}
 
 
@@ -29,16 +31,8 @@ def faults():
 
 
 def rows(out_dir, kind="clips"):
-    table = read_table(out_dir, kind)
-    if table is None:
-        return []
-    if kind == "rejects":
-        table = table.drop(["detail"])
-    return sorted(json.dumps(r, sort_keys=True, default=bytes.hex) for r in table.to_pylist())
+    return shard_rows(out_dir, kind, drop=("detail",) if kind == "rejects" else ())
 
-
-def manifest_videos(out_dir):
-    return [v for line in (Path(out_dir) / MANIFEST).read_text().splitlines() for v in json.loads(line)["videos"]]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,9 @@ from lafid import media, ray_executor
 from lafid.recipe import Recipe, RecipeError, load_recipe
 from lafid.report import read_table
 from lafid.runner import curate
-from lafid.shards import MANIFEST
+
+from conftest import manifest_videos
+from conftest import shard_rows as rows
 
 SPLIT = {"stage": "shot_split", "cpus": 0.25, "params": {"min_clip_s": 0.5}}
 
@@ -26,14 +28,6 @@ def carry_stages():
     yield
     runtime_stages.unregister()
 
-
-def rows(out_dir, kind="clips"):
-    table = read_table(out_dir, kind)
-    return [] if table is None else sorted(json.dumps(r, sort_keys=True) for r in table.to_pylist())
-
-
-def manifest_videos(out_dir):
-    return [v for line in (Path(out_dir) / MANIFEST).read_text().splitlines() for v in json.loads(line)["videos"]]
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import dataclasses
 import json
 import sys
 
-import av
 import jiwer
 import numpy as np
 import pyarrow as pa
@@ -54,25 +53,6 @@ def fit(audio: np.ndarray, seconds: float, lead_s: float = 0.0) -> np.ndarray:
     out[lead:lead + n] = audio[:n]
     return out
 
-
-def with_garbage_audio(src: str, dst: str) -> str:
-    """Copy of `src` whose audio packets keep their size and times but hold random bytes."""
-    rng = np.random.default_rng(0)
-    with av.open(src) as inp, av.open(dst, "w") as out:
-        video_in, audio_in = inp.streams.video[0], inp.streams.audio[0]
-        video_out, audio_out = out.add_stream_from_template(video_in), out.add_stream_from_template(audio_in)
-        for packet in inp.demux():
-            if packet.size == 0:
-                continue
-            if packet.stream is audio_in:
-                junk = av.Packet(rng.integers(0, 256, packet.size, dtype=np.uint8).tobytes())
-                junk.pts, junk.dts, junk.time_base = packet.pts, packet.dts, packet.time_base
-                junk.stream = audio_out
-                out.mux(junk)
-            else:
-                packet.stream = video_out
-                out.mux(packet)
-    return dst
 
 
 @pytest.fixture(scope="session")
@@ -117,7 +97,7 @@ def clips(tmp_path_factory, upstream):
         "long_silence": build("long_silence", media.still(media.astronaut(), 9.5, fps=FPS),
                               fit(first, 9.5, lead_s=5.0)),
     }
-    paths["corrupt_audio"] = with_garbage_audio(paths["voice_over"], str(folder / "corrupt_audio.mp4"))
+    paths["corrupt_audio"] = media.garbage_audio_copy(paths["voice_over"], str(folder / "corrupt_audio.mp4"))
     items = {name: upstream(path) for name, path in paths.items()}
     for name, got in items.items():
         assert len(got) == 1 and not got[0].rejected, (name, got[0].reject if got else None)
