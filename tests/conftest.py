@@ -39,6 +39,21 @@ def make_video(media_dir):
     return make
 
 
+@pytest.fixture(scope="session")
+def distinct_videos(make_video, carphone):
+    """Six short videos of distinct real content; `f_cut` has a hard cut (two clips)."""
+    mirrored = media.mirror(carphone)
+    hopper = media.still(media.grace_hopper(), 3.0, fps=29.97, size=256)
+    return [
+        make_video("f_carphone", lambda: carphone, 29.97),
+        make_video("f_mirrored", lambda: mirrored, 29.97),
+        make_video("f_cut", lambda: media.resize(carphone, 256, 256) + hopper, 29.97),
+        make_video("f_late20", lambda: carphone[20:], 29.97),
+        make_video("f_late40", lambda: carphone[40:], 29.97),
+        make_video("f_mirrored30", lambda: mirrored[30:], 29.97),
+    ]
+
+
 def video_item(path: str) -> Item:
     return Item(source=path, video_id=content_id(path))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import runtime_stages
-from lafid import media, ray_executor
+from lafid import ray_executor
 from lafid.recipe import Recipe, RecipeError, load_recipe
 from lafid.report import read_table
 from lafid.runner import curate
@@ -31,18 +31,8 @@ def carry_stages():
 
 
 @pytest.fixture(scope="module")
-def videos(make_video, carphone):
-    """Six videos of distinct real content; one has a hard cut (two clips)."""
-    mirrored = media.mirror(carphone)
-    hopper = media.still(media.grace_hopper(), 3.0, fps=29.97, size=256)
-    return [
-        make_video("f_carphone", lambda: carphone, 29.97),
-        make_video("f_mirrored", lambda: mirrored, 29.97),
-        make_video("f_cut", lambda: media.resize(carphone, 256, 256) + hopper, 29.97),
-        make_video("f_late20", lambda: carphone[20:], 29.97),
-        make_video("f_late40", lambda: carphone[40:], 29.97),
-        make_video("f_mirrored30", lambda: mirrored[30:], 29.97),
-    ]
+def videos(distinct_videos):
+    return distinct_videos
 
 
 def carry_recipe(workers="auto", delay_s=0.0, pid_dir="", megabytes=1.0, rows_per_shard=1000):

@@ -25,19 +25,19 @@ CROP_MARGIN = 1.5  # crop side over the face box's long side
 MAX_BOX_GAP_S = 0.3  # no crop where the tracked box is further than this from a measured frame
 
 
-def box_at(t: np.ndarray, frame_t, frame_box) -> np.ndarray:
-    """The tracked face box (normalised x0, y0, x1, y1) at times `t`; NaN rows where unknown."""
-    out = np.full((len(t), 4), np.nan)
-    known = [(ft, b) for ft, b in zip(frame_t or [], frame_box or []) if b is not None]
-    if not known:
-        return out
-    kt = np.array([k[0] for k in known], dtype=np.float64)
-    kb = np.array([k[1] for k in known], dtype=np.float64)
-    for j in range(4):
-        out[:, j] = np.interp(t, kt, kb[:, j])
-    gap = np.min(np.abs(t[:, None] - kt[None, :]), axis=1)
-    out[gap > MAX_BOX_GAP_S] = np.nan
-    return out
+class SubjectBoxes:
+    """The tracked face box (normalised x0, y0, x1, y1) at any time, from the face stage's samples."""
+
+    def __init__(self, frame_t, frame_box):
+        known = [(t, b) for t, b in zip(frame_t or [], frame_box or []) if b is not None]
+        self.t = np.array([k[0] for k in known], dtype=np.float64)
+        self.box = np.array([k[1] for k in known], dtype=np.float64).reshape(-1, 4)
+
+    def at(self, t: float) -> np.ndarray:
+        """Linear interpolation; NaN when no measured frame lies within MAX_BOX_GAP_S."""
+        if not len(self.t) or np.min(np.abs(self.t - t)) > MAX_BOX_GAP_S:
+            return np.full(4, np.nan)
+        return np.array([np.interp(t, self.t, self.box[:, j]) for j in range(4)])
 
 
 @dataclass
@@ -59,6 +59,7 @@ class MouthTracker:
     def series(self, source: str, start_s: float, windows: list[tuple[float, float]],
                frame_t, frame_box, fps: float) -> MouthSeries:
         """The mouth in every frame inside `windows` (seconds from clip start)."""
+        boxes = SubjectBoxes(frame_t, frame_box)
         times: list[float] = []
         points: list[np.ndarray | None] = []
         for w0, w1 in windows:
@@ -67,9 +68,8 @@ class MouthTracker:
                                           min_tracking_confidence=self.min_confidence) as mesh:
                 for t, frame in sample_frames(source, start_s + w0, start_s + w1, fps):
                     t = w0 + t
-                    box = box_at(np.array([t]), frame_t, frame_box)[0]
                     times.append(t)
-                    points.append(self._mesh_points(mesh, frame, box))
+                    points.append(self._mesh_points(mesh, frame, boxes.at(t)))
         opening = [np.nan if p is None else mouth_opening(p) for p in points]
         lips = [None if p is None else p[list(LIP_POINTS)] for p in points]
         return MouthSeries(np.asarray(times, dtype=np.float64), np.asarray(opening, dtype=np.float64), lips)
