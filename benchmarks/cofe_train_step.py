@@ -2,6 +2,15 @@
 
     python benchmarks/cofe_train_step.py [--recipe cofe_tiny] [--shards DIR] [--steps 20]
     python benchmarks/cofe_train_step.py --recipe cofe_wan21_1_3b_480p --steps 5     # on a GPU
+    python benchmarks/cofe_train_step.py --recipe cofe_wan21_1_3b_480p --synthetic   # no shards, no video
+
+`--synthetic` times the step as training on `lafid cache` tensors runs it: random
+latents, text embeddings and expert features of the recipe's shapes (features from
+the experts run once on random faces), the transformer + CoFE forward, backward and
+AdamW step under bf16 autocast, with the recipe's gradient checkpointing and without
+it. It needs no shards and no decoder, so it runs where only torch and diffusers are
+installed; the text encoder is cut to one layer (only its empty-caption embedding is
+used once inputs are cached).
 
 Without --shards the sample footage is curated first (demo recipe, in-process).
 Each variant runs in its own process; peak memory is that of its timed steps
@@ -24,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -106,15 +116,91 @@ def variant(args) -> dict:
     return out
 
 
+def synthetic_batch(model, recipe, device: str) -> dict:
+    """Cached-input batch of the recipe's shapes: latents, text embeddings, expert features (and i2v inputs)."""
+    d, tc, vae = recipe.data, model.transformer.config, model.vae.config
+    n, z = d.batch_size, vae.z_dim
+    temporal = getattr(vae, "scale_factor_temporal", None) or 2 ** sum(vae.temperal_downsample)
+    spatial = getattr(vae, "scale_factor_spatial", None) or 2 ** len(vae.temperal_downsample)
+    shape = (n, z, (d.num_frames - 1) // temporal + 1, d.height // spatial, d.width // spatial)
+    dtype = next(model.transformer.parameters()).dtype
+    g = torch.Generator().manual_seed(0)
+    face = torch.randint(0, 256, (n, d.face_size, d.face_size, 3), dtype=torch.uint8, generator=g)
+    id_face = torch.randint(0, 256, (n, 112, 112, 3), dtype=torch.uint8, generator=g)
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        feats = model.experts(face.to(device), None, torch.zeros(n, dtype=torch.bool, device=device), id_face.to(device))
+    batch = {"latents": torch.randn(shape, generator=g).to(device, dtype),
+             "text_embeds": torch.randn(n, recipe.text.max_length, tc.text_dim, generator=g).to(device, dtype),
+             "features": {k: v.detach() for k, v in feats.items()}}
+    if recipe.mode == "i2v":
+        batch["i2v_condition"] = torch.randn((n, tc.in_channels - z, *shape[2:]), generator=g).to(device, dtype)
+        if tc.image_dim:
+            batch["image_embeds"] = torch.randn(n, 257, tc.image_dim, generator=g).to(device, dtype)
+    return batch
+
+
+def synthetic(args) -> None:
+    """Transformer + CoFE train steps on random cached-input tensors, with and without gradient checkpointing."""
+    from lafid.cofe.model import CoFEModel
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    r = load_cofe_recipe(args.recipe)
+    r = r.model_copy(update={"text": r.text.model_copy(update={"config": {**r.text.config, "num_layers": 1}})})
+    start = time.perf_counter()
+    torch.manual_seed(r.train.seed)
+    model = CoFEModel(r).to(device)
+    batch = synthetic_batch(model, r, device)
+    model.drop_encoders()
+    built = time.perf_counter() - start
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=r.train.lr)
+    generator = torch.Generator().manual_seed(0)
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU x{torch.get_num_threads()} threads"
+    tokens = batch["latents"][0, 0].numel() // 4  # Wan patchifies 1x2x2
+    print(f"recipe {r.name} ({r.data.num_frames}x{r.data.height}x{r.data.width} -> {tokens} video tokens, batch "
+          f"{r.data.batch_size}, mode {r.mode}, injection {r.cofe.injection}) on {name}; trainable params "
+          f"{sum(p.numel() for p in params):,}; built in {built:.0f} s")
+    for checkpointing in (r.train.gradient_checkpointing, not r.train.gradient_checkpointing):
+        if checkpointing:
+            model.transformer.enable_gradient_checkpointing()
+        else:
+            model.transformer.disable_gradient_checkpointing()
+        times = []
+        try:
+            reset_peak_memory()
+            for i in range(args.steps + 2):  # 2 warm-up steps
+                t0 = time.perf_counter()
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=r.train.mixed_precision == "bf16"):
+                    loss = model(batch, generator)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            line = (f"{np.median(times[2:]) * 1e3:10.1f} ms/step (median of {args.steps}), peak "
+                    f"{peak_memory_mib() / 1024:.1f} GiB {'CUDA allocated' if device == 'cuda' else 'RSS'}, "
+                    f"loss {loss.item():.4f}")
+        except torch.OutOfMemoryError as exc:
+            line = f"out of memory ({str(exc).splitlines()[0][:120]})"
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+        print(f"gradient checkpointing {'on ' if checkpointing else 'off'}: {line}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default="cofe_tiny")
     ap.add_argument("--shards", type=Path, default=None)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--loader-epochs", type=int, default=2)
+    ap.add_argument("--synthetic", action="store_true", help="random cached-input tensors: no shards, no decoding")
     ap.add_argument("--only", choices=["uncached", "cached"], help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.synthetic:
+        synthetic(args)
+        return
     if args.only:
         print(json.dumps(variant(args)))
         return
