@@ -38,7 +38,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from lafid.cofe.config import load_cofe_recipe
-from lafid.cofe.data import ClipDataset, collate
 
 
 def curated_shards(folder: Path) -> Path:
@@ -52,6 +51,8 @@ def curated_shards(folder: Path) -> Path:
 
 def loader_rate(data, epochs: int) -> float:
     """Clips/s of one DataLoader running on through `epochs` epochs, as the trainer uses it (worker start included)."""
+    from lafid.cofe.data import ClipDataset, collate
+
     ds = ClipDataset(data)
     ds.spans_epochs = True
     total = sum(ds.epoch_length(e) for e in range(epochs))
