@@ -119,16 +119,18 @@ def variant(args) -> dict:
 
 def synthetic_batch(model, recipe, device: str) -> dict:
     """Cached-input batch of the recipe's shapes: latents, text embeddings, expert features (and i2v inputs)."""
+    from lafid.cofe.model import frozen_dtype
+
     d, tc, vae = recipe.data, model.transformer.config, model.vae.config
     n, z = d.batch_size, vae.z_dim
     temporal = getattr(vae, "scale_factor_temporal", None) or 2 ** sum(vae.temperal_downsample)
     spatial = getattr(vae, "scale_factor_spatial", None) or 2 ** len(vae.temperal_downsample)
     shape = (n, z, (d.num_frames - 1) // temporal + 1, d.height // spatial, d.width // spatial)
-    dtype = next(model.transformer.parameters()).dtype
+    dtype = frozen_dtype(recipe) or torch.float32
     g = torch.Generator().manual_seed(0)
     face = torch.randint(0, 256, (n, d.face_size, d.face_size, 3), dtype=torch.uint8, generator=g)
     id_face = torch.randint(0, 256, (n, 112, 112, 3), dtype=torch.uint8, generator=g)
-    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=recipe.train.mixed_precision == "bf16"):
         feats = model.experts(face.to(device), None, torch.zeros(n, dtype=torch.bool, device=device), id_face.to(device))
     batch = {"latents": torch.randn(shape, generator=g).to(device, dtype),
              "text_embeds": torch.randn(n, recipe.text.max_length, tc.text_dim, generator=g).to(device, dtype),
