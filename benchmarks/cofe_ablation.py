@@ -8,6 +8,7 @@ mean loss over fixed draws with the clip's own face (matched), another person's
 
     python benchmarks/cofe_ablation.py                  # both injections, 3 seeds, 300 steps (CPU, minutes)
     python benchmarks/cofe_ablation.py --seeds 1 --injection per_expert --id-projection expand
+    python benchmarks/cofe_ablation.py --injection fused --id-references 3   # 3 reference faces per sample
 
 One torch thread by default (`--threads`), as the test uses: float sums, and so
 the printed losses, depend on the thread count.
@@ -46,7 +47,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3, help="training seeds per injection")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--injection", choices=["fused", "per_expert", "both"], default="both")
-    ap.add_argument("--id-projection", choices=["resample", "expand"], default="resample")
+    ap.add_argument("--id-projection", choices=["resample", "expand"], default="expand")
+    ap.add_argument("--id-references", type=int, default=1, help="ArcFace vectors per sample (data.id_references)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -64,7 +66,7 @@ def main() -> None:
         for injection in injections:
             for seed in range(args.seeds):
                 recipe = identity_recipe(tmp / "shards", tmp / "out", injection=injection, seed=seed,
-                                         id_projection=args.id_projection)
+                                         id_projection=args.id_projection, id_references=args.id_references)
                 start = time.perf_counter()
                 torch.manual_seed(seed)
                 model = CoFEModel(recipe)
@@ -76,7 +78,8 @@ def main() -> None:
                 batches = probe.standardise(probe.precompute(model, samples, len(rows)))
                 losses = probe.train(model, batches, args.steps, args.lr, seed=seed)
                 result = probe.condition_losses(model, batches[0], draws=args.draws)
-                print(f"\n{injection}, id_projection {args.id_projection} (seed {seed}): "
+                print(f"\n{injection}, id_projection {args.id_projection}, id_references {args.id_references} "
+                      f"(seed {seed}): "
                       f"train loss {losses[0]:.3f} -> {sum(losses[-20:]) / 20:.3f}, "
                       f"{time.perf_counter() - start:.0f}s")
                 for condition, loss in result.items():

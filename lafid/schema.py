@@ -85,6 +85,8 @@ FACE = [
 IDENTITY = [
     _field("id_backend", pa.string(), "identity encoder: dlib, or arcface:<model> (e.g. arcface:w600k_mbf); "
            "embeddings compare only within one backend"),
+    _field("id_model_sha256", pa.string(), "sha256 of the identity model file (the ArcFace .onnx) the embeddings "
+           "come from; null for dlib"),
     _field("id_metric", pa.string(), "distance used: l2 (dlib) or cosine = 1 - cos (arcface)"),
     _field("id_threshold", _f32, "same-person distance bound used for this clip"),
     _field("id_ref_embedding", _f32s, "embedding of the reference face (most frontal, sharpest)"),

@@ -105,6 +105,7 @@ class IdentityConsistency(Stage):
         t = [frames[i]["t"] for i in matched]
         item.columns.update({
             "id_backend": self.encoder.name,
+            "id_model_sha256": self.encoder.model_sha256,
             "id_metric": metric,
             "id_threshold": thr,
             "id_ref_embedding": emb[ref].tolist(),

@@ -147,15 +147,18 @@ def identity_shards(tmp_path_factory):
     return out / "shards", rows
 
 
-def identity_recipe(shards, output_dir, injection: str = "fused", seed: int = 0, **cofe):
-    """The tiny recipe, CoFE only (no LoRA), with the embedded ArcFace (w600k_mbf) as identity expert."""
+def identity_recipe(shards, output_dir, injection: str = "fused", seed: int = 0, id_references: int = 1, **cofe):
+    """The tiny recipe, CoFE only (no LoRA), with the embedded ArcFace (w600k_mbf) as identity expert
+    (`id_references` ArcFace vectors per sample)."""
     from lafid.cofe.config import IdentityConfig
-    from lafid.face.embed import EMBEDDED_ARCFACE, embedded_model
+    from lafid.face.embed import EMBEDDED_ARCFACE, embedded_model, file_sha256
 
     r = load_cofe_recipe("cofe_tiny")
     return r.model_copy(update={
         "data": r.data.model_copy(update={"shards": [str(shards)], "num_workers": 0, "bucket_weights": {},
-                                          "id_backend": "arcface:w600k_mbf", "seed": seed}),
+                                          "id_backend": "arcface:w600k_mbf", "seed": seed,
+                                          "id_references": id_references,
+                                          "id_model_sha256": file_sha256(embedded_model(EMBEDDED_ARCFACE))}),
         "identity": IdentityConfig(backend="onnx", path=embedded_model(EMBEDDED_ARCFACE)),
         "cofe": r.cofe.model_copy(update={"lora_rank": 0, "injection": injection, **cofe}),
         "train": r.train.model_copy(update={"output_dir": output_dir, "seed": seed}),

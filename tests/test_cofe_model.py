@@ -246,7 +246,9 @@ def test_wan21_1_3b_with_cofe_builds_on_meta():
     gate = 3 * d * g + g + g * 3 + 3  # W1 on concat(P_id, P_sem, P_det), W2 -> 3 weights
     experts = 3 * (2 * d + d * h + h + h * d + d)  # LayerNorm, Linear, GELU, Linear
     cross = 3 * (d * d + d) + d  # to_k, to_v, to_out, RMSNorm on k
-    shared = sum(e * d + d + t * d + 4 * d * d + 4 * d + 2 * d for e in FULL_EXPERT_DIMS.values())  # proj, queries, MHA, norm
+    resample = lambda e: e * d + d + t * d + 4 * d * d + 4 * d + 2 * d  # noqa: E731  (proj, queries, MHA, norm)
+    expand = FULL_EXPERT_DIMS["id"] * t * d + t * d + 2 * d  # P_id (id_projection expand): one Linear, norm
+    shared = expand + resample(FULL_EXPERT_DIMS["sem"]) + resample(FULL_EXPERT_DIMS["det"])
     assert added == shared + 30 * (gate + experts + cross)
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert f"{added:,}" in readme and f"{base:,}" in readme, "README's CoFE parameter count is stale"

@@ -1,5 +1,7 @@
 """Identity Consistency on real faces: encoders, subject verification, rejects, clusters, ArcFace paths."""
 
+import hashlib
+
 import cv2
 import numpy as np
 import pytest
@@ -70,6 +72,8 @@ def test_astronaut_variants_are_one_person_and_grace_hopper_another(stills):
     c = stills["astronaut"].columns
     assert (c["id_backend"], c["id_metric"], c["id_threshold"]) == ("arcface:w600k_mbf", "cosine", SAME)
     assert len(c["id_ref_embedding"]) == 512
+    embedded = detect.embedded_model("w600k_mbf.onnx")
+    assert c["id_model_sha256"] == hashlib.sha256(embedded.read_bytes()).hexdigest()  # the very file embedded with
 
 
 def test_dlib_fallback_separates_the_same_people(make_video, faces):
@@ -82,6 +86,7 @@ def test_dlib_fallback_separates_the_same_people(make_video, faces):
         worker.close()
     a, m, h = (np.array(i.columns["id_ref_embedding"]) for i in items)
     assert items[0].columns["id_backend"] == "dlib" and len(a) == 128
+    assert items[0].columns["id_model_sha256"] is None  # no single model file
     assert pairwise("l2", a, m)[0, 0] < DLIB_SAME < pairwise("l2", a, h)[0, 0]
 
 
@@ -280,6 +285,8 @@ def test_arcface_stage_runs_from_a_model_dir(arcface_dir, carphone_frames_out):
     c = item.columns
     assert (c["id_backend"], c["id_metric"]) == ("arcface:w600k_r50", "cosine")
     assert len(c["id_ref_embedding"]) == 512
+    sha = hashlib.sha256((root / "buffalo_l" / "w600k_r50.onnx").read_bytes()).hexdigest()
+    assert c["id_model_sha256"] == sha != hashlib.sha256(detect.embedded_model("w600k_mbf.onnx").read_bytes()).hexdigest()
     assert len(c["id_rep_embeddings"]) == len(c["id_rep_yaw"]) >= 1
     face = cv2.imdecode(np.frombuffer(c["id_ref_face"], np.uint8), cv2.IMREAD_COLOR)
     assert face.shape == (112, 112, 3)

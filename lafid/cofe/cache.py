@@ -61,7 +61,8 @@ def fingerprint(recipe: CoFERecipe) -> dict:
         "mode": recipe.mode,
         "dtype": recipe.train.frozen_dtype,
         "data": {k: getattr(d, k) for k in ("num_frames", "frame_stride", "height", "width", "face_size",
-                                            "face_margin", "id_backend", "seed")},
+                                            "face_margin", "id_backend", "id_model_sha256", "id_references",
+                                            "seed")},
         "models": {k: dump[k] for k in ("vae", "text", "identity", "semantic", "detail")},
         "image_dim": (recipe.transformer.config.get("image_dim") if recipe.transformer.config else
                       _read_config(recipe.transformer.path).get("image_dim")) if recipe.mode == "i2v" else None,
@@ -117,8 +118,10 @@ class Encoders(nn.Module):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype_of(self.recipe) == torch.bfloat16):
             out = {"latents": CoFEModel.encode_video(self, batch["frames"]), "text_embeds": self.text(batch["caption"])}
             emb = batch.get("id_embedding")
+            mask = batch.get("id_mask")
             feats = self.experts(batch["face"].to(device), None if emb is None else emb.to(device),
-                                 batch["has_id"].to(device), batch["id_face"].to(device))
+                                 batch["has_id"].to(device), batch["id_face"].to(device),
+                                 None if mask is None else mask.to(device))
             out.update({f"feat.{k}": v for k, v in feats.items()})
             if self.recipe.mode == "i2v":
                 out["i2v_condition"] = CoFEModel.i2v_condition(self, batch["frames"])

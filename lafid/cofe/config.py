@@ -65,6 +65,13 @@ class DataConfig(StrictModel):
     id_backend: str = Field("arcface", description="use shard identity embeddings only from this id_backend "
                                                   "(the identity expert's model, e.g. arcface:w600k_r50); "
                                                   "others are recomputed from the face")
+    id_model_sha256: str | None = Field(
+        None, description="use shard identity embeddings only from rows whose id_model_sha256 is this (the "
+                          "identity model file's sha256); filled from identity.path with backend onnx; "
+                          "None: id_backend names are compared only")
+    id_references: int = Field(1, ge=1, description="ArcFace vectors per sample: the reference face plus up to "
+                                                    "n-1 more reference frames across poses, one identity token "
+                                                    "each (padded and masked when a clip has fewer)")
     seed: int = 0
     batch_size: int = 1
     num_workers: int = 0
@@ -106,8 +113,9 @@ class CoFEConfig(StrictModel):
                              "expert, outputs mixed by the gate after attention (per-expert attention maps); fused is "
                              "the default by measurement (docs/cofe.md)")
     id_projection: Literal["resample", "expand"] = Field(
-        "resample", description="P_id: learned queries attending to the ArcFace vector (resample), or one linear "
-                                "map of it to face_tokens distinct tokens (expand)")
+        "expand", description="P_id: one linear map of the ArcFace vector (the mean of the reference faces' "
+                              "vectors) to face_tokens distinct tokens (expand), or learned queries attending to "
+                              "the vectors (resample); expand is the default by measurement (docs/cofe.md)")
     balance_weight: float = Field(0.0, ge=0, description="weight of the gate load-balancing term (0 = off)")
     lora_rank: int = Field(0, ge=0, description="LoRA rank on the backbone's attention (0 = off)")
     lora_targets: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -165,6 +173,21 @@ class CoFERecipe(StrictModel):
     detail: ModelSource
     cofe: CoFEConfig = CoFEConfig()
     train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _identity_hash(self):
+        """With an ONNX identity expert, shard embeddings must come from that very file: its sha256
+        goes to data.id_model_sha256 (a different one given there is an error)."""
+        if self.identity.backend != "onnx":
+            return self
+        from lafid.face.embed import file_sha256
+
+        sha = file_sha256(self.identity.path)
+        if self.data.id_model_sha256 not in (None, sha):
+            raise ValueError(f"data.id_model_sha256 {self.data.id_model_sha256} is not the sha256 of "
+                             f"identity.path {self.identity.path} ({sha})")
+        self.data.id_model_sha256 = sha
+        return self
 
     @model_validator(mode="after")
     def _mode_fits_transformer(self):

@@ -11,6 +11,7 @@ randomness is seeded by the sample's place in the epoch, not by the worker.
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, Sequence
@@ -31,7 +32,7 @@ from lafid.video import sample_frames
 SHARD_GLOB = "clips-*.parquet"
 COLUMNS = ["clip_id", "source", "start_s", "end_s", "fps", "frame_t", "frame_yaw", "frame_pitch", "frame_box",
            "frame_kps", "pose_buckets", "caption", "id_backend", "id_ref_embedding", "id_ref_t", "id_rep_embeddings",
-           "id_rep_t", "id_rep_yaw"]
+           "id_rep_t", "id_rep_yaw", "id_model_sha256"]
 
 
 def resolve_shards(sources: Sequence[str]) -> tuple[Any, list[str]]:
@@ -79,13 +80,30 @@ def frame_poses(row: dict) -> list[FacePose]:
     return poses
 
 
-def reference_poses(row: dict, frames: list[FacePose], id_backend: str) -> list[FacePose]:
+def shard_embeddings_usable(row: dict, cfg: DataConfig) -> bool:
+    """Whether the row's precomputed identity embeddings come from the trainer's identity model: same
+    `id_backend` (a dlib vector is no ArcFace vector), and, when `data.id_model_sha256` is known, the
+    same model file (two files named w600k_r50 need not be one model). A hash mismatch, or a row written
+    without one, warns once per pair of hashes; its embeddings are then computed from the face crops."""
+    if row.get("id_backend") != cfg.id_backend:
+        return False
+    want, got = cfg.id_model_sha256, row.get("id_model_sha256")
+    if want is None or got == want:
+        return True
+    if row.get("id_ref_embedding") or row.get("id_rep_embeddings"):
+        warnings.warn(f"shard identity embeddings ({row.get('id_backend')}) not used, computed from the face "
+                      f"crops instead: shard model sha256 {got or 'not recorded'}, trainer's identity model "
+                      f"sha256 {want}", stacklevel=2)
+    return False
+
+
+def reference_poses(row: dict, frames: list[FacePose], cfg: DataConfig) -> list[FacePose]:
     """Reference candidates: the identity stage's pose-diverse representatives when present, else every frame.
 
-    Precomputed embeddings are kept only when the row's `id_backend` is the trainer's:
-    a dlib vector is no ArcFace vector.
+    Precomputed embeddings are kept only when they come from the trainer's identity
+    model (`shard_embeddings_usable`).
     """
-    if row.get("id_backend") != id_backend:
+    if not shard_embeddings_usable(row, cfg):
         return [replace(p, embedding=None) for p in frames]
     if not row.get("id_rep_embeddings"):
         return frames
@@ -100,7 +118,7 @@ def plan_clip(row: dict, cfg: DataConfig, rng: np.random.Generator) -> tuple[flo
     """(target window start, reference face, target buckets, clip buckets): the reference's pose bucket
     differs from every target frame's whenever the clip has more than one bucket."""
     frames = frame_poses(row)
-    refs = reference_poses(row, frames, cfg.id_backend)
+    refs = reference_poses(row, frames, cfg)
     duration = row["end_s"] - row["start_s"]
     span = (cfg.num_frames - 1) * cfg.frame_stride / row["fps"]
     starts = np.linspace(0.0, max(0.0, duration - span), num=16) if duration > span else np.zeros(1)
@@ -116,6 +134,25 @@ def plan_clip(row: dict, cfg: DataConfig, rng: np.random.Generator) -> tuple[flo
     outside = [p for p in refs if not a <= p.t <= a + span]
     pool = other or outside or refs
     return float(a), pool[rng.integers(len(pool))], targets, {p.bucket for p in frames} | {p.bucket for p in refs}
+
+
+def reference_set(row: dict, cfg: DataConfig, start: float, ref: FacePose, targets: set[str]) -> list[FacePose]:
+    """Up to `data.id_references` reference faces, `ref` first; the others are taken one at a time from
+    the candidates (`reference_poses`), preferring a pose bucket not yet taken, then one outside the
+    target buckets and window, then the farthest in time from those already taken."""
+    chosen = [ref]
+    if cfg.id_references == 1:
+        return chosen
+    span = (cfg.num_frames - 1) * cfg.frame_stride / row["fps"]
+    left = [p for p in reference_poses(row, frame_poses(row), cfg) if abs(p.t - ref.t) > 1e-3]
+    while left and len(chosen) < cfg.id_references:
+        def score(p: FacePose) -> tuple:
+            return (p.bucket not in {c.bucket for c in chosen}, p.bucket not in targets,
+                    not start <= p.t <= start + span, min(abs(p.t - c.t) for c in chosen))
+        best = max(left, key=score)
+        chosen.append(best)
+        left = [p for p in left if abs(p.t - best.t) > 1e-3]
+    return chosen
 
 
 def fit(frame: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -244,17 +281,38 @@ class ClipDataset(IterableDataset):
         a, ref, targets, clip_buckets = plan_clip(row, cfg, rng)
         frames = decode_frames(row["source"], row["start_s"] + a, row["fps"], cfg.num_frames, cfg.frame_stride)
         ref_frame = decode_frames(row["source"], row["start_s"] + ref.t, row["fps"], 1, 1)[0]
+        identity = {"id_face": torch.from_numpy(identity_face(ref_frame, ref, cfg.face_margin)),
+                    "id_embedding": torch.tensor(ref.embedding or (), dtype=torch.float32)}
+        if cfg.id_references > 1:
+            identity = self.identity_references(row, reference_set(row, cfg, a, ref, targets), ref_frame)
         return {
             "clip_id": row["clip_id"],
             "frames": torch.from_numpy(np.stack([fit(f, cfg.width, cfg.height) for f in frames])),
             "face": torch.from_numpy(crop_face(ref_frame, ref.box, cfg.face_margin, cfg.face_size)),
-            "id_face": torch.from_numpy(identity_face(ref_frame, ref, cfg.face_margin)),
-            "id_embedding": torch.tensor(ref.embedding or (), dtype=torch.float32),
+            **identity,
             "caption": row.get("caption") or "",
             "target_buckets": sorted(targets),
             "ref_bucket": ref.bucket,
             "clip_buckets": sorted(clip_buckets),
         }
+
+    def identity_references(self, row: dict, refs: list[FacePose], first: np.ndarray) -> dict:
+        """Several reference faces for the identity expert, padded to `data.id_references`:
+        `id_face` (N, 112, 112, 3), `id_mask` (N,) True where a face is present, `id_has` (N,) True where
+        its precomputed embedding is used, `id_embedding` (N, dim) (zeros elsewhere; (N, 0) when none)."""
+        n = self.cfg.id_references
+        faces = np.zeros((n, ARCFACE_SIZE, ARCFACE_SIZE, 3), np.uint8)
+        for i, p in enumerate(refs):
+            frame = first if i == 0 else decode_frames(row["source"], row["start_s"] + p.t, row["fps"], 1, 1)[0]
+            faces[i] = identity_face(frame, p, self.cfg.face_margin)
+        dim = max((len(p.embedding) for p in refs if p.embedding), default=0)
+        emb = torch.zeros(n, dim)
+        has = torch.zeros(n, dtype=torch.bool)
+        for i, p in enumerate(refs):
+            if p.embedding and len(p.embedding) == dim:
+                emb[i], has[i] = torch.tensor(p.embedding), True
+        mask = torch.arange(n) < len(refs)
+        return {"id_face": torch.from_numpy(faces), "id_embedding": emb, "id_mask": mask, "id_has": has}
 
 
 def collate(samples: list[dict]) -> dict:
@@ -263,6 +321,8 @@ def collate(samples: list[dict]) -> dict:
         from lafid.cofe.cache import collate_cached
 
         return collate_cached(samples)
+    if "id_mask" in samples[0]:  # several reference faces per sample (`data.id_references` > 1)
+        return _collate_references(samples)
     has_id = torch.tensor([s["id_embedding"].numel() > 0 for s in samples])
     dim = max(s["id_embedding"].numel() for s in samples)
     stacked = ("frames", "face", "id_face")
@@ -271,4 +331,18 @@ def collate(samples: list[dict]) -> dict:
     batch["has_id"] = has_id
     batch["id_embedding"] = torch.stack([s["id_embedding"] if s["id_embedding"].numel() else torch.zeros(dim)
                                          for s in samples]) if dim else None
+    return batch
+
+
+def _collate_references(samples: list[dict]) -> dict:
+    """`collate` for samples with several reference faces: `id_face` (B, N, ...), `id_mask` (B, N),
+    `has_id` (B, N) (precomputed embedding used), `id_embedding` (B, N, dim) or None."""
+    stacked = ("frames", "face", "id_face", "id_mask")
+    skip = (*stacked, "id_embedding", "id_has")
+    batch = {k: [s[k] for s in samples] for k in samples[0] if k not in skip}
+    batch.update({k: torch.stack([s[k] for s in samples]) for k in stacked})
+    dim = max(s["id_embedding"].shape[1] for s in samples)
+    batch["has_id"] = torch.stack([s["id_has"] & (s["id_embedding"].shape[1] == dim) for s in samples])
+    batch["id_embedding"] = torch.stack([s["id_embedding"] if s["id_embedding"].shape[1] == dim else
+                                         torch.zeros(len(s["id_has"]), dim) for s in samples]) if dim else None
     return batch

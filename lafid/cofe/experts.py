@@ -58,7 +58,8 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 class IdentityExpert(nn.Module):
-    """f_id: one 512-d (or `dim`) ArcFace vector per face, as a single token.
+    """f_id: one 512-d (or `dim`) ArcFace vector per face, as a single token (one token per face when a
+    sample has several, `data.id_references`).
 
     Backends: `onnx` runs an insightface ArcFace model (w600k_r50.onnx, glintr100.onnx,
     w600k_mbf.onnx) through the curation pipeline's own encoder (`lafid.face.embed`:
@@ -75,11 +76,13 @@ class IdentityExpert(nn.Module):
         if cfg.backend == "onnx":
             self.arcface = ArcFaceEncoder(cfg.path, threads=torch.get_num_threads(), use_gpu=torch.cuda.is_available())
             self.name = self.arcface.name  # "arcface:<model>", as the identity stage writes `id_backend`
+            self.sha256 = self.arcface.model_sha256  # as it writes `id_model_sha256`
         else:
             self.net = IResNet(cfg.layers, cfg.width, cfg.dim)
             if cfg.path:
                 self.net.load_state_dict(_load_state(Path(cfg.path)))
             self.name = f"arcface:{Path(cfg.path).stem}" if cfg.path else "arcface:random-iresnet"
+            self.sha256 = None  # a torch port: no ONNX file whose hash shards could carry
         self.requires_grad_(False).eval()
 
     @torch.no_grad()
@@ -97,8 +100,15 @@ class IdentityExpert(nn.Module):
         return F.normalize(emb.float(), dim=-1)
 
     def forward(self, faces: torch.Tensor, precomputed: torch.Tensor | None = None,
-                has_precomputed: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, 1, dim) tokens; rows flagged in `has_precomputed` take `precomputed` as is."""
+                has_precomputed: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 1, dim) tokens; rows flagged in `has_precomputed` take `precomputed` as is.
+
+        Several faces per sample (`data.id_references`): `faces` (B, N, H, W, 3), `precomputed`
+        (B, N, dim), `has_precomputed` and `mask` (B, N) -> (B, N, dim), one token per face; a
+        padded face (`mask` False) is never encoded and gives a zero token, which the projection masks.
+        """
+        if faces.dim() == 5:
+            return self._several(faces, precomputed, has_precomputed, mask)
         if precomputed is None or has_precomputed is None:
             emb = self.encode(faces)
         elif bool(has_precomputed.all()):
@@ -106,6 +116,20 @@ class IdentityExpert(nn.Module):
         else:
             emb = torch.where(has_precomputed[:, None], precomputed.float(), self.encode(faces))
         return F.normalize(emb, dim=-1).unsqueeze(1)
+
+    def _several(self, faces: torch.Tensor, precomputed: torch.Tensor | None, has: torch.Tensor | None,
+                 mask: torch.Tensor | None) -> torch.Tensor:
+        b, n = faces.shape[:2]
+        valid = torch.ones(b * n, dtype=torch.bool, device=faces.device) if mask is None else \
+            mask.reshape(-1).to(faces.device)
+        use = torch.zeros_like(valid) if precomputed is None or has is None else has.reshape(-1).to(valid.device) & valid
+        emb = torch.zeros(b * n, self.dim, device=faces.device)
+        if bool(use.any()):
+            emb[use] = precomputed.reshape(b * n, -1)[use].float().to(emb.device)
+        need = valid & ~use
+        if bool(need.any()):
+            emb[need] = self.encode(faces.reshape(b * n, *faces.shape[2:])[need]).to(emb.device)
+        return F.normalize(emb, dim=-1).view(b, n, self.dim)
 
 
 class VisionExpert(nn.Module):
@@ -167,7 +191,9 @@ class FaceExperts(nn.Module):
         return {"id": self.identity.dim, "sem": self.semantic.dim, "det": self.detail.dim}
 
     def forward(self, faces: torch.Tensor, id_embedding: torch.Tensor | None = None,
-                has_id: torch.Tensor | None = None, id_faces: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """`id_faces`: the identity expert's own (ArcFace-aligned) faces; `faces` when not given."""
-        return {"id": self.identity(faces if id_faces is None else id_faces, id_embedding, has_id),
+                has_id: torch.Tensor | None = None, id_faces: torch.Tensor | None = None,
+                id_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """`id_faces`: the identity expert's own (ArcFace-aligned) faces, (B, N, ...) with `id_mask` (B, N)
+        when several per sample; `faces` when not given."""
+        return {"id": self.identity(faces if id_faces is None else id_faces, id_embedding, has_id, id_mask),
                 "sem": self.semantic(faces), "det": self.detail(faces)}

@@ -41,9 +41,11 @@ class TokenProjection(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """All-zero tokens are padding (the identity expert's missing reference faces): no query sees them."""
         kv = self.proj(tokens)
         q = self.queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)
-        out, _ = self.attn(q, kv, kv, need_weights=False)
+        pad = tokens.detach().abs().amax(-1) == 0
+        out, _ = self.attn(q, kv, kv, key_padding_mask=pad if bool(pad.any()) else None, need_weights=False)
         return self.norm(q + out)
 
 
@@ -59,7 +61,13 @@ class VectorProjection(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(tokens.mean(1)).view(tokens.shape[0], self.n_tokens, self.dim))
+        """Several vectors (several reference faces): their mean over the non-zero ones (zero = padding)."""
+        if tokens.shape[1] > 1:
+            present = (tokens.detach().abs().amax(-1) > 0).to(tokens.dtype)
+            vector = (tokens * present[..., None]).sum(1) / present.sum(1, keepdim=True).clamp_min(1)
+        else:
+            vector = tokens[:, 0]
+        return self.norm(self.proj(vector).view(tokens.shape[0], self.n_tokens, self.dim))
 
 
 class Expert(nn.Module):

@@ -62,6 +62,16 @@ def face_share(heat: np.ndarray, box) -> tuple[float, float]:
     return float(mass[inside].sum() / max(mass.sum(), 1e-12)), float(inside.mean())
 
 
+def fit_box(box, frame_width: int, frame_height: int, width: int, height: int) -> list[float]:
+    """A face box (x0, y0, x1, y1 in [0, 1] of the source frame) in the frame the dataset feeds the VAE
+    (`lafid.cofe.data.fit`: centre crop to width:height, then resize), clipped to [0, 1]."""
+    scale = min(frame_width / width, frame_height / height)
+    cw, ch = width * scale, height * scale
+    dx, dy = (frame_width - cw) / 2, (frame_height - ch) / 2
+    x0, y0, x1, y1 = np.asarray(box, np.float64) * [frame_width, frame_height, frame_width, frame_height]
+    return [float(np.clip(v, 0, 1)) for v in ((x0 - dx) / cw, (y0 - dy) / ch, (x1 - dx) / cw, (y1 - dy) / ch)]
+
+
 def overlay(frame: np.ndarray, heat: np.ndarray) -> np.ndarray:
     """RGB frame with a (H', W') map laid over it (JET colours, normalised to its own maximum)."""
     h, w = frame.shape[:2]

@@ -110,6 +110,10 @@ class CoFEModel(nn.Module):
         if ":" in wanted and wanted != self.experts.identity.name:
             raise ValueError(f"data.id_backend {wanted!r} is not the identity expert's model "
                              f"({self.experts.identity.name}): shard embeddings of one would stand in for the other")
+        sha = self.experts.identity.sha256
+        if sha is not None and recipe.data.id_model_sha256 not in (None, sha):
+            raise ValueError(f"data.id_model_sha256 {recipe.data.id_model_sha256} is not the identity expert's "
+                             f"model file ({sha})")
         if dtype is not None:
             self.experts.to(dtype)
         if recipe.cofe.lora_rank:
@@ -189,7 +193,9 @@ class CoFEModel(nn.Module):
             return {k: v.to(device) for k, v in batch["features"].items()}
         emb = batch.get("id_embedding")
         emb = None if emb is None else emb.to(device)
-        return self.experts(batch["face"].to(device), emb, batch["has_id"].to(device), batch["id_face"].to(device))
+        mask = batch.get("id_mask")  # several reference faces per sample (`data.id_references`)
+        return self.experts(batch["face"].to(device), emb, batch["has_id"].to(device), batch["id_face"].to(device),
+                            None if mask is None else mask.to(device))
 
     def denoise(self, noisy: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
                 features: dict[str, torch.Tensor] | None, condition: torch.Tensor | None = None,

@@ -38,8 +38,7 @@ def precompute(model: CoFEModel, samples: list[dict], batch_size: int) -> list[d
         frames = b.pop("frames")
         b["latents"] = model.encode_video(frames)
         b["text_embeds"] = model.text(b["caption"])
-        b["id_embedding"] = model.experts.identity.encode(b["id_face"])
-        b["has_id"] = torch.ones(len(b["clip_id"]), dtype=torch.bool)
+        identity_embeddings(model, b)
         if model.recipe.mode == "i2v":
             b["i2v_condition"] = model.i2v_condition(frames)
             image = model.image_embeds(frames)
@@ -47,6 +46,17 @@ def precompute(model: CoFEModel, samples: list[dict], batch_size: int) -> list[d
                 b["image_embeds"] = image
         out.append(b)
     return out
+
+
+def identity_embeddings(model: CoFEModel, b: dict) -> None:
+    """ArcFace embeddings of the batch's identity faces, one per face (`id_mask` marks the present ones
+    when a sample has several), set as precomputed (`id_embedding`, `has_id`)."""
+    if b["id_face"].dim() == 5:
+        b["id_embedding"] = model.experts.identity(b["id_face"], mask=b["id_mask"])
+        b["has_id"] = b["id_mask"].clone()
+    else:
+        b["id_embedding"] = model.experts.identity.encode(b["id_face"])
+        b["has_id"] = torch.ones(len(b["clip_id"]), dtype=torch.bool)
 
 
 def standardise(batches: list[dict]) -> list[dict]:
@@ -88,12 +98,13 @@ def variant(model: CoFEModel, batch: dict, condition: str) -> dict | None:
     n = len(batch["clip_id"])
     if condition == "swapped":
         idx = torch.roll(torch.arange(n), 1)
-        for key in ("face", "id_face", "id_embedding"):
-            out[key] = batch[key][idx]
+        for key in ("face", "id_face", "id_embedding", "id_mask", "has_id"):
+            if key in batch:
+                out[key] = batch[key][idx]
     elif condition == "grey":
         out["face"] = torch.full_like(batch["face"], 128)
         out["id_face"] = torch.full_like(batch["id_face"], 128)
-        out["id_embedding"] = model.experts.identity.encode(out["id_face"])
+        identity_embeddings(model, out)
     else:
         raise ValueError(f"unknown condition {condition!r}; known: {CONDITIONS}")
     return out

@@ -21,8 +21,10 @@ uses the same alignment (`arcface_align`) and input scaling (`ARCFACE_MEAN`,
 
 from __future__ import annotations
 
+import hashlib
 import os
 from abc import ABC, abstractmethod
+from functools import lru_cache
 from pathlib import Path
 from typing import ClassVar
 
@@ -75,13 +77,31 @@ def arcface_blob(chips: list[np.ndarray] | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(chips, np.float32).transpose(0, 3, 1, 2))
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a model file (cached per path, size and modification time)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return _sha256(str(p), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=32)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 class IdentityEncoder(ABC):
-    """An embedding backend. `threshold` is the same-person distance in `metric`."""
+    """An embedding backend. `threshold` is the same-person distance in `metric`; `model_sha256` the
+    sha256 of the model file the embeddings come from (None where there is no single file: dlib)."""
 
     name: str
     metric: ClassVar[str]
     threshold: ClassVar[float]
     dim: int
+    model_sha256: str | None = None
 
     def __init__(self, batch_size: int = 32):
         self.batch_size = batch_size
@@ -151,6 +171,7 @@ class ArcFaceEncoder(IdentityEncoder):
         super().__init__(batch_size)
         self.model_path = self.find_model(model_dir)
         self.name = f"arcface:{self.model_path.stem}"  # embeddings of two models are not comparable
+        self.model_sha256 = file_sha256(self.model_path)  # two files of one name are not comparable either
         self.model = zoo_model(self.model_path, threads, use_gpu)
         self.model.prepare(ctx_id=0 if use_gpu else -1)
         inp = self.model.session.get_inputs()[0]
