@@ -21,12 +21,12 @@ FULL_EXPERT_DIMS = {"id": 512, "sem": 1280, "det": 1024}
 
 
 def tiny(gate_inputs=("face",), checkpointing: bool = False, injection: str = "fused", recipe: str = "cofe_tiny",
-         id_projection: str = "resample", **train) -> CoFEModel:
+         id_projection: str = "resample", null_key: bool = False, **train) -> CoFEModel:
     r = load_cofe_recipe(recipe)
     torch.manual_seed(0)
     return CoFEModel(r.model_copy(update={
         "cofe": r.cofe.model_copy(update={"gate_inputs": list(gate_inputs), "injection": injection,
-                                          "id_projection": id_projection}),
+                                          "id_projection": id_projection, "null_key": null_key}),
         "train": r.train.model_copy(update={"gradient_checkpointing": checkpointing, **train})}))
 
 
@@ -100,13 +100,17 @@ def zero_grad_tensors(model: CoFEModel, batch: dict, cut=None) -> tuple[list[str
     return zero, before, frozen()
 
 
-@pytest.mark.parametrize("injection,recipe,id_projection", [
-    ("fused", "cofe_tiny", "resample"), ("per_expert", "cofe_tiny", "expand"), ("fused", "cofe_tiny_i2v", "resample")])
-def test_every_cofe_tensor_learns_and_frozen_weights_stay_bit_identical(faces, injection, recipe, id_projection):
-    model = tiny(injection=injection, recipe=recipe, id_projection=id_projection).train()
+@pytest.mark.parametrize("injection,recipe,id_projection,null_key", [
+    ("fused", "cofe_tiny", "resample", False), ("per_expert", "cofe_tiny", "expand", True),
+    ("fused", "cofe_tiny_i2v", "resample", True)])
+def test_every_cofe_tensor_learns_and_frozen_weights_stay_bit_identical(faces, injection, recipe, id_projection,
+                                                                       null_key):
+    model = tiny(injection=injection, recipe=recipe, id_projection=id_projection, null_key=null_key).train()
     batch = clip_batch(faces)
     zero, before, after = zero_grad_tensors(model, batch)
     trainable = model.trainable_state()
+    nulls = [n for n in trainable if n.endswith("cross.null_key")]
+    assert len(nulls) == (len(model.adapter.layers) if null_key else 0)  # the attention sinks are trained too
     assert len(trainable) > 40 and not zero, zero  # every projection, gate, expert and attention tensor
     assert before.keys() == after.keys() and len(before) > 100
     changed = [n for n in before if not torch.equal(before[n], after[n])]
@@ -151,6 +155,33 @@ def test_per_expert_attention_maps_are_recorded_and_differ_by_expert(faces):
         fused.denoise(x, t, text, fused.experts(torch.cat(faces)))
     assert len(fused.adapter.layers[0].record["probs"]) == 1  # one attention for the gated sum
     assert len(trainable) < len(fused.trainable_state()) + 2 * 3 * 2 * 3  # K, V, norm per expert per block
+
+
+def test_null_key_lets_a_video_token_take_less_face(faces):
+    """With keys that all score 0 (expert 0's K zeroed) and the null key at its zero init, each of the 4
+    face tokens and the sink get 1/5 of every query: expert 0 adds 4/5 of what it adds without the sink."""
+    out = {}
+    for null_key in (True, False):  # False: the control, every query's probabilities sum to 1
+        model = tiny(injection="per_expert", null_key=null_key)
+        gen = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for layer in model.adapter.layers:
+                layer.cross.to_k[0].weight.zero_()
+                layer.cross.to_k[0].bias.zero_()
+                layer.cross.to_out.weight.copy_(torch.randn(layer.cross.to_out.weight.shape, generator=gen) * 0.2)
+        x, t, text = inputs(model, batch=2)
+        feats = model.experts(torch.cat(faces))
+        with torch.no_grad():
+            plain = model.denoise(x, t, text, feats)  # scaled_dot_product_attention
+            model.adapter.record_maps()
+            recorded = model.denoise(x, t, text, feats)  # explicit softmax, probabilities kept
+        torch.testing.assert_close(recorded, plain, rtol=1e-5, atol=1e-5)
+        out[null_key] = [layer.record for layer in model.adapter.layers]
+    for with_sink, without in zip(out[True], out[False]):
+        torch.testing.assert_close(with_sink["probs"][0], torch.full_like(with_sink["probs"][0], 0.2))
+        torch.testing.assert_close(without["probs"][0], torch.full_like(without["probs"][0], 0.25))
+        torch.testing.assert_close(with_sink["contribution"][0], 0.8 * without["contribution"][0])
+        assert with_sink["probs"][1].sum(-1).max() < 1 - 1e-3  # expert 1's sink takes a share too
 
 
 def test_i2v_conditioning_is_wans(faces):

@@ -116,6 +116,8 @@ class CoFEConfig(StrictModel):
         "expand", description="P_id: one linear map of the ArcFace vector (the mean of the reference faces' "
                               "vectors) to face_tokens distinct tokens (expand), or learned queries attending to "
                               "the vectors (resample); expand is the default by measurement (docs/cofe.md)")
+    null_key: bool = Field(False, description="one learned key with a zero value per face attention (an attention "
+                                              "sink): a video token can take no face at all")
     balance_weight: float = Field(0.0, ge=0, description="weight of the gate load-balancing term (0 = off)")
     lora_rank: int = Field(0, ge=0, description="LoRA rank on the backbone's attention (0 = off)")
     lora_targets: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]

@@ -115,10 +115,16 @@ class FaceCrossAttention(nn.Module):
     `sets` = 1 (fused injection: one K/V for the gated sum of experts) or 3
     (per-expert injection: one K/V per expert, outputs summed with the gate
     weights before the shared, zero-initialised output projection).
+
+    `null_key`: each set also has one learned key whose value is zero (an attention
+    sink), so a video token can attend to nothing and get no face at all; without
+    it every video token gets a convex mix of the face values.
     """
 
-    def __init__(self, dim: int, sets: int = 1, eps: float = 1e-6):
+    def __init__(self, dim: int, sets: int = 1, eps: float = 1e-6, null_key: bool = False):
         super().__init__()
+        # per set, a learned key after the key norm, value fixed at zero; zero at init (logit 0)
+        self.null_key = nn.Parameter(torch.zeros(sets, dim)) if null_key else None
         if sets == 1:
             self.to_k, self.to_v, self.norm_k = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.RMSNorm(dim, eps=eps)
         else:
@@ -134,10 +140,15 @@ class FaceCrossAttention(nn.Module):
         pick = (lambda m: m) if k is None else (lambda m: m[k])  # noqa: E731
         key = pick(self.norm_k)(pick(self.to_k)(face.to(q.dtype)))
         value = pick(self.to_v)(face.to(q.dtype))
+        tokens = key.shape[1]
+        if self.null_key is not None:
+            null = self.null_key[0 if k is None else k].to(q.dtype).expand(key.shape[0], 1, -1)
+            key, value = torch.cat([key, null], 1), torch.cat([value, torch.zeros_like(null)], 1)
         qh, kh, vh = _heads(q, heads), _heads(key, heads), _heads(value, heads)
         if maps is not None:  # explicit softmax to keep the probabilities (same result as SDPA)
             probs = (qh @ kh.transpose(-1, -2) * qh.shape[-1] ** -0.5).softmax(-1)
-            maps.append(probs.detach().float().mean(1))  # (B, queries, face tokens), heads averaged
+            # (B, queries, face tokens), heads averaged; the null key's share is what is left to 1
+            maps.append(probs[..., :tokens].detach().float().mean(1))
             out = probs @ vh
         else:
             out = F.scaled_dot_product_attention(qh, kh, vh)
@@ -170,11 +181,11 @@ class CoFELayer(nn.Module):
     """Everything CoFE adds to one DiT block; `gate` keeps the block's last fusion weights for logging."""
 
     def __init__(self, dim: int, expert_hidden: int, gate_hidden: int, gate_inputs: Sequence[str],
-                 injection: str = "fused"):
+                 injection: str = "fused", null_key: bool = False):
         super().__init__()
         self.injection = injection
         self.fusion = FaceFusion(dim, expert_hidden, gate_hidden, gate_inputs)
-        self.cross = FaceCrossAttention(dim, 1 if injection == "fused" else len(EXPERTS))
+        self.cross = FaceCrossAttention(dim, 1 if injection == "fused" else len(EXPERTS), null_key=null_key)
         self.faces: list[torch.Tensor] | None = None
         self.gate: torch.Tensor | None = None        # detached, for logging
         self.gate_live: torch.Tensor | None = None   # with its graph, for the load-balancing term
@@ -192,7 +203,8 @@ class CoFEAdapter(nn.Module):
 
     def __init__(self, dim: int, num_blocks: int, expert_dims: dict[str, int], *, face_tokens: int = 4,
                  heads: int = 8, expert_hidden: int | None = None, gate_hidden: int = 256,
-                 gate_inputs: Sequence[str] = ("face",), injection: str = "fused", id_projection: str = "resample"):
+                 gate_inputs: Sequence[str] = ("face",), injection: str = "fused", id_projection: str = "resample",
+                 null_key: bool = False):
         super().__init__()
         unknown = set(gate_inputs) - set(GATE_INPUTS)
         if unknown or "face" not in gate_inputs:
@@ -206,7 +218,8 @@ class CoFEAdapter(nn.Module):
         elif id_projection != "resample":
             raise ValueError(f"id_projection must be resample or expand, got {id_projection!r}")
         self.layers = nn.ModuleList(
-            CoFELayer(dim, expert_hidden or dim // 4, gate_hidden, gate_inputs, injection) for _ in range(num_blocks))
+            CoFELayer(dim, expert_hidden or dim // 4, gate_hidden, gate_inputs, injection, null_key)
+            for _ in range(num_blocks))
         self._projected: dict[str, torch.Tensor] | None = None
         self._keep: torch.Tensor | None = None
         self._handles: list = []
