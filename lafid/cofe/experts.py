@@ -122,7 +122,8 @@ class IdentityExpert(nn.Module):
         b, n = faces.shape[:2]
         valid = torch.ones(b * n, dtype=torch.bool, device=faces.device) if mask is None else \
             mask.reshape(-1).to(faces.device)
-        use = torch.zeros_like(valid) if precomputed is None or has is None else has.reshape(-1).to(valid.device) & valid
+        use = torch.zeros_like(valid) if precomputed is None or has is None else \
+            has.reshape(-1).to(valid.device) & valid
         emb = torch.zeros(b * n, self.dim, device=faces.device)
         if bool(use.any()):
             emb[use] = precomputed.reshape(b * n, -1)[use].float().to(emb.device)
