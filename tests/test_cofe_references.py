@@ -186,3 +186,16 @@ def test_cache_keeps_one_identity_token_per_reference_face(pose_shards, tmp_path
     check_meta(tmp_path / "cache", cached)
     with pytest.raises(ValueError, match="differs in data"):  # control: a one-face recipe does not take this cache
         check_meta(tmp_path / "cache", r)
+
+
+def test_model_refuses_a_hash_that_is_not_its_onnx_file():
+    path = embedded_model(EMBEDDED_ARCFACE)
+    r = load_cofe_recipe("cofe_tiny")
+    onnx = r.model_copy(update={"identity": IdentityConfig(backend="onnx", path=path),
+                                "data": r.data.model_copy(update={"id_backend": "arcface:w600k_mbf",
+                                                                  "id_model_sha256": "0" * 64})})
+    with pytest.raises(ValueError, match="is not the identity expert's model file"):
+        CoFEModel(onnx)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    same = onnx.model_copy(update={"data": onnx.data.model_copy(update={"id_model_sha256": sha})})
+    assert CoFEModel(same).experts.identity.sha256 == sha  # control: its own file's hash builds
