@@ -9,7 +9,7 @@ object store) and the largest each pool grew to; then the memory of the
 sequential runner on a 1-minute and a 10-minute video, each in a fresh process:
 peak RSS, and how far RSS rises after the first clip is written.
 
-    python benchmarks/curate_throughput.py [--recipe lafid180k] [--videos 4] [--seconds 60] [--cpus 2] [--memory-only | --throughput-only]
+    python benchmarks/curate_throughput.py [--recipe lafid180k] [--videos 8] [--seconds 60] [--cpus 2] [--memory-only | --throughput-only]
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def memory_mb(path: str, recipe: str) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="lafid180k", help="bundled name or path (default: the default recipe)")
-    ap.add_argument("--videos", type=int, default=4)
+    ap.add_argument("--videos", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--long-minutes", type=float, default=10.0)

@@ -57,7 +57,10 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 log = logging.getLogger("lafid.run")
 
 IDLE_S = 5.0  # an actor idle this long leaves a pool that is above its minimum
-HEADROOM = 2.0  # `auto` pools: room for this many times one actor per stage before CPU requests are scaled down
+# `auto` pools: CPU requests are scaled down only as far as one actor per auto stage fits. More actors than
+# CPUs do not run faster, and each costs ~2.5 CPU-s to start (benchmarks/curate_throughput.py, 2 CPUs: room for
+# 2x as many actors started 13 and took 105 CPU-s for the 62 CPU-s of stage work; 1x started 4: 68-88 CPU-s).
+HEADROOM = 1.0
 TICK_S = 0.5  # how often the driver looks at queues and free resources
 
 

@@ -56,7 +56,7 @@ def test_default_recipe_fits_two_cpus_and_explicit_requests_that_cannot_fit_fail
     recipe = load_recipe("lafid180k")
     plans = ray_executor._plan(recipe, recipe.build_stages())
     assert len(plans) == 4 and all(p.low == 1 and p.high is None for p in plans)
-    # one actor per stage plus as many again for growth fit in the 2 CPUs: each asks for a quarter
+    # one actor per stage fits the 2 CPUs: each asks for half a CPU (more actors than CPUs would not run faster)
     assert sum(p.cpus for p in plans) * ray_executor.HEADROOM == pytest.approx(2.0)
     fixed = recipe.model_copy(deep=True)
     for spec in fixed.stages:  # the same stages asking for one whole-CPU actor each cannot all be placed
