@@ -22,20 +22,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from cofe_fixtures import PEOPLE, SAME_CAPTION, FPS, face_rows, identity_recipe  # noqa: E402
+from cofe_fixtures import SAME_CAPTION, identity_recipe, write_identity_shards  # noqa: E402
 
-from lafid import devset, media  # noqa: E402
+from lafid import devset  # noqa: E402
 from lafid.cofe import probe  # noqa: E402
 from lafid.cofe.data import ClipDataset  # noqa: E402
 from lafid.cofe.model import CoFEModel  # noqa: E402
-from lafid.schema import CLIP_SCHEMA  # noqa: E402
 
 
 def main() -> None:
@@ -55,11 +52,7 @@ def main() -> None:
     root = devset.ensure()
     with tempfile.TemporaryDirectory(prefix="cofe-ablation-") as tmp:
         tmp = Path(tmp)
-        people = {n: str(root / p) if p else media.write_video(str(tmp / "carphone.mp4"), media.carphone_frames(), FPS)
-                  for n, (p, _, _) in PEOPLE.items()}
-        rows = face_rows({n: (people[n], s, d) for n, (_, s, d) in PEOPLE.items()}, SAME_CAPTION)
-        (tmp / "shards").mkdir()
-        pq.write_table(pa.Table.from_pylist(rows, schema=CLIP_SCHEMA), tmp / "shards" / "clips-0000.parquet")
+        _, rows = write_identity_shards(root, tmp)
         injections = ["fused", "per_expert"] if args.injection == "both" else [args.injection]
         print(f"{len(rows)} people, caption {SAME_CAPTION!r}; {args.steps} steps, lr {args.lr}, "
               f"{args.draws} fixed draws")

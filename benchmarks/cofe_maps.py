@@ -26,21 +26,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from cofe_fixtures import PEOPLE, SAME_CAPTION, FPS, face_rows, identity_recipe  # noqa: E402
+from cofe_fixtures import SAME_CAPTION, identity_recipe, write_identity_shards  # noqa: E402
 
-from lafid import devset, media  # noqa: E402
+from lafid import devset  # noqa: E402
 from lafid.cofe import probe  # noqa: E402
 from lafid.cofe.data import ClipDataset  # noqa: E402
 from lafid.cofe.maps import attention_maps, face_share, fit_box  # noqa: E402
 from lafid.cofe.model import CoFEModel  # noqa: E402
-from lafid.schema import CLIP_SCHEMA  # noqa: E402
 
 
 def median_box(row: dict, width: int, height: int) -> list[float]:
@@ -126,12 +123,8 @@ def main() -> None:
     root = devset.ensure()
     with tempfile.TemporaryDirectory(prefix="cofe-maps-") as tmp:
         tmp = Path(tmp)
-        people = {n: str(root / p) if p else media.write_video(str(tmp / "carphone.mp4"), media.carphone_frames(), FPS)
-                  for n, (p, _, _) in PEOPLE.items()}
-        rows = face_rows({n: (people[n], s, d) for n, (_, s, d) in PEOPLE.items()}, SAME_CAPTION)
+        _, rows = write_identity_shards(root, tmp)
         by_id = {r["clip_id"]: r for r in rows}
-        (tmp / "shards").mkdir()
-        pq.write_table(pa.Table.from_pylist(rows, schema=CLIP_SCHEMA), tmp / "shards" / "clips-0000.parquet")
         injections = ["fused", "per_expert"] if args.injection == "both" else [args.injection]
         print(f"{len(rows)} people, caption {SAME_CAPTION!r}; {args.steps} steps, lr {args.lr}")
         for seed in range(args.seeds):

@@ -7,6 +7,8 @@ itself (a man facing the camera) never does; `pipeline_shards` runs `lafid.runne
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -137,7 +139,12 @@ def identity_shards(tmp_path_factory):
         root = devset.ensure()
     except devset.DevSetError as exc:
         pytest.fail(f"dev set unavailable: {exc}")
-    out = tmp_path_factory.mktemp("cofe_identity")
+    return write_identity_shards(root, tmp_path_factory.mktemp("cofe_identity"))
+
+
+def write_identity_shards(root: Path, out: Path) -> tuple[Path, list[dict]]:
+    """The identity-only set under `out`: carphone written there, the others from the dev set at `root`;
+    returns (shards folder, rows)."""
     people = {name: str(root / path) if path else media.write_video(str(out / "carphone.mp4"),
                                                                        media.carphone_frames(), FPS)
               for name, (path, _, _) in PEOPLE.items()}
