@@ -51,6 +51,29 @@ def test_workers_may_be_a_number_auto_or_a_range():
             Recipe(name="w", stages=[{"stage": "shot_split", "workers": bad}])
 
 
+_SET_UP_EVERY_STAGE = """
+import sys
+{pre}
+from lafid.recipe import load_recipe
+from lafid.stage import StageWorker
+for stage in load_recipe("lafid180k").build_stages():
+    StageWorker(stage).close()
+loaded = "torch" in sys.modules
+import torch
+print(loaded, torch.get_num_threads())
+"""
+
+
+@pytest.mark.parametrize("pre, loaded", [("", "False"), ("import torch", "True")])
+def test_setting_up_the_default_stages_does_not_import_torch(pre, loaded):
+    """A worker that sets up the default recipe's stages does not load torch (~2.5 CPU-s and 200 MB per
+    actor); where torch is already loaded, its threads are pinned to the stage's. Control: torch loaded first."""
+    out = subprocess.run([sys.executable, "-c", _SET_UP_EVERY_STAGE.replace("{pre}", pre)], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == [loaded, "1"]  # one thread: pinned by the stages, or by OMP_NUM_THREADS
+
+
 @pytest.mark.ray
 def test_default_recipe_fits_two_cpus_and_explicit_requests_that_cannot_fit_fail(ray_cluster):
     recipe = load_recipe("lafid180k")
