@@ -110,7 +110,8 @@ def inspect(out: Path = typer.Argument(..., help="a curate output folder")) -> N
     """Counts, reject reasons and the pose histogram of a curate output."""
     from lafid.report import summary
 
-    console.print(summary(out))
+    with _exit_on(FileNotFoundError):
+        console.print(summary(out))
 
 
 @app.command()

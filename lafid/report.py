@@ -11,7 +11,7 @@ from rich.console import Group
 from rich.table import Table
 
 from lafid.face.pose import BUCKETS
-from lafid.shards import read_manifest
+from lafid.shards import MANIFEST, read_manifest
 
 
 def read_table(out_dir: str | Path, kind: str = "clips", columns: list[str] | None = None) -> pa.Table | None:
@@ -30,8 +30,21 @@ def count_table(title: str, column: str, counts: Counter) -> Table:
     return table
 
 
+def require_output(out_dir: str | Path) -> None:
+    """Raise FileNotFoundError unless `out_dir` holds a curate output (a manifest or shards), naming the
+    outputs just inside it: `lafid demo --out out/demo` writes its shards to out/demo/shards."""
+    out_dir = Path(out_dir)
+    if out_dir.is_dir() and (read_manifest(out_dir) or any(out_dir.glob("clips-*.parquet"))
+                             or any(out_dir.glob("rejects-*.parquet"))):
+        return
+    inside = sorted(str(p.parent) for p in out_dir.glob(f"*/{MANIFEST}")) if out_dir.is_dir() else []
+    hint = f"; curate outputs inside it: {', '.join(inside)}" if inside else ""
+    raise FileNotFoundError(f"not a curate output folder (no manifest, no shards): {out_dir}{hint}")
+
+
 def summary(out_dir: str | Path) -> Group:
     out_dir = Path(out_dir)
+    require_output(out_dir)
     clips, rejects = read_table(out_dir, "clips"), read_table(out_dir, "rejects")
     videos = sum(len(e["videos"]) for e in read_manifest(out_dir))
     counts = Table(title=f"{out_dir}")

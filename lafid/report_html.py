@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lafid.face.pose import BUCKET_PITCH, BUCKET_YAW, BUCKETS
-from lafid.report import read_table
+from lafid.report import read_table, require_output
 from lafid.runner import LOG
 from lafid.shards import STATS, read_manifest
 
@@ -218,9 +218,8 @@ def run_facts(out_dir: Path, clips: pa.Table | None, manifest: list[dict]) -> di
 def collect(out_dir: str | Path, label: str | None = None) -> Run:
     """Every number of the report for one curate output."""
     out_dir = Path(out_dir)
+    require_output(out_dir)
     manifest = read_manifest(out_dir)
-    if not out_dir.is_dir() or not (manifest or _shard_files(out_dir)):
-        raise FileNotFoundError(f"not a curate output folder (no manifest, no shards): {out_dir}")
     files = [p for p in out_dir.glob("clips-*.parquet")]
     names = set(pq.read_schema(files[0]).names) if files else set()
     clips = read_table(out_dir, "clips", [c for c in CLIP_COLUMNS if c in names]) if files else None

@@ -153,5 +153,8 @@ def test_cli_curate_and_inspect(inputs, tmp_path):
     assert result.exit_code == 0, result.output
     report = runner.invoke(app, ["inspect", str(tmp_path)])
     assert report.exit_code == 0 and "frontal" in report.output and "no_audio" in report.output
+    above = runner.invoke(app, ["inspect", str(tmp_path.parent)])  # the folder around the output: say so
+    assert above.exit_code == 2 and "not a curate output folder" in above.output
+    assert str(tmp_path) in above.output.replace("\n", "")  # and name the output inside it
     bad = runner.invoke(app, ["curate", inputs[0], "--out", str(tmp_path), "--recipe", "nope"])
     assert bad.exit_code == 2 and "recipe not found" in bad.output
