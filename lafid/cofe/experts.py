@@ -101,29 +101,22 @@ class IdentityExpert(nn.Module):
 
     def forward(self, faces: torch.Tensor, precomputed: torch.Tensor | None = None,
                 has_precomputed: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, 1, dim) tokens; rows flagged in `has_precomputed` take `precomputed` as is.
+        """(B, 1, dim) tokens; rows flagged in `has_precomputed` take `precomputed` as is, the others are
+        encoded.
 
         Several faces per sample (`data.id_references`): `faces` (B, N, H, W, 3), `precomputed`
         (B, N, dim), `has_precomputed` and `mask` (B, N) -> (B, N, dim), one token per face; a
         padded face (`mask` False) is never encoded and gives a zero token, which the projection masks.
         """
-        if faces.dim() == 5:
-            return self._several(faces, precomputed, has_precomputed, mask)
-        if precomputed is None or has_precomputed is None:
-            emb = self.encode(faces)
-        elif bool(has_precomputed.all()):
-            emb = precomputed.float()
-        else:
-            emb = torch.where(has_precomputed[:, None], precomputed.float(), self.encode(faces))
-        return F.normalize(emb, dim=-1).unsqueeze(1)
-
-    def _several(self, faces: torch.Tensor, precomputed: torch.Tensor | None, has: torch.Tensor | None,
-                 mask: torch.Tensor | None) -> torch.Tensor:
+        if faces.dim() == 4:  # one face per sample: N = 1
+            faces = faces[:, None]
+            precomputed = None if precomputed is None else precomputed[:, None]
+            has_precomputed = None if has_precomputed is None else has_precomputed[:, None]
         b, n = faces.shape[:2]
         valid = torch.ones(b * n, dtype=torch.bool, device=faces.device) if mask is None else \
             mask.reshape(-1).to(faces.device)
-        use = torch.zeros_like(valid) if precomputed is None or has is None else \
-            has.reshape(-1).to(valid.device) & valid
+        use = torch.zeros_like(valid) if precomputed is None or has_precomputed is None else \
+            has_precomputed.reshape(-1).to(valid.device) & valid
         emb = torch.zeros(b * n, self.dim, device=faces.device)
         if bool(use.any()):
             emb[use] = precomputed.reshape(b * n, -1)[use].float().to(emb.device)
