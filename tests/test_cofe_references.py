@@ -141,6 +141,19 @@ def test_recipe_takes_the_onnx_files_sha256():
     assert load_cofe_recipe("cofe_tiny").data.id_model_sha256 is None  # iresnet: names compared only
 
 
+def test_an_onnx_folder_is_hashed_as_the_model_file_the_expert_loads(tmp_path):
+    """identity.path may be a folder (the expert looks for a known pack in it, else the embedded
+    model): the hash is that file's, the one the expert reports, not an attempt to read the folder."""
+    from lafid.cofe.experts import IdentityExpert
+
+    raw = load_cofe_recipe("cofe_tiny").model_dump(mode="json")
+    raw["identity"] = {"backend": "onnx", "path": str(tmp_path)}  # no pack inside: the embedded model
+    recipe = CoFERecipe.model_validate(raw)
+    expert = IdentityExpert(recipe.identity)
+    assert recipe.data.id_model_sha256 == expert.sha256
+    assert expert.sha256 == hashlib.sha256(embedded_model(EMBEDDED_ARCFACE).read_bytes()).hexdigest()
+
+
 def test_shard_embeddings_of_another_model_file_are_not_used(pose_shards, tmp_path):  # noqa: F811
     _, rows = pose_shards
     ours, theirs = "a" * 64, "b" * 64

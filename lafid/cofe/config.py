@@ -182,9 +182,9 @@ class CoFERecipe(StrictModel):
         goes to data.id_model_sha256 (a different one given there is an error)."""
         if self.identity.backend != "onnx":
             return self
-        from lafid.face.embed import file_sha256
+        from lafid.face.embed import ArcFaceEncoder, file_sha256
 
-        sha = file_sha256(self.identity.path)
+        sha = file_sha256(ArcFaceEncoder.find_model(self.identity.path))  # the file the expert will load
         if self.data.id_model_sha256 not in (None, sha):
             raise ValueError(f"data.id_model_sha256 {self.data.id_model_sha256} is not the sha256 of "
                              f"identity.path {self.identity.path} ({sha})")
