@@ -30,12 +30,16 @@ def count_table(title: str, column: str, counts: Counter) -> Table:
     return table
 
 
+def shard_files(out_dir: Path) -> list[Path]:
+    """The clip and reject shards of an output."""
+    return sorted(p for p in out_dir.glob("*.parquet") if p.name.startswith(("clips-", "rejects-")))
+
+
 def require_output(out_dir: str | Path) -> None:
     """Raise FileNotFoundError unless `out_dir` holds a curate output (a manifest or shards), naming the
     outputs just inside it: `lafid demo --out out/demo` writes its shards to out/demo/shards."""
     out_dir = Path(out_dir)
-    if out_dir.is_dir() and (read_manifest(out_dir) or any(out_dir.glob("clips-*.parquet"))
-                             or any(out_dir.glob("rejects-*.parquet"))):
+    if out_dir.is_dir() and (read_manifest(out_dir) or shard_files(out_dir)):
         return
     inside = sorted(str(p.parent) for p in out_dir.glob(f"*/{MANIFEST}")) if out_dir.is_dir() else []
     hint = f"; curate outputs inside it: {', '.join(inside)}" if inside else ""

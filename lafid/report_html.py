@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lafid.face.pose import BUCKET_PITCH, BUCKET_YAW, BUCKETS
-from lafid.report import read_table, require_output
+from lafid.report import read_table, require_output, shard_files
 from lafid.runner import LOG
 from lafid.shards import STATS, read_manifest
 
@@ -103,10 +103,6 @@ def frame_buckets(yaw: np.ndarray, pitch: np.ndarray) -> np.ndarray:
 
 def _counts(values) -> dict[str, int]:
     return dict(Counter("(none)" if v is None else str(v) for v in values).most_common())
-
-
-def _shard_files(out_dir: Path) -> list[Path]:
-    return sorted(p for p in out_dir.glob("*.parquet") if p.name.startswith(("clips-", "rejects-")))
 
 
 def funnel(videos: int, clips_kept: int, rejects: pa.Table | None) -> dict[str, Any]:
@@ -198,7 +194,7 @@ def run_facts(out_dir: Path, clips: pa.Table | None, manifest: list[dict]) -> di
     stats_path = out_dir / STATS
     if stats_path.exists():
         facts["run_stats"] = json.loads(stats_path.read_text())
-    shards = _shard_files(out_dir)
+    shards = shard_files(out_dir)
     facts["parquet_written_by"] = sorted({pq.read_metadata(p).created_by for p in shards[:50]})
     facts["schema_versions"] = sorted({int(v) for v in _column(clips, "schema_version", np.int64)})
     for name in ("id_backend", "id_metric", "caption_source", "language"):
