@@ -120,6 +120,7 @@ def variant(args) -> dict:
 def synthetic_batch(model, recipe, device: str) -> dict:
     """Cached-input batch of the recipe's shapes: latents, text embeddings, expert features (and i2v inputs)."""
     from lafid.cofe.model import frozen_dtype
+    from lafid.face.embed import ARCFACE_SIZE
 
     d, tc, vae = recipe.data, model.transformer.config, model.vae.config
     n, z = d.batch_size, vae.z_dim
@@ -128,17 +129,21 @@ def synthetic_batch(model, recipe, device: str) -> dict:
     shape = (n, z, (d.num_frames - 1) // temporal + 1, d.height // spatial, d.width // spatial)
     dtype = frozen_dtype(recipe) or torch.float32
     g = torch.Generator().manual_seed(0)
+    bf16 = recipe.train.mixed_precision == "bf16"
     face = torch.randint(0, 256, (n, d.face_size, d.face_size, 3), dtype=torch.uint8, generator=g)
-    id_face = torch.randint(0, 256, (n, 112, 112, 3), dtype=torch.uint8, generator=g)
-    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=recipe.train.mixed_precision == "bf16"):
+    id_face = torch.randint(0, 256, (n, ARCFACE_SIZE, ARCFACE_SIZE, 3), dtype=torch.uint8, generator=g)
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
         feats = model.experts(face.to(device), None, torch.zeros(n, dtype=torch.bool, device=device), id_face.to(device))
     batch = {"latents": torch.randn(shape, generator=g).to(device, dtype),
              "text_embeds": torch.randn(n, recipe.text.max_length, tc.text_dim, generator=g).to(device, dtype),
              "features": {k: v.detach() for k, v in feats.items()}}
     if recipe.mode == "i2v":
         batch["i2v_condition"] = torch.randn((n, tc.in_channels - z, *shape[2:]), generator=g).to(device, dtype)
-        if tc.image_dim:
-            batch["image_embeds"] = torch.randn(n, 257, tc.image_dim, generator=g).to(device, dtype)
+        first = torch.randint(0, 256, (n, 1, d.height, d.width, 3), dtype=torch.uint8, generator=g)
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            image = model.image_embeds(first)  # the CLIP tower's tokens of a first frame, as training computes them
+        if image is not None:
+            batch["image_embeds"] = image.to(device, dtype)
     return batch
 
 
