@@ -48,6 +48,9 @@ def curate(
                             "or s3://bucket/prefix, gs://..., file://..."),
     recipe: str = typer.Option("lafid180k", "--recipe", "-r", help="recipe path or bundled name"),
     address: Optional[str] = typer.Option(None, help="join this Ray cluster instead of starting a local one"),
+    ray_token_file: Optional[Path] = typer.Option(None, "--ray-token-file",
+                                                  help="with --address: a file holding the cluster's Ray auth "
+                                                  "token (default: $RAY_AUTH_TOKEN)"),
     executor: str = typer.Option("ray", help="'ray' or 'sequential' (in-process, for debugging)"),
     num_cpus: Optional[int] = typer.Option(None, help="CPUs for a local Ray (default: all)"),
     progress: bool = typer.Option(True, help="live progress display"),
@@ -59,6 +62,9 @@ def curate(
     """Turn raw videos into Parquet shards of clips plus a ledger of rejects."""
     from lafid.report import count_table
 
+    if ray_token_file is not None:
+        with _exit_on(ValueError):
+            _use_ray_token_file(ray_token_file, address)
     stats = _curate(recipe, inputs, out, address=address, executor=executor, num_cpus=num_cpus,
                     progress=progress, retry_failed=retry_failed, allow_recipe_change=allow_recipe_change)
     if stats.reasons:
@@ -70,6 +76,21 @@ def curate(
             console.print(f"native library messages: {last_run.native_lines} lines in {last_run.native_log}",
                           soft_wrap=True, markup=False, highlight=False)
     console.print(f"output: {out}")
+
+
+def _use_ray_token_file(path: Path, address: Optional[str]) -> None:
+    """Hand Ray the token file (it wins over $RAY_AUTH_TOKEN). Checked here: Ray aborts the
+    process on a token file it cannot read."""
+    if not address:
+        raise ValueError("--ray-token-file is for --address; a local run makes its own token")
+    try:
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read --ray-token-file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not token:
+        raise ValueError(f"--ray-token-file {path} is empty")
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(path.resolve())
 
 
 def _curate(recipe: str, inputs: List[str], out: Path | str, *, address: Optional[str], executor: str,

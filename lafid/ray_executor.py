@@ -33,6 +33,7 @@ import logging
 import os
 import pickle
 import re
+import secrets
 import tempfile
 import time
 import traceback
@@ -41,14 +42,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import ray
-from ray.exceptions import ObjectLostError, RayError, RayTaskError
+from ray._raylet import AuthenticationTokenLoader, Config
+from ray.exceptions import AuthenticationError, ObjectLostError, RayError, RayTaskError
 
 from lafid.item import Item
 from lafid.recipe import Recipe, RecipeError
-from lafid.router import Router, RunFailed, setup_failed
+from lafid.router import Router, RunFailed, SetupFailed, setup_failed
 from lafid.stage import Stage, StageWorker
 
-_QUIET_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+_QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
+_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+_outer_auth: dict[str, str | None] | None = None  # Ray's auth variables as they were before a local run's token
 # Native libraries' own logging (mediapipe/TFLite glog, TensorFlow, libav) is turned down in workers,
 # and what they still write to stderr goes to NATIVE_LOG (see _StageActor), never to the terminal.
 _NATIVE_QUIET_ENV = {"GLOG_minloglevel": "2", "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -139,21 +143,104 @@ def _stderr_to(path: str) -> None:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Start (or join) Ray; True if this call started it and must shut it down."""
+    """Start (or join) Ray; True if this call started it and must end it with `shutdown_ray`."""
     if ray.is_initialized():
         return False
     os.environ.update(_QUIET_ENV)
     kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False,
                   runtime_env={"env_vars": {**_QUIET_ENV, **_NATIVE_QUIET_ENV}})
     if address:
-        ray.init(address=address, **kwargs)
+        _join(address, kwargs)
     else:
-        # No dashboard; Ray maps a loopback node address to the machine's own address, so its
-        # core services listen there (see README, "Ray and the network"). "local": always a new
-        # cluster of our own, never one named by RAY_ADDRESS or left by `ray start` or a killed run.
-        with _stdin_detached():
-            ray.init(address="local", num_cpus=num_cpus, **kwargs)
+        _start_local(num_cpus, kwargs)
     return True
+
+
+def shutdown_ray() -> None:
+    """Stop (or leave) Ray; a local run's token leaves the environment with its cluster."""
+    global _outer_auth
+    ray.shutdown()
+    if _outer_auth is not None:
+        _set_auth(**_outer_auth)
+        _outer_auth = None
+
+
+def _start_local(num_cpus: int | None, kwargs: dict) -> None:
+    """A new cluster of our own ("local": never one named by RAY_ADDRESS or left by `ray start` or a
+    killed run), closed by a random token made for this run, its services on loopback only.
+
+    The token is in this process's environment only, which Ray's processes inherit; nothing is
+    written to ~/.ray. The caller's own auth variables come back with `shutdown_ray`."""
+    global _outer_auth
+    _outer_auth = {k: os.environ.get(k) for k in _AUTH_ENV}
+    _set_auth(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_AUTH_TOKEN_PATH=None)
+    try:
+        with _stdin_detached(), _loopback_node():
+            ray.init(address="local", num_cpus=num_cpus, **kwargs)
+    except BaseException:
+        shutdown_ray()
+        raise
+
+
+def _join(address: str, kwargs: dict) -> None:
+    """Join a cluster with the user's token (RAY_AUTH_TOKEN, or the file named by RAY_AUTH_TOKEN_PATH,
+    which --ray-token-file sets); a token given turns Ray's token mode on. A refusal is one line."""
+    if not os.environ.get("RAY_AUTH_MODE") and (os.environ.get("RAY_AUTH_TOKEN") or
+                                                 os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        _set_auth(RAY_AUTH_MODE="token")
+    try:
+        ray.init(address=address, **kwargs)
+    except (AuthenticationError, ConnectionError, RuntimeError) as exc:
+        if not _refused(exc):
+            raise
+        raise SetupFailed(f"the Ray cluster at {address} refused the connection: {_token_given()}") from None
+
+
+def _set_auth(**env: str | None) -> None:
+    """Set (None: remove) Ray's auth variables and have this process's Ray read them again:
+    it read them when it was imported, and keeps the token it loaded."""
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def _refused(exc: BaseException | None) -> bool:
+    """Ray gave up on a cluster because of its token (Ray wraps the refusal in connection errors)."""
+    while exc is not None:
+        if isinstance(exc, AuthenticationError) or "InvalidAuthToken" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _token_given() -> str:
+    """Which token this process offered a cluster, and what to do about it."""
+    fix = "set RAY_AUTH_TOKEN or pass --ray-token-file with the cluster's token"
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return f"it asks for a token and RAY_AUTH_MODE is {os.environ.get('RAY_AUTH_MODE', 'unset')}; {fix}"
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return f"the token in RAY_AUTH_TOKEN is not the cluster's; {fix}"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token"
+    return f"the token in {path} is not the cluster's, or there is none; {fix}"
+
+
+@contextmanager
+def _loopback_node():
+    """Ray replaces a loopback node address with the machine's own (its services then listen on
+    every interface) unless it runs as a one-machine cluster, its default on macOS and Windows.
+    One while the local cluster starts: every service binds 127.0.0.1."""
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 @contextmanager
@@ -437,7 +524,7 @@ def run_ray(recipe: Recipe, items, router: Router, address: str | None = None, n
             last_run.retired[pool.name] = pool.retired
             pool.close()
         if started:
-            ray.shutdown()
+            shutdown_ray()
         lines = last_run.native_lines = _native_lines(native, native_start)
         if lines:
             log.info("native libraries wrote %d lines to %s", lines, native)

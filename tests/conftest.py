@@ -97,8 +97,8 @@ def ray_cluster():
     """One local 2-CPU Ray for the whole session (as on the smallest supported box)."""
     import ray
 
-    from lafid.ray_executor import init_ray
+    from lafid.ray_executor import init_ray, shutdown_ray
 
     init_ray(num_cpus=2)
     yield ray
-    ray.shutdown()
+    shutdown_ray()
