@@ -1,7 +1,9 @@
 """Run `lafid curate --address` against a 3-node local Ray cluster and remove a worker node mid-run.
 
 The head holds no CPU (as on a production cluster, work runs on worker nodes): each
-worker node has one.
+worker node has one. The cluster runs with token authentication (a fresh token, in the
+environment only, as KubeRay hands it to every pod) on loopback; the run gets the token
+from RAY_AUTH_TOKEN, and the report says what the GCS answers a client without it.
 
 Started by tests/test_runtime.py in its own process, so its cluster never meets the
 session's Ray. Usage: python multinode_curate.py RECIPE OUT INPUT... ; prints one JSON line.
@@ -11,15 +13,21 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import ray
-from ray.cluster_utils import Cluster
+# Before ray is imported: Ray reads these once. A one-machine cluster (as on macOS) keeps every node on 127.0.0.1.
+os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0",
+                  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
 
-from lafid.shards import MANIFEST
+import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from lafid.shards import MANIFEST  # noqa: E402
+from ray_probe import gcs_answer  # noqa: E402
 
 LAUNCH = """
 import sys
@@ -38,11 +46,11 @@ def done_videos(out: Path) -> int:
 
 def main() -> None:
     recipe, out, inputs = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
-    os.environ.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
+    address, without_token = cluster.address, gcs_answer(cluster.address)
     launcher = [sys.executable, "-c", LAUNCH.format(tests=str(Path(__file__).parent)), "curate", *inputs,
                 "--out", str(out), "--recipe", recipe, "--address", cluster.address, "--no-progress"]
     run = subprocess.Popen(launcher, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -65,7 +73,8 @@ def main() -> None:
     output = run.communicate()[0]
     ray.shutdown()
     cluster.shutdown()
-    print(json.dumps({"rc": run.returncode, "removed": removed, "output": output[-3000:]}))
+    print(json.dumps({"rc": run.returncode, "removed": removed, "without_token": without_token,
+                      "address": address, "output": output[-3000:]}))
 
 
 if __name__ == "__main__":

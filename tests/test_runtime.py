@@ -144,7 +144,8 @@ def test_kill_9_of_a_stage_actor_mid_run_leaves_complete_output_without_worker_c
 @pytest.mark.timeout(600)
 def test_a_worker_node_leaves_a_three_node_cluster_mid_run(carry_stages, videos, tmp_path):
     """Head plus two worker nodes; `lafid curate --address` runs; the worker node holding most actors
-    is removed after the first video is recorded. The rows equal a clean single-process run's."""
+    is removed after the first video is recorded. The rows equal a clean single-process run's. The
+    cluster has token auth on (it refuses a client without the token) and the run passes its token."""
     clean = tmp_path / "clean"
     curate(carry_recipe(), videos, clean, executor="sequential")
     recipe = tmp_path / "carry.yaml"
@@ -157,6 +158,7 @@ def test_a_worker_node_leaves_a_three_node_cluster_mid_run(carry_stages, videos,
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["rc"] == 0, report["output"]
+    assert report["without_token"] == "UNAUTHENTICATED" and report["address"].startswith("127.0.0.1:")
     assert report["removed"] and report["removed"]["actors_on_node"] >= 1  # the node held work when it left
     assert report["removed"]["videos_done_before"] < 6  # and it left mid-run
     log = (out / "_curate.log").read_text()
@@ -185,3 +187,5 @@ def test_gpu_recipe_is_the_default_recipe_with_model_stages_on_gpus():
     assert set(groups) == {"cpu", "gpu"}
     assert groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert "docker/lafid180k-gpu.yaml" in job["spec"]["entrypoint"]
+    assert job["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}  # KubeRay hands every pod a token
+    assert "RAY_AUTH_MODE" not in (root / "docker" / "rayjob.yaml").read_text().split("apiVersion")[1]
