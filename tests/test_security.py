@@ -113,7 +113,7 @@ def test_an_address_run_passes_the_users_token_and_a_refusal_is_one_line(ray_clu
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_NUM_REDIS_GET_RETRIES": "2"}
     token = env.pop("RAY_AUTH_TOKEN")
     env.pop("RAY_AUTH_MODE")
-    wrong, right = tmp_path / "wrong", tmp_path / "right"
+    wrong, right = tmp_path / "wrong.token", tmp_path / "right.token"
     wrong.write_text("0" * 64)
     right.write_text(token + "\n")
     recipe = carry_yaml(tmp_path, 0.0)
