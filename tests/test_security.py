@@ -137,3 +137,21 @@ def test_an_address_run_passes_the_users_token_and_a_refusal_is_one_line(ray_clu
     assert rc == 0, output[-3000:]
     assert manifest_videos(tmp_path / "file") == manifest_videos(tmp_path / "env") and \
         len(manifest_videos(tmp_path / "env")) == 1
+
+
+def test_a_token_file_is_checked_before_ray_starts(tmp_path):
+    """Ray aborts the process on a token file it cannot read: the command says what is wrong first."""
+    from typer.testing import CliRunner
+
+    from lafid.cli import app
+
+    empty, token = tmp_path / "empty.token", tmp_path / "ok.token"
+    empty.write_text("\n")
+    token.write_text("0" * 64)
+    for args, message in (([str(token)], "--ray-token-file is for --address; a local run makes its own token"),
+                          ([str(tmp_path / "missing"), "--address", "127.0.0.1:1"], "cannot read --ray-token-file"),
+                          ([str(empty), "--address", "127.0.0.1:1"], "is empty")):
+        result = CliRunner().invoke(app, ["curate", str(tmp_path), "--out", str(tmp_path / "out"),
+                                          "--ray-token-file", *args])
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "out").exists()
