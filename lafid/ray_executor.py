@@ -53,6 +53,7 @@ from lafid.stage import Stage, StageWorker
 _QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
 _AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 _outer_auth: dict[str, str | None] | None = None  # Ray's auth variables as they were before a local run's token
+_TOKEN_FIX = "set RAY_AUTH_TOKEN or pass --ray-token-file with the cluster's token"
 # Native libraries' own logging (mediapipe/TFLite glog, TensorFlow, libav) is turned down in workers,
 # and what they still write to stderr goes to NATIVE_LOG (see _StageActor), never to the terminal.
 _NATIVE_QUIET_ENV = {"GLOG_minloglevel": "2", "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -189,11 +190,36 @@ def _join(address: str, kwargs: dict) -> None:
                                                  os.environ.get("RAY_AUTH_TOKEN_PATH")):
         _set_auth(RAY_AUTH_MODE="token")
     try:
+        header = AuthenticationTokenLoader.instance().get_token_for_http_header(ignore_auth_mode=False)
+    except AuthenticationError:
+        raise SetupFailed(f"cannot join the Ray cluster at {address}: RAY_AUTH_MODE is token and no token "
+                          f"was found; {_TOKEN_FIX}") from None
+    token = header.get("authorization", "").removeprefix("Bearer ") or None
+    # host:port: asked once now, not after Ray's 20 connection attempts (each logged); "auto" and ray:// are Ray's
+    if re.fullmatch(r"[\w.-]+:\d+", address) and gcs_status(address, token) == "UNAUTHENTICATED":
+        raise _refusal(address)
+    try:
         ray.init(address=address, **kwargs)
     except (AuthenticationError, ConnectionError, RuntimeError) as exc:
         if not _refused(exc):
             raise
-        raise SetupFailed(f"the Ray cluster at {address} refused the connection: {_token_given()}") from None
+        raise _refusal(address) from None
+
+
+def gcs_status(address: str, token: str | None = None) -> str:
+    """What the GCS at `address` (host:port) answers one call carrying `token` (None: no token): "OK",
+    or the gRPC status ("UNAUTHENTICATED": refused, "UNAVAILABLE": nothing there)."""
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    with grpc.insecure_channel(address) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), metadata=metadata, timeout=5)
+        except grpc.RpcError as exc:
+            return exc.code().name
+    return "OK"
 
 
 def _set_auth(**env: str | None) -> None:
@@ -217,15 +243,16 @@ def _refused(exc: BaseException | None) -> bool:
     return False
 
 
-def _token_given() -> str:
-    """Which token this process offered a cluster, and what to do about it."""
-    fix = "set RAY_AUTH_TOKEN or pass --ray-token-file with the cluster's token"
-    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
-        return f"it asks for a token and RAY_AUTH_MODE is {os.environ.get('RAY_AUTH_MODE', 'unset')}; {fix}"
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return f"the token in RAY_AUTH_TOKEN is not the cluster's; {fix}"
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token"
-    return f"the token in {path} is not the cluster's, or there is none; {fix}"
+def _refusal(address: str) -> SetupFailed:
+    """The cluster refused this process's token: which token it was, and what to do."""
+    mode = os.environ.get("RAY_AUTH_MODE", "unset")
+    if mode.lower() != "token":
+        why = f"it asks for a token and RAY_AUTH_MODE is {mode}"
+    elif os.environ.get("RAY_AUTH_TOKEN"):
+        why = "the token in RAY_AUTH_TOKEN is not the cluster's"
+    else:
+        why = f"the token in {os.environ.get('RAY_AUTH_TOKEN_PATH') or '~/.ray/auth_token'} is not the cluster's"
+    return SetupFailed(f"the Ray cluster at {address} refused the connection: {why}; {_TOKEN_FIX}")
 
 
 @contextmanager

@@ -26,8 +26,8 @@ os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), R
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from lafid.ray_executor import gcs_status  # noqa: E402
 from lafid.shards import MANIFEST  # noqa: E402
-from ray_probe import gcs_answer  # noqa: E402
 
 LAUNCH = """
 import sys
@@ -50,7 +50,7 @@ def main() -> None:
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
-    address, without_token = cluster.address, gcs_answer(cluster.address)
+    address, without_token = cluster.address, gcs_status(cluster.address)
     launcher = [sys.executable, "-c", LAUNCH.format(tests=str(Path(__file__).parent)), "curate", *inputs,
                 "--out", str(out), "--recipe", recipe, "--address", cluster.address, "--no-progress"]
     run = subprocess.Popen(launcher, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
