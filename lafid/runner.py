@@ -53,7 +53,8 @@ def list_sources(inputs: Iterable[str]) -> list[str]:
     or unreadable (it becomes a reject row). A folder is searched recursively for
     files with a media extension (`VIDEO_EXTENSIONS`), following symlinked folders;
     a folder already searched (by its real path) is not searched again, so symlink
-    loops end."""
+    loops end. A folder with a media extension is listed as well as searched, so the
+    ledger says why it holds no video."""
     out: list[str] = []
     seen_files: set[str] = set()
     seen_dirs: set[str] = set()
@@ -88,7 +89,8 @@ def _scan(folder: str, seen_dirs: set[str]) -> list[str]:
             continue
         seen_dirs.add(real)
         dirs.sort()
-        found.extend(os.path.join(root, name) for name in files
+        # a folder named like a video (x.mp4/) is listed too: it becomes a `not_a_file` reject row
+        found.extend(os.path.join(root, name) for name in files + dirs
                      if os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS)
     return sorted(found)
 
@@ -100,7 +102,7 @@ def source_items(sources: list[str], writer: ShardWriter, stats: RunStats) -> It
     for source in sources:
         video_id = url_content_id(source) if is_url(source) else content_id(source)
         if video_id in first_path:
-            path_key = hashlib.sha1(os.path.abspath(source).encode()).hexdigest()[:8]
+            path_key = hashlib.sha1(os.fsencode(os.path.abspath(source))).hexdigest()[:8]
             duplicate_id = f"{video_id}~{path_key}"
             if duplicate_id in writer.completed:
                 stats.videos_skipped += 1
@@ -158,7 +160,7 @@ def run_sequential(recipe: Recipe, items: Iterable[Item], router: Router) -> Non
 
 
 def _log_to(out_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(out_dir / LOG)
+    handler = logging.FileHandler(out_dir / LOG, encoding="utf-8", errors="backslashreplace")  # paths need not be UTF-8
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger = logging.getLogger("lafid")
     logger.addHandler(handler)

@@ -63,7 +63,7 @@ def content_id(path: str) -> str:
                 digest.update(fh.read(_ID_CHUNK))
         return digest.hexdigest()[:16]
     except OSError:
-        return "path-" + hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:11]
+        return "path-" + hashlib.sha1(os.fsencode(os.path.abspath(path))).hexdigest()[:11]
 
 
 def probe(path: str) -> VideoInfo:
@@ -78,6 +78,8 @@ def probe(path: str) -> VideoInfo:
         if exc.errno == errno.ENOENT:
             raise MediaError("missing_file", f"no such file: {path}") from exc
         raise MediaError("unreadable", f"{exc.strerror}: {path}") from exc
+    if os.path.isdir(path):
+        raise MediaError("not_a_file", f"a folder, not a video file: {path}")
     if not os.path.isfile(path) or not os.access(path, os.R_OK):
         raise MediaError("unreadable", f"not a readable file: {path}")
     if os.path.getsize(path) == 0:
