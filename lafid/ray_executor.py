@@ -17,7 +17,9 @@ goes to the writer). The driver routes on summaries and hands the next pool the
 
 Failures of the machinery are not failures of the media:
 - every actor must report its stage set up before any work is handed out; a
-  stage that cannot set up stops the run with its own error;
+  stage whose `setup()` raises stops the run with its own error, while an actor
+  whose process dies while setting up (OOM killer, lost node) is replaced, up to
+  `SETUP_RETRIES` times in a row per stage;
 - an actor that dies leaves its pool and a fresh one is started in its place;
   its batch is retried, each item alone, and only an item that kills its worker
   `max_item_retries` times on its own becomes a `worker_crashed` reject;
@@ -62,6 +64,7 @@ IDLE_S = 5.0  # an actor idle this long leaves a pool that is above its minimum
 # 2x as many actors started 13 and took 105 CPU-s for the 62 CPU-s of stage work; 1x started 4: 68-88 CPU-s).
 HEADROOM = 1.0
 TICK_S = 0.5  # how often the driver looks at queues and free resources
+SETUP_RETRIES = 3  # actors of one stage that may die in a row while setting up before the run stops
 
 
 @dataclass
@@ -263,6 +266,7 @@ class _Pool:
         self.alone: deque[Item] = deque()  # items of a batch whose worker died: retried one at a time
         self.crashes: Counter = Counter()  # (video_id, clip_index) -> deaths while run alone
         self.last_error = ""
+        self.setup_deaths = 0  # actors in a row whose process died while setting up
         self.peak = 0
         self.retired = 0
         for _ in range(plan.low):
@@ -278,13 +282,26 @@ class _Pool:
         self.peak = max(self.peak, self.size)
 
     def started(self, ref) -> str | None:
-        """Handle a finished ready() call; returns the setup error, if any."""
+        """Handle a finished ready() call; returns the setup error, if any. An actor whose process
+        died while setting up is replaced (SETUP_RETRIES times in a row at most): the machine failed,
+        not the stage."""
         actor = self.starting.pop(ref)
         try:
             error = ray.get(ref)
         except RayError as exc:
-            error = (f"its worker died while setting up ({_one_line(exc)})", "")
+            ray.kill(actor, no_restart=True)
+            self.setup_deaths += 1
+            self.last_error = f"its worker died while setting up ({_one_line(exc)})"
+            if self.setup_deaths <= SETUP_RETRIES:
+                log.warning("stage %s: a worker died while setting up (%s); starting a new one (%d of %d)",
+                            self.name, _one_line(exc), self.setup_deaths, SETUP_RETRIES)
+                self.spawn()
+                return None
+            self.last_error = (f"its worker died while setting up, {self.setup_deaths} time(s) in a row "
+                               f"({_one_line(exc)})")
+            return self.last_error
         if error is None:
+            self.setup_deaths = 0
             self._idle(actor)
             return None
         ray.kill(actor, no_restart=True)
@@ -447,13 +464,16 @@ def run_ray(recipe: Recipe, items, router: Router, address: str | None = None, n
 
 
 def _wait_ready(pools: list[_Pool]) -> None:
-    """Every actor of every pool set up, or the run stops with the first stage's own error."""
+    """Every actor of every pool set up (replacements of those that died included), or the run stops
+    with the first stage's own error."""
     refs = {ref: pool for pool in pools for ref in pool.starting}
-    ray.wait(list(refs), num_returns=len(refs))
-    for ref, pool in refs.items():
-        error = pool.started(ref)
-        if error:
-            raise setup_failed(pool.name, error)
+    while refs:
+        ray.wait(list(refs), num_returns=len(refs))
+        for ref, pool in refs.items():
+            error = pool.started(ref)
+            if error:
+                raise setup_failed(pool.name, error)
+        refs = {ref: pool for pool in pools for ref in pool.starting}
 
 
 class _Stream:
