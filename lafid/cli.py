@@ -63,12 +63,9 @@ def curate(
                     progress=progress, retry_failed=retry_failed, allow_recipe_change=allow_recipe_change)
     if stats.reasons:
         console.print(count_table("rejects by stage/reason", "stage/reason", stats.reasons))
-    if executor == "ray":
-        from lafid.ray_executor import last_run
-
-        if last_run.native_lines:
-            console.print(f"native library messages: {last_run.native_lines} lines in {last_run.native_log}",
-                          soft_wrap=True, markup=False, highlight=False)
+    if stats.native_lines:
+        console.print(f"native library messages: {stats.native_lines} lines in {stats.native_log}",
+                      soft_wrap=True, markup=False, highlight=False)
     console.print(f"output: {out}")
 
 

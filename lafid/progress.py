@@ -24,6 +24,8 @@ class RunStats:
     reasons: Counter = field(default_factory=Counter)
     stages: dict[str, BatchStats] = field(default_factory=dict)  # totals per stage
     started: float = field(default_factory=time.perf_counter)
+    native_log: str = ""  # where other code's output went (lafid.native)
+    native_lines: int = 0  # lines written there during the run
 
     def stage(self, name: str, stats: BatchStats) -> None:
         self.stages.setdefault(name, BatchStats()).add(stats)

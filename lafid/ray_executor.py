@@ -46,6 +46,7 @@ import ray
 from ray.exceptions import ObjectLostError, RayError, RayTaskError
 
 from lafid.item import Item
+from lafid.native import NATIVE_LOG, stderr_to
 from lafid.recipe import Recipe, RecipeError
 from lafid.router import Router, RunFailed, setup_failed
 from lafid.stage import Stage, StageWorker
@@ -53,8 +54,8 @@ from lafid.stage import Stage, StageWorker
 _QUIET_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 # Native libraries' own logging (mediapipe/TFLite glog, TensorFlow, libav) is turned down in workers,
 # and what they still write to stderr goes to NATIVE_LOG (see _StageActor), never to the terminal.
+# libav's own logging is left to libav: routing it through PyAV's Python callback deadlocks threaded decoding.
 _NATIVE_QUIET_ENV = {"GLOG_minloglevel": "2", "TF_CPP_MIN_LOG_LEVEL": "2"}
-NATIVE_LOG = "_native.log"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 log = logging.getLogger("lafid.run")
 
@@ -79,8 +80,6 @@ class RunInfo:
     peak_actors: dict[str, int] = field(default_factory=dict)
     retired: dict[str, int] = field(default_factory=dict)  # actors given back for being idle, per stage
     requests: dict[str, float] = field(default_factory=dict)  # CPUs per actor, as asked of Ray
-    native_log: str = ""
-    native_lines: int = 0  # lines native libraries wrote to native_log during the run
 
 
 last_run = RunInfo()
@@ -103,9 +102,9 @@ class _StageActor:
         self.error: tuple[str, str] | None = None
         if native_log:
             try:
-                _stderr_to(native_log)
+                stderr_to(native_log)
             except OSError:  # the output folder is not on this node: the node's temp folder
-                _stderr_to(os.path.join(tempfile.gettempdir(), "lafid", NATIVE_LOG))
+                stderr_to(os.path.join(tempfile.gettempdir(), "lafid", NATIVE_LOG))
         try:
             self.worker = StageWorker(stage, last)
         except Exception as exc:  # reported by ready(): the driver fails the run with it
@@ -129,16 +128,6 @@ class _StageActor:
     def close(self) -> None:
         if self.worker is not None:
             self.worker.close()
-
-
-def _stderr_to(path: str) -> None:
-    """Send this process's stderr to `path`: native libraries (TFLite, glog, libav) write there directly.
-    libav's own logging is left to libav: routing it through PyAV's Python callback deadlocks threaded
-    decoding."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 2)
-    os.close(fd)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
@@ -417,15 +406,6 @@ def _native_log_path(router: Router) -> str:
     return os.path.join(tempfile.gettempdir(), "lafid", NATIVE_LOG)
 
 
-def _native_lines(path: str, since: int) -> int:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(since)
-            return sum(1 for _ in fh)
-    except OSError:
-        return 0
-
-
 def run_ray(recipe: Recipe, items, router: Router, address: str | None = None, num_cpus: int | None = None) -> None:
     global last_run
     last_run = RunInfo()
@@ -433,11 +413,6 @@ def run_ray(recipe: Recipe, items, router: Router, address: str | None = None, n
     stages = recipe.build_stages()
     pools: list[_Pool] = []
     native = _native_log_path(router)
-    try:
-        native_start = os.path.getsize(native)
-    except OSError:
-        native_start = 0
-    last_run.native_log = native
     try:
         plans = _plan(recipe, stages)
         for i, (stage, spec, plan) in enumerate(zip(stages, recipe.stages, plans)):
@@ -455,9 +430,6 @@ def run_ray(recipe: Recipe, items, router: Router, address: str | None = None, n
             pool.close()
         if started:
             ray.shutdown()
-        lines = last_run.native_lines = _native_lines(native, native_start)
-        if lines:
-            log.info("native libraries wrote %d lines to %s", lines, native)
         if last_run.items:
             log.info("driver received %d bytes of summaries for %d items (%d bytes per item)", last_run.driver_bytes,
                      last_run.items, last_run.driver_bytes // max(1, last_run.items))

@@ -7,7 +7,8 @@ only module that imports ray.
 
 `curate` first proves the output folder is usable and takes its lock (one run per
 folder), logs the run to `_curate.log` there (tracebacks included), and does not
-start an executor when every input is already done.
+start an executor when every input is already done. While an executor runs, what
+other code prints goes to `_native.log` there (`lafid.native`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from lafid.item import Item
+from lafid.native import NATIVE_LOG, lines_since, native_output_to, size as native_size
 from lafid.progress import RunStats
 from lafid.recipe import Recipe
 from lafid.registry import stage_class
@@ -229,12 +231,19 @@ def _curate_locked(recipe, inputs, out, executor, address, num_cpus, on_update, 
         log.info("nothing to do: all %d videos are done", len(sources))
         return stats
     items = itertools.chain([first], items)
-    if executor == "sequential":
-        run_sequential(recipe, items, router)
-    else:
-        from lafid.ray_executor import run_ray
+    stats.native_log = str(out / NATIVE_LOG)
+    start = native_size(stats.native_log)
+    with native_output_to(stats.native_log):  # the terminal keeps lafid's own lines only
+        if executor == "sequential":
+            run_sequential(recipe, items, router)
+        else:
+            from lafid.ray_executor import run_ray
 
-        run_ray(recipe, items, router, address=address, num_cpus=num_cpus)
+            run_ray(recipe, items, router, address=address, num_cpus=num_cpus)
+    stats.native_lines = lines_since(stats.native_log, start)
+    if stats.native_lines:
+        log.info("other code (native libraries, dependencies' warnings) wrote %d lines to %s", stats.native_lines,
+                 stats.native_log)
     writer.close()
     router.finish()
     log.info("done: %d videos, %d clips kept, %d rows rejected", stats.videos_done, stats.kept, stats.rejected)

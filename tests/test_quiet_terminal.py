@@ -1,0 +1,59 @@
+"""`lafid curate` on real footage prints only lafid's own lines, in both executors; what native
+libraries (TFLite/mediapipe `W0000`, glog, libav) and dependencies' warnings print is in `_native.log`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lafid import devset, runner
+from lafid.recipe import Recipe
+from lafid.runner import curate
+
+REPO = Path(__file__).resolve().parents[1]
+# lafid's own lines: the recipe used, the run table, the reject table, where the native lines went, the output
+OWN = re.compile(r"^(recipe: |output: |native library messages: \d+ lines in |\s*videos \d|\s*rejects by stage|"
+                 r"[┏┃┡│└]|\s*$)")
+NATIVE = re.compile(r"W0000|XNNPACK|absl::|FutureWarning|swscaler|\(raylet\)")
+
+
+@pytest.fixture(scope="module")
+def talking_clip():
+    return str(devset.ensure() / "jwpIntro.mp4")
+
+
+@pytest.mark.parametrize("executor", ["sequential", pytest.param("ray", marks=pytest.mark.ray)])
+@pytest.mark.timeout(300)
+def test_a_run_prints_only_lafid_lines_and_native_output_goes_to_its_log(executor, talking_clip, tmp_path):
+    env = {**os.environ, "COLUMNS": "120", "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    run = subprocess.run([sys.executable, "-m", "lafid.cli", "curate", talking_clip, "--out", "out", "--recipe",
+                          "demo", "--executor", executor, "--num-cpus", "2", "--no-progress"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == ""
+    strangers = [line for line in run.stderr.splitlines() if not OWN.match(line)]
+    assert strangers == [], strangers
+    native = (tmp_path / "out" / "_native.log").read_text()
+    assert re.search(r"W0000|XNNPACK", native), native  # mediapipe's graph set up: it wrote there
+    count = int(re.search(r"native library messages: (\d+) lines", run.stderr).group(1))
+    assert count == len(native.splitlines())
+
+
+def test_control_without_the_redirect_native_lines_reach_the_terminal(talking_clip, tmp_path, capfd, monkeypatch):
+    recipe = Recipe(name="faces", stages=[{"stage": "shot_split", "params": {"min_clip_s": 0.5}},
+                                          {"stage": "face_constraints", "params": {"sample_fps": 2.0}}])
+    monkeypatch.setattr(runner, "native_output_to", lambda path: contextlib.nullcontext())
+    curate(recipe, [talking_clip], tmp_path / "bare", executor="sequential")
+    assert NATIVE.search(capfd.readouterr().err)
+    monkeypatch.undo()
+    stats = curate(recipe, [talking_clip], tmp_path / "quiet", executor="sequential")
+    captured = capfd.readouterr()
+    assert not NATIVE.search(captured.err + captured.out)
+    assert stats.native_lines and NATIVE.search((tmp_path / "quiet" / "_native.log").read_text())
