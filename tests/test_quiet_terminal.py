@@ -57,3 +57,57 @@ def test_control_without_the_redirect_native_lines_reach_the_terminal(talking_cl
     captured = capfd.readouterr()
     assert not NATIVE.search(captured.err + captured.out)
     assert stats.native_lines and NATIVE.search((tmp_path / "quiet" / "_native.log").read_text())
+
+
+@pytest.fixture
+def gate_stage():
+    import fault_stages
+
+    fault_stages.register()
+    yield
+    fault_stages.unregister()
+
+
+def _raylet_says(message: str, out: Path, gate: Path) -> None:
+    """Once the run is under way, Ray's GCS tells the driver something (as the raylet does when the OOM
+    killer takes a worker), then the held items are let go."""
+    import time
+
+    import ray
+    from ray._private.utils import publish_error_to_driver
+
+    deadline = time.monotonic() + 60
+    while not (out / "_native.log").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    publish_error_to_driver("oom", message, gcs_client=ray._private.worker.global_worker.gcs_client)
+    time.sleep(2.0)  # the driver prints such messages from a background thread
+    gate.touch()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("redirect", [True, False])  # False: the control, without lafid.native
+def test_raylet_messages_during_a_ray_run_go_to_the_native_log(ray_cluster, gate_stage, talking_clip, tmp_path,
+                                                               capfd, monkeypatch, redirect):
+    import threading
+
+    if not redirect:
+        monkeypatch.setattr(runner, "native_output_to", lambda path: contextlib.nullcontext())
+    message = f"A worker died or was killed: OOM killer test {redirect}"
+    gate, out = tmp_path / "open", tmp_path / "out"
+    if not redirect:
+        out.mkdir()
+        (out / "_native.log").touch()  # the thread's cue that the run started
+    recipe = Recipe(name="gate", stages=[{"stage": "shot_split", "params": {"min_clip_s": 0.5}},
+                                         {"stage": "gate", "params": {"open_when": str(gate)}}])
+    talker = threading.Thread(target=_raylet_says, args=(message, out, gate))
+    talker.start()
+    try:
+        stats = curate(recipe, [talking_clip], out, executor="ray")
+    finally:
+        talker.join()
+    assert stats.kept == 1
+    captured = capfd.readouterr()
+    on_terminal = message in captured.out + captured.err
+    assert on_terminal != redirect
+    assert (message in (out / "_native.log").read_text()) == redirect
