@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +16,11 @@ from rich.console import Console
 from rich.markup import escape
 
 from lafid.recipe import RecipeError, describe, load_recipe
+
+if not os.environ.get("TERMINAL_WIDTH"):  # typer's help table cuts option names (--allow-recipe-chan…) below ~90
+    from typer import rich_utils
+
+    rich_utils.MAX_WIDTH = max(100, shutil.get_terminal_size().columns)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Curate pose-annotated, identity-stable face clips; inspect them; train CoFE on them.")
@@ -52,7 +58,7 @@ def curate(
     num_cpus: Optional[int] = typer.Option(None, help="CPUs for a local Ray (default: all)"),
     progress: bool = typer.Option(True, help="live progress display"),
     retry_failed: bool = typer.Option(False, "--retry-failed",
-                                      help="redo videos with worker_crashed/stage_error rows, replacing their rows"),
+                                      help="redo videos with worker_crashed or stage_error rows, replacing their rows"),
     allow_recipe_change: bool = typer.Option(False, "--allow-recipe-change",
                                              help="add to an output folder written with a different recipe"),
 ) -> None:
@@ -152,10 +158,12 @@ def recipes() -> None:
 
     from lafid.recipe import bundled_names, resolve
 
-    for name in bundled_names():
+    names = bundled_names()
+    width = max(map(len, names))
+    for name in names:
         data = yaml.safe_load(resolve(name).read_text())
         kind = "curation" if "stages" in data else "training"
-        typer.echo(f"{name:<12} {kind:<9} {data.get('description', '')}")
+        typer.echo(f"{name:<{width}}  {kind:<8}  {data.get('description', '')}")
 
 
 @app.command()

@@ -130,6 +130,12 @@ class _StageActor:
             self.worker.close()
 
 
+def _named(stage: str) -> type:
+    """`_StageActor` under the stage's name: Ray titles an actor's process by its class (`ray::shot_split`
+    in `ps`, `ray::shot_split.run` while it works)."""
+    return type(stage, (_StageActor,), {"__module__": __name__, "__qualname__": stage})
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Start (or join) Ray; True if this call started it and must shut it down."""
     if ray.is_initialized():
@@ -236,7 +242,7 @@ class _Pool:
     def __init__(self, stage: Stage, plan: _Plan, batch_size: int, last: bool, max_item_retries: int,
                  native_log: str | None):
         res = stage.resources
-        self._actor = ray.remote(_StageActor).options(
+        self._actor = ray.remote(_named(stage.name)).options(
             num_cpus=plan.cpus, num_gpus=plan.gpus or None,
             memory=int(res.memory_gb * 2**30) or None, max_restarts=0, max_task_retries=0,
         )
@@ -374,8 +380,9 @@ class _Pool:
         if self.crashes[key] < self.max_item_retries:
             self.alone.appendleft(item)
             return []
-        log.warning("stage %s: %s clip %d killed its worker %d times; rejected", self.name, item.source,
-                    item.clip_index, self.crashes[key])
+        what = "the whole video" if item.clip_index < 0 else f"clip {item.clip_index}"
+        log.warning("stage %s: %s (%s) killed its worker %d times; rejected", self.name, item.source, what,
+                    self.crashes[key])
         return [item.drop(self.name, "worker_crashed",
                           f"its worker died {self.crashes[key]} times running it alone: {self.last_error}")]
 

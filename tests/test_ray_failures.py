@@ -155,8 +155,9 @@ def test_retry_failed_replaces_rows_only_of_videos_it_is_given(faults, make_vide
     assert len(manifest_videos(tmp_path)) == 3
 
 
-def _kill_first_setup(pid_dir: Path, killed: list[int]) -> None:
-    """Kill -9 the first process that starts setting up, then let every later setup finish."""
+def _kill_first_setup(pid_dir: Path, killed: list[int], titles: list[str]) -> None:
+    """Kill -9 the first process that starts setting up, then let every later setup finish. Records the
+    killed process's title as `ps` shows it."""
     import os
     import signal
     import time
@@ -166,6 +167,7 @@ def _kill_first_setup(pid_dir: Path, killed: list[int]) -> None:
         pids = [p for p in pid_dir.iterdir() if p.name.isdigit()]
         if pids:
             killed.append(int(pids[0].name))
+            titles.append(Path(f"/proc/{killed[0]}/cmdline").read_bytes().split(b"\0")[0].decode())
             os.kill(killed[0], signal.SIGKILL)
             break
         time.sleep(0.05)
@@ -192,7 +194,8 @@ def test_a_worker_killed_while_setting_up_is_replaced(ray_cluster, faults, corpu
         p.unlink()
     monkeypatch.setattr(ray_executor, "SETUP_RETRIES", retries)
     killed: list[int] = []
-    killer = threading.Thread(target=_kill_first_setup, args=(pid_dir, killed))
+    titles: list[str] = []
+    killer = threading.Thread(target=_kill_first_setup, args=(pid_dir, killed, titles))
     killer.start()
     out = tmp_path / "out"
     try:
@@ -204,6 +207,7 @@ def test_a_worker_killed_while_setting_up_is_replaced(ray_cluster, faults, corpu
         stats = curate(recipe, healthy[:3], out, executor="ray")
     finally:
         killer.join()
+    assert titles[0].startswith("ray::slow_setup")  # `ps` names the stage, not ray::_StageActor
     assert len(killed) == 1 and len([p for p in pid_dir.iterdir() if p.name.isdigit()]) == 2  # one replacement
     assert stats.videos_done == 3 and rows(out) == rows(clean) != []  # the same rows as a clean run
     assert "died while setting up" in (out / "_curate.log").read_text()
