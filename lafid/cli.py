@@ -63,11 +63,11 @@ def curate(
                                              help="add to an output folder written with a different recipe"),
 ) -> None:
     """Turn raw videos into Parquet shards of clips plus a ledger of rejects."""
-    from lafid.report import count_table
-
     stats = _curate(recipe, inputs, out, address=address, executor=executor, num_cpus=num_cpus,
                     progress=progress, retry_failed=retry_failed, allow_recipe_change=allow_recipe_change)
     if stats.reasons:
+        from lafid.report import count_table
+
         console.print(count_table("rejects by stage/reason", "stage/reason", stats.reasons))
     if stats.native_lines:
         console.print(f"native library messages: {stats.native_lines} lines in {stats.native_log}",
@@ -85,6 +85,11 @@ def _curate(recipe: str, inputs: List[str], out: Path | str, *, address: Optiona
     from lafid.storage import OutputError
 
     _quiet_native_logs()
+    from lafid.storage import is_url, refuse_if_busy
+
+    if not is_url(str(out)):
+        with _exit_on(OutputError):
+            refuse_if_busy(out)
     with _exit_on(RecipeError):
         parsed = load_recipe(recipe)
         console.print(describe(recipe), soft_wrap=True, markup=False, highlight=False)
@@ -96,6 +101,9 @@ def _curate(recipe: str, inputs: List[str], out: Path | str, *, address: Optiona
                             allow_recipe_change=allow_recipe_change)
             except (RecipeError, OutputError, SetupFailed):
                 raise
+            except KeyboardInterrupt:  # finished videos are recorded; the rest is redone by a rerun
+                console.print("interrupted; rerun to resume")
+                raise typer.Exit(130) from None
             except OSError as exc:
                 if exc.errno not in _USER_OS_ERRORS:
                     raise

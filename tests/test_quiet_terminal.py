@@ -111,3 +111,22 @@ def test_raylet_messages_during_a_ray_run_go_to_the_native_log(ray_cluster, gate
     on_terminal = message in captured.out + captured.err
     assert on_terminal != redirect
     assert (message in (out / "_native.log").read_text()) == redirect
+
+
+def test_ctrl_c_says_how_to_go_on_and_a_rerun_resumes(talking_clip, tmp_path):
+    import signal
+    import time
+
+    env = {**os.environ, "COLUMNS": "120", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "lafid.cli", "curate", talking_clip, "--out", "out", "--recipe", "demo",
+           "--executor", "sequential", "--no-progress"]
+    run = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "out" / "_native.log").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the executor has started: stages are setting up
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130 and err.splitlines()[-1] == "interrupted; rerun to resume", err
+    assert "Traceback" not in err
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
+    assert again.returncode == 0 and "videos 1/1" in again.stderr, again.stderr
