@@ -18,6 +18,9 @@ import itertools
 import json
 import logging
 import os
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -75,6 +78,8 @@ def list_sources(inputs: Iterable[str]) -> list[str]:
                     seen_files.add(url)
                     out.append(url)
         elif os.path.isdir(entry):
+            if _media_name(os.path.normpath(entry)):  # given by name: it becomes a not_a_file row
+                add(entry)
             for path in _scan(entry, seen_dirs):
                 add(path)
         else:
@@ -92,9 +97,12 @@ def _scan(folder: str, seen_dirs: set[str]) -> list[str]:
         seen_dirs.add(real)
         dirs.sort()
         # a folder named like a video (x.mp4/) is listed too: it becomes a `not_a_file` reject row
-        found.extend(os.path.join(root, name) for name in files + dirs
-                     if os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS)
+        found.extend(os.path.join(root, name) for name in files + dirs if _media_name(name))
     return sorted(found)
+
+
+def _media_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS
 
 
 def source_items(sources: list[str], writer: ShardWriter, stats: RunStats) -> Iterator[Item]:
@@ -159,6 +167,31 @@ def run_sequential(recipe: Recipe, items: Iterable[Item], router: Router) -> Non
     finally:
         for worker in workers:
             worker.close()
+
+
+@contextmanager
+def _ctrl_c_between_batches() -> Iterator[Callable[[], None]]:
+    """Yields a check for the router to call between batches. The first Ctrl-C is acted on there: raised
+    anywhere, inside an import or a native call, KeyboardInterrupt can come out as another error (a
+    stage "failing to set up") or be swallowed. A second Ctrl-C stops at once."""
+    pressed: list[bool] = []
+
+    def check() -> None:
+        if pressed:
+            raise KeyboardInterrupt
+
+    def handler(signum, frame) -> None:
+        check()
+        pressed.append(True)
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield check
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _log_to(out_dir: Path) -> logging.Handler:
@@ -233,13 +266,19 @@ def _curate_locked(recipe, inputs, out, executor, address, num_cpus, on_update, 
     items = itertools.chain([first], items)
     stats.native_log = str(out / NATIVE_LOG)
     start = native_size(stats.native_log)
-    with native_output_to(stats.native_log):  # the terminal keeps lafid's own lines only
-        if executor == "sequential":
-            run_sequential(recipe, items, router)
-        else:
-            from lafid.ray_executor import run_ray
+    # the terminal keeps lafid's own lines only; Ctrl-C stops the run between batches
+    with native_output_to(stats.native_log), _ctrl_c_between_batches() as router.checkpoint:
+        try:
+            if executor == "sequential":
+                run_sequential(recipe, items, router)
+            else:
+                from lafid.ray_executor import run_ray
 
-            run_ray(recipe, items, router, address=address, num_cpus=num_cpus)
+                run_ray(recipe, items, router, address=address, num_cpus=num_cpus)
+        except KeyboardInterrupt:
+            writer.close()  # videos finished before it are recorded; the rest is redone by a rerun
+            log.info("interrupted: %d videos recorded", stats.videos_done)
+            raise
     stats.native_lines = lines_since(stats.native_log, start)
     if stats.native_lines:
         log.info("other code (native libraries, dependencies' warnings) wrote %d lines to %s", stats.native_lines,

@@ -4,7 +4,8 @@ Built from real footage (carphone, a photo) and broken on purpose: empty,
 text, random bytes, cut at several points, overwritten in the middle, audio
 only in four containers, an image, links to nothing and to themselves,
 garbage audio packets, a clip too short to keep, black frames, a tiny frame,
-a folder named like a video, a file name that is not UTF-8.
+a folder named like a video, file names that are not UTF-8, hold a newline or
+are 255 bytes long.
 Two healthy clips ride along and must be kept.
 """
 
@@ -80,8 +81,10 @@ def corpus(tmp_path_factory, carphone):
     bad["no_face.mp4"] = media.write_video(str(d / "no_face.mp4"), media.no_face_frames(5.0), 25.0)
     (d / "folder.mp4").mkdir()
     bad["folder.mp4"] = str(d / "folder.mp4")
-    latin = os.fsdecode(os.path.join(os.fsencode(d), b"no_face_caf\xe9.mp4"))  # not UTF-8: kept apart
-    bad[os.path.basename(latin)] = media.write_video(latin, media.no_face_frames(4.0), 25.0)
+    odd_names = {b"no_face_caf\xe9.mp4": 4.0, b"no_face_new\nline.mp4": 3.5, b"L" * 251 + b".mp4": 3.0}
+    for raw, seconds in odd_names.items():  # not UTF-8, a newline, the longest name allowed
+        path = os.fsdecode(os.path.join(os.fsencode(d), raw))
+        bad[os.path.basename(path)] = media.write_video(path, media.no_face_frames(seconds), 25.0)
     return [healthy, voiced], bad
 
 

@@ -43,6 +43,13 @@ def odd_folder(tmp_path_factory, carphone):
     return os.fsdecode(root), want
 
 
+def test_a_folder_named_like_a_video_and_given_by_name_gets_a_row(odd_folder, tmp_path):
+    folder, _ = odd_folder
+    named = os.path.join(folder, "clips.mp4")
+    stats = curate(RECIPE, [named + "/"], tmp_path, executor="sequential")
+    assert stats.videos_done == 1 and _by_path(tmp_path)[os.fsencode(named)][0]["reason"] == "not_a_file"
+
+
 def _by_path(out) -> dict[bytes, list[dict]]:
     rows: dict[bytes, list[dict]] = {}
     for kind in ("clips", "rejects"):
