@@ -40,6 +40,9 @@ def odd_folder(tmp_path_factory, carphone):
     folder = os.path.join(root, b"clips.mp4")
     os.makedirs(folder)
     want[folder] = "not_a_file"
+    pipe = os.path.join(root, b"pipe.mp4")  # a named pipe: opening it to read waits for a writer
+    os.mkfifo(pipe)
+    want[pipe] = "not_a_file"
     return os.fsdecode(root), want
 
 
@@ -101,3 +104,18 @@ def test_shards_of_schema_version_1_read_beside_version_2(odd_folder, tmp_path):
 
     files = sorted(str(p) for p in tmp_path.glob("clips-*.parquet"))
     assert "source_bytes" not in ds.dataset(files, format="parquet").schema.names
+
+
+def test_control_a_named_pipe_opened_to_read_blocks(odd_folder):
+    """Why the pipe must never be opened (as the content hash did): the read waits for a writer."""
+    import threading
+
+    folder, _ = odd_folder
+    pipe = os.path.join(folder, "pipe.mp4")
+    reader = threading.Thread(target=lambda: open(pipe, "rb").close(), daemon=True)
+    reader.start()
+    reader.join(1.0)
+    assert reader.is_alive()  # still waiting
+    os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))  # a writer comes and goes: the reader is let go
+    reader.join(5.0)
+    assert not reader.is_alive()
