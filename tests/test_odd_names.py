@@ -119,3 +119,22 @@ def test_control_a_named_pipe_opened_to_read_blocks(odd_folder):
     os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))  # a writer comes and goes: the reader is let go
     reader.join(5.0)
     assert not reader.is_alive()
+
+
+def test_the_cli_accounts_for_every_odd_name_and_exits_0(odd_folder, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder, want = odd_folder
+    recipe = tmp_path / "split.yaml"
+    recipe.write_text(json.dumps(RECIPE.model_dump(mode="json")))
+    latin = os.path.join(os.fsencode(folder), b"caf\xe9.mp4")  # given by name too: listed once
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = subprocess.run([sys.executable, "-m", "lafid.cli", "curate", latin, os.fsencode(folder), "--out",
+                          str(tmp_path / "out"), "--recipe", str(recipe), "--executor", "sequential",
+                          "--no-progress"], capture_output=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert f"videos {len(want)}/{len(want)}".encode() in run.stderr
+    assert set(_by_path(tmp_path / "out")) == set(want)
