@@ -43,7 +43,8 @@ def native_output_to(path: str) -> Iterator[None]:
     copy of descriptor 2: lafid's console and progress display write there, nothing else does."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     for stream in (sys.stdout, sys.stderr):
-        stream.flush()
+        if stream is not None:  # None: no console at all (pythonw, some daemons)
+            stream.flush()
     log = open(path, "a", encoding="utf-8", errors="backslashreplace", buffering=1)
     saved = {fd: os.dup(fd) for fd in (1, 2)}
     previous = sys.stdout, sys.stderr, warnings.showwarning, logging.lastResort
