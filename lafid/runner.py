@@ -233,6 +233,8 @@ def curate(
         try:
             return _curate_locked(recipe, inputs, out, executor, address, num_cpus, on_update,
                                   retry_failed, allow_recipe_change, remote)
+        except KeyboardInterrupt:  # logged where it was acted on, without a traceback
+            raise
         except BaseException:
             log.exception("run into %s failed", remote.url if remote else out)
             raise
@@ -277,7 +279,7 @@ def _curate_locked(recipe, inputs, out, executor, address, num_cpus, on_update, 
                 run_ray(recipe, items, router, address=address, num_cpus=num_cpus)
         except KeyboardInterrupt:
             writer.close()  # videos finished before it are recorded; the rest is redone by a rerun
-            log.info("interrupted: %d videos recorded", stats.videos_done)
+            log.info("interrupted (Ctrl-C): %d videos recorded", stats.videos_done)
             raise
     stats.native_lines = lines_since(stats.native_log, start)
     if stats.native_lines:
