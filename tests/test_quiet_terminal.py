@@ -118,7 +118,9 @@ def test_ctrl_c_says_how_to_go_on_and_a_rerun_resumes(talking_clip, tmp_path):
     import time
 
     env = {**os.environ, "COLUMNS": "120", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "lafid.cli", "curate", talking_clip, "--out", "out", "--recipe", "demo",
+    recipe = tmp_path / "faces.yaml"
+    recipe.write_text('{"name": "faces", "stages": [{"stage": "shot_split"}, {"stage": "face_constraints"}]}')
+    cmd = [sys.executable, "-m", "lafid.cli", "curate", talking_clip, "--out", "out", "--recipe", str(recipe),
            "--executor", "sequential", "--no-progress"]
     run = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
