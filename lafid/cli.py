@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +16,11 @@ from rich.console import Console
 from rich.markup import escape
 
 from lafid.recipe import RecipeError, describe, load_recipe
+
+if not os.environ.get("TERMINAL_WIDTH"):  # typer's help table cuts option names (--allow-recipe-chan…) below ~90
+    from typer import rich_utils
+
+    rich_utils.MAX_WIDTH = max(100, shutil.get_terminal_size().columns)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Curate pose-annotated, identity-stable face clips; inspect them; train CoFE on them.")
@@ -55,26 +61,23 @@ def curate(
     num_cpus: Optional[int] = typer.Option(None, help="CPUs for a local Ray (default: all)"),
     progress: bool = typer.Option(True, help="live progress display"),
     retry_failed: bool = typer.Option(False, "--retry-failed",
-                                      help="redo videos with worker_crashed/stage_error rows, replacing their rows"),
+                                      help="redo videos with worker_crashed or stage_error rows, replacing their rows"),
     allow_recipe_change: bool = typer.Option(False, "--allow-recipe-change",
                                              help="add to an output folder written with a different recipe"),
 ) -> None:
     """Turn raw videos into Parquet shards of clips plus a ledger of rejects."""
-    from lafid.report import count_table
-
     if ray_token_file is not None:
         with _exit_on(ValueError):
             _use_ray_token_file(ray_token_file, address)
     stats = _curate(recipe, inputs, out, address=address, executor=executor, num_cpus=num_cpus,
                     progress=progress, retry_failed=retry_failed, allow_recipe_change=allow_recipe_change)
     if stats.reasons:
-        console.print(count_table("rejects by stage/reason", "stage/reason", stats.reasons))
-    if executor == "ray":
-        from lafid.ray_executor import last_run
+        from lafid.report import count_table
 
-        if last_run.native_lines:
-            console.print(f"native library messages: {last_run.native_lines} lines in {last_run.native_log}",
-                          soft_wrap=True, markup=False, highlight=False)
+        console.print(count_table("rejects by stage/reason", "stage/reason", stats.reasons))
+    if stats.native_lines:
+        console.print(f"native library messages: {stats.native_lines} lines in {stats.native_log}",
+                      soft_wrap=True, markup=False, highlight=False)
     console.print(f"output: {out}")
 
 
@@ -103,6 +106,11 @@ def _curate(recipe: str, inputs: List[str], out: Path | str, *, address: Optiona
     from lafid.storage import OutputError
 
     _quiet_native_logs()
+    from lafid.storage import is_url, refuse_if_busy
+
+    if not is_url(str(out)):
+        with _exit_on(OutputError):
+            refuse_if_busy(out)
     with _exit_on(RecipeError):
         parsed = load_recipe(recipe)
         console.print(describe(recipe), soft_wrap=True, markup=False, highlight=False)
@@ -114,6 +122,9 @@ def _curate(recipe: str, inputs: List[str], out: Path | str, *, address: Optiona
                             allow_recipe_change=allow_recipe_change)
             except (RecipeError, OutputError, SetupFailed):
                 raise
+            except KeyboardInterrupt:  # finished videos are recorded; the rest is redone by a rerun
+                console.print("interrupted; rerun to resume")
+                raise typer.Exit(130) from None
             except OSError as exc:
                 if exc.errno not in _USER_OS_ERRORS:
                     raise
@@ -176,10 +187,12 @@ def recipes() -> None:
 
     from lafid.recipe import bundled_names, resolve
 
-    for name in bundled_names():
+    names = bundled_names()
+    width = max(map(len, names))
+    for name in names:
         data = yaml.safe_load(resolve(name).read_text())
         kind = "curation" if "stages" in data else "training"
-        typer.echo(f"{name:<12} {kind:<9} {data.get('description', '')}")
+        typer.echo(f"{name:<{width}}  {kind:<8}  {data.get('description', '')}")
 
 
 @app.command()

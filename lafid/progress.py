@@ -24,6 +24,8 @@ class RunStats:
     reasons: Counter = field(default_factory=Counter)
     stages: dict[str, BatchStats] = field(default_factory=dict)  # totals per stage
     started: float = field(default_factory=time.perf_counter)
+    native_log: str = ""  # where other code's output went (lafid.native)
+    native_lines: int = 0  # lines written there during the run
 
     def stage(self, name: str, stats: BatchStats) -> None:
         self.stages.setdefault(name, BatchStats()).add(stats)
@@ -39,10 +41,14 @@ class RunStats:
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
+    def videos_title(self) -> str:
+        """Videos accounted for out of every input, those a resumed run found done included."""
+        before = f" ({self.videos_skipped} done before this run)" if self.videos_skipped else ""
+        return f"videos {self.videos_done + self.videos_skipped}/{self.videos_total}{before}"
+
     def table(self) -> Table:
-        t = Table(title=f"videos {self.videos_done}/{self.videos_total - self.videos_skipped}"
-                        f" (skipped as done: {self.videos_skipped})  clips kept {self.kept}"
-                        f"  rejected {self.rejected}  {self.elapsed:.0f}s")
+        t = Table(title=f"{self.videos_title()}  clips kept {self.kept}  rejected {self.rejected}  "
+                        f"{self.elapsed:.0f}s")
         for col in ("stage", "in", "out", "rejected", "items/s per worker"):
             t.add_column(col, justify="right" if col != "stage" else "left")
         for name, s in self.stages.items():

@@ -17,7 +17,9 @@ goes to the writer). The driver routes on summaries and hands the next pool the
 
 Failures of the machinery are not failures of the media:
 - every actor must report its stage set up before any work is handed out; a
-  stage that cannot set up stops the run with its own error;
+  stage whose `setup()` raises stops the run with its own error, while an actor
+  whose process dies while setting up (OOM killer, lost node) is replaced, up to
+  `SETUP_RETRIES` times in a row per stage;
 - an actor that dies leaves its pool and a fresh one is started in its place;
   its batch is retried, each item alone, and only an item that kills its worker
   `max_item_retries` times on its own becomes a `worker_crashed` reject;
@@ -46,6 +48,7 @@ from ray._raylet import AuthenticationTokenLoader, Config
 from ray.exceptions import AuthenticationError, ObjectLostError, RayError, RayTaskError
 
 from lafid.item import Item
+from lafid.native import NATIVE_LOG, stderr_to
 from lafid.recipe import Recipe, RecipeError
 from lafid.router import Router, RunFailed, SetupFailed, setup_failed
 from lafid.stage import Stage, StageWorker
@@ -56,8 +59,8 @@ _outer_auth: dict[str, str | None] | None = None  # Ray's auth variables as they
 _TOKEN_FIX = "set RAY_AUTH_TOKEN or pass --ray-token-file with the cluster's token"
 # Native libraries' own logging (mediapipe/TFLite glog, TensorFlow, libav) is turned down in workers,
 # and what they still write to stderr goes to NATIVE_LOG (see _StageActor), never to the terminal.
+# libav's own logging is left to libav: routing it through PyAV's Python callback deadlocks threaded decoding.
 _NATIVE_QUIET_ENV = {"GLOG_minloglevel": "2", "TF_CPP_MIN_LOG_LEVEL": "2"}
-NATIVE_LOG = "_native.log"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 log = logging.getLogger("lafid.run")
 
@@ -67,6 +70,7 @@ IDLE_S = 5.0  # an actor idle this long leaves a pool that is above its minimum
 # 2x as many actors started 13 and took 105 CPU-s for the 62 CPU-s of stage work; 1x started 4: 68-88 CPU-s).
 HEADROOM = 1.0
 TICK_S = 0.5  # how often the driver looks at queues and free resources
+SETUP_RETRIES = 3  # actors of one stage that may die in a row while setting up before the run stops
 
 
 @dataclass
@@ -81,8 +85,6 @@ class RunInfo:
     peak_actors: dict[str, int] = field(default_factory=dict)
     retired: dict[str, int] = field(default_factory=dict)  # actors given back for being idle, per stage
     requests: dict[str, float] = field(default_factory=dict)  # CPUs per actor, as asked of Ray
-    native_log: str = ""
-    native_lines: int = 0  # lines native libraries wrote to native_log during the run
 
 
 last_run = RunInfo()
@@ -105,9 +107,9 @@ class _StageActor:
         self.error: tuple[str, str] | None = None
         if native_log:
             try:
-                _stderr_to(native_log)
+                stderr_to(native_log)
             except OSError:  # the output folder is not on this node: the node's temp folder
-                _stderr_to(os.path.join(tempfile.gettempdir(), "lafid", NATIVE_LOG))
+                stderr_to(os.path.join(tempfile.gettempdir(), "lafid", NATIVE_LOG))
         try:
             self.worker = StageWorker(stage, last)
         except Exception as exc:  # reported by ready(): the driver fails the run with it
@@ -133,14 +135,10 @@ class _StageActor:
             self.worker.close()
 
 
-def _stderr_to(path: str) -> None:
-    """Send this process's stderr to `path`: native libraries (TFLite, glog, libav) write there directly.
-    libav's own logging is left to libav: routing it through PyAV's Python callback deadlocks threaded
-    decoding."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 2)
-    os.close(fd)
+def _named(stage: str) -> type:
+    """`_StageActor` under the stage's name: Ray titles an actor's process by its class (`ray::shot_split`
+    in `ps`, `ray::shot_split.run` while it works)."""
+    return type(stage, (_StageActor,), {"__module__": __name__, "__qualname__": stage})
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
@@ -358,7 +356,7 @@ class _Pool:
     def __init__(self, stage: Stage, plan: _Plan, batch_size: int, last: bool, max_item_retries: int,
                  native_log: str | None):
         res = stage.resources
-        self._actor = ray.remote(_StageActor).options(
+        self._actor = ray.remote(_named(stage.name)).options(
             num_cpus=plan.cpus, num_gpus=plan.gpus or None,
             memory=int(res.memory_gb * 2**30) or None, max_restarts=0, max_task_retries=0,
         )
@@ -377,6 +375,7 @@ class _Pool:
         self.alone: deque[Item] = deque()  # items of a batch whose worker died: retried one at a time
         self.crashes: Counter = Counter()  # (video_id, clip_index) -> deaths while run alone
         self.last_error = ""
+        self.setup_deaths = 0  # actors in a row whose process died while setting up
         self.peak = 0
         self.retired = 0
         for _ in range(plan.low):
@@ -392,13 +391,26 @@ class _Pool:
         self.peak = max(self.peak, self.size)
 
     def started(self, ref) -> str | None:
-        """Handle a finished ready() call; returns the setup error, if any."""
+        """Handle a finished ready() call; returns the setup error, if any. An actor whose process
+        died while setting up is replaced (SETUP_RETRIES times in a row at most): the machine failed,
+        not the stage."""
         actor = self.starting.pop(ref)
         try:
             error = ray.get(ref)
         except RayError as exc:
-            error = (f"its worker died while setting up ({_one_line(exc)})", "")
+            ray.kill(actor, no_restart=True)
+            self.setup_deaths += 1
+            self.last_error = f"its worker died while setting up ({_one_line(exc)})"
+            if self.setup_deaths <= SETUP_RETRIES:
+                log.warning("stage %s: a worker died while setting up (%s); starting a new one (%d of %d)",
+                            self.name, _one_line(exc), self.setup_deaths, SETUP_RETRIES)
+                self.spawn()
+                return None
+            self.last_error = (f"its worker died while setting up, {self.setup_deaths} time(s) in a row "
+                               f"({_one_line(exc)})")
+            return self.last_error
         if error is None:
+            self.setup_deaths = 0
             self._idle(actor)
             return None
         ray.kill(actor, no_restart=True)
@@ -482,8 +494,9 @@ class _Pool:
         if self.crashes[key] < self.max_item_retries:
             self.alone.appendleft(item)
             return []
-        log.warning("stage %s: %s clip %d killed its worker %d times; rejected", self.name, item.source,
-                    item.clip_index, self.crashes[key])
+        what = "the whole video" if item.clip_index < 0 else f"clip {item.clip_index}"
+        log.warning("stage %s: %s (%s) killed its worker %d times; rejected", self.name, item.source, what,
+                    self.crashes[key])
         return [item.drop(self.name, "worker_crashed",
                           f"its worker died {self.crashes[key]} times running it alone: {self.last_error}")]
 
@@ -514,15 +527,6 @@ def _native_log_path(router: Router) -> str:
     return os.path.join(tempfile.gettempdir(), "lafid", NATIVE_LOG)
 
 
-def _native_lines(path: str, since: int) -> int:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(since)
-            return sum(1 for _ in fh)
-    except OSError:
-        return 0
-
-
 def run_ray(recipe: Recipe, items, router: Router, address: str | None = None, num_cpus: int | None = None) -> None:
     global last_run
     last_run = RunInfo()
@@ -530,11 +534,6 @@ def run_ray(recipe: Recipe, items, router: Router, address: str | None = None, n
     stages = recipe.build_stages()
     pools: list[_Pool] = []
     native = _native_log_path(router)
-    try:
-        native_start = os.path.getsize(native)
-    except OSError:
-        native_start = 0
-    last_run.native_log = native
     try:
         plans = _plan(recipe, stages)
         for i, (stage, spec, plan) in enumerate(zip(stages, recipe.stages, plans)):
@@ -552,22 +551,22 @@ def run_ray(recipe: Recipe, items, router: Router, address: str | None = None, n
             pool.close()
         if started:
             shutdown_ray()
-        lines = last_run.native_lines = _native_lines(native, native_start)
-        if lines:
-            log.info("native libraries wrote %d lines to %s", lines, native)
         if last_run.items:
             log.info("driver received %d bytes of summaries for %d items (%d bytes per item)", last_run.driver_bytes,
                      last_run.items, last_run.driver_bytes // max(1, last_run.items))
 
 
 def _wait_ready(pools: list[_Pool]) -> None:
-    """Every actor of every pool set up, or the run stops with the first stage's own error."""
+    """Every actor of every pool set up (replacements of those that died included), or the run stops
+    with the first stage's own error."""
     refs = {ref: pool for pool in pools for ref in pool.starting}
-    ray.wait(list(refs), num_returns=len(refs))
-    for ref, pool in refs.items():
-        error = pool.started(ref)
-        if error:
-            raise setup_failed(pool.name, error)
+    while refs:
+        ray.wait(list(refs), num_returns=len(refs))
+        for ref, pool in refs.items():
+            error = pool.started(ref)
+            if error:
+                raise setup_failed(pool.name, error)
+        refs = {ref: pool for pool in pools for ref in pool.starting}
 
 
 class _Stream:

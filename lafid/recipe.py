@@ -10,12 +10,14 @@ touched.
 from __future__ import annotations
 
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from lafid.registry import stage_class
 from lafid.schema import CLIP_COLUMNS, ITEM_COLUMNS
@@ -59,10 +61,23 @@ class StageSpec(StrictModel):
     batch_size: int = Field(1, ge=1, description="items handed to a worker at once")
     params: dict[str, Any] = Field(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _known_stage(self) -> "StageSpec":
-        stage_class(self.stage)
-        return self
+    @field_validator("stage")
+    @classmethod
+    def _known_stage(cls, stage: str) -> str:
+        stage_class(stage)
+        return stage
+
+    @field_validator("params")
+    @classmethod
+    def _valid_params(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Every parameter of the stage checked at once, so one message names all that fail."""
+        if "stage" not in info.data:  # the stage itself is wrong: that is the error to report
+            return params
+        try:
+            stage_class(info.data["stage"]).Params(**params)
+        except ValidationError as exc:
+            raise PydanticCustomError("stage_params", "{problems}", {"problems": "; ".join(_problems(exc))}) from None
+        return params
 
     @property
     def worker_range(self) -> tuple[int, int | None]:
@@ -93,12 +108,6 @@ class Recipe(StrictModel):
     max_videos_in_flight: int = Field(4, ge=1, description="videos decoded at once: bounds memory")
     max_item_retries: int = Field(2, ge=1, description="times an item, run alone, may kill its worker "
                                   "before it becomes a worker_crashed reject (Ray runner)")
-
-    @model_validator(mode="after")
-    def _valid_params(self) -> "Recipe":
-        for spec in self.stages:
-            stage_class(spec.stage).Params(**spec.params)
-        return self
 
     @model_validator(mode="after")
     def _stage_order(self) -> "Recipe":
@@ -181,22 +190,78 @@ def bundled_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("pipelines").iterdir() if p.name.endswith(".yaml"))
 
 
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; anything this big is not one
+
+
+def _read_text(path: Path) -> str:
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: {size} bytes is too big for a recipe (at most {MAX_RECIPE_BYTES} bytes)")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise RecipeError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line})") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error as one line: where, and what (PyYAML's own text spans several)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if isinstance(exc, yaml.constructor.ConstructorError) and "tag" in problem:
+        problem += " (recipes are plain YAML: no tags that build Python objects)"
+    return f"not valid YAML{where}: {problem}"
+
+
+_BRANCH = re.compile(r"[\[\-(]|^(int|float|str|bool|dict|list|none)$")  # pydantic's names for union members
+_MISMATCH = ("_type", "literal_error", "model_attributes_type")
+
+
+def _problems(exc: ValidationError, data: Any = None) -> list[str]:
+    """One readable line per failing key: union members' errors are merged (the member whose type
+    matched the value says what is wrong with it), a stage is named, the value given is shown."""
+    groups: dict[tuple, list[dict]] = {}
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and _BRANCH.search(p)))
+        groups.setdefault(loc, []).append(err)
+    out = []
+    for loc, errs in groups.items():
+        fitting = [e for e in errs if not e["type"].endswith(_MISMATCH)] or errs
+        msg = " or ".join(dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in fitting))
+        value = fitting[0].get("input")
+        plain = fitting[0]["type"] not in ("missing", "value_error")  # those say it themselves
+        got = f" (got {value!r})" if plain and isinstance(value, (int, float, str)) else ""
+        out.append(f"{_where(loc, data)}: {msg}{got}" if errs[0]["type"] != "stage_params" else
+                   f"{_where(loc[:-1], data)} params: {msg}")
+    return out
+
+
+def _where(loc: tuple, data: Any) -> str:
+    """`stages.1.workers` as `stage 2 (face_constraints) workers`."""
+    if len(loc) >= 2 and loc[0] == "stages" and isinstance(loc[1], int) and isinstance(data, dict):
+        stages = data.get("stages")
+        spec = stages[loc[1]] if isinstance(stages, list) and loc[1] < len(stages) else None
+        name = f" ({spec['stage']})" if isinstance(spec, dict) and isinstance(spec.get("stage"), str) else ""
+        return " ".join([f"stage {loc[1] + 1}{name}", ".".join(str(p) for p in loc[2:])]).strip()
+    return ".".join(str(p) for p in loc) or "(top)"
+
+
 def load_yaml_model(recipe: str | Path, model: type[M]) -> M:
-    """Parse a recipe file safely into `model`; every error names the file and key."""
+    """Parse a recipe file safely into `model`; every error is one line naming the file, and each
+    failing key (all of them, every stage's parameters included)."""
     path = resolve(recipe)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(_read_text(path))
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+        raise RecipeError(f"{path}: {_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of keys to values")
     try:
         return model(**data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in exc.errors()
-        )
-        raise RecipeError(f"{path}: {problems}") from None
+        raise RecipeError(f"{path}: {'; '.join(_problems(exc, data))}") from None
 
 
 def load_recipe(recipe: str | Path) -> Recipe:

@@ -11,13 +11,18 @@ from rich.console import Group
 from rich.table import Table
 
 from lafid.face.pose import BUCKETS
+from lafid.schema import CLIP_SCHEMA, REJECT_SCHEMA
 from lafid.shards import MANIFEST, read_manifest
 
 
 def read_table(out_dir: str | Path, kind: str = "clips", columns: list[str] | None = None) -> pa.Table | None:
-    """All `clips-*` or `rejects-*` shards of an output as one table (None if there are none)."""
+    """All `clips-*` or `rejects-*` shards of an output as one table (None if there are none), in the
+    current schema: shards of an older schema version read with the columns they lack as null."""
     files = sorted(str(p) for p in Path(out_dir).glob(f"{kind}-*.parquet"))
-    return ds.dataset(files, format="parquet").to_table(columns=columns) if files else None
+    if not files:
+        return None
+    schema = {"clips": CLIP_SCHEMA, "rejects": REJECT_SCHEMA}.get(kind)
+    return ds.dataset(files, format="parquet", schema=schema).to_table(columns=columns)
 
 
 def count_table(title: str, column: str, counts: Counter) -> Table:

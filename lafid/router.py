@@ -60,6 +60,7 @@ class Router:
         self.admitted = 0
         self.completed = 0
         self.discarded = 0  # items stages returned for clips they were not given
+        self.checkpoint: Callable[[], None] | None = None  # called between batches: may stop the run (Ctrl-C)
 
     @property
     def open_videos(self) -> int:
@@ -67,6 +68,8 @@ class Router:
 
     def admit(self, item: Item) -> list[Item]:
         """A new video from the source; returns what goes to the first stage."""
+        if self.checkpoint:
+            self.checkpoint()
         if item.video_id in self._videos:
             raise RunFailed(f"video {item.video_id} ({item.source}) admitted twice")
         self._videos[item.video_id] = _Video()
@@ -75,6 +78,8 @@ class Router:
 
     def done(self, stage: int, given: list[Item], returned: list[Item]) -> list[Item]:
         """Stage `stage` was given `given` and returned `returned`; returns what goes to stage + 1."""
+        if self.checkpoint:
+            self.checkpoint()
         name = self.stages[stage]
         by_key: dict[tuple[str, int], list[Item]] = defaultdict(list)
         for item in returned:

@@ -7,7 +7,8 @@ only module that imports ray.
 
 `curate` first proves the output folder is usable and takes its lock (one run per
 folder), logs the run to `_curate.log` there (tracebacks included), and does not
-start an executor when every input is already done.
+start an executor when every input is already done. While an executor runs, what
+other code prints goes to `_native.log` there (`lafid.native`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,14 @@ import itertools
 import json
 import logging
 import os
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from lafid.item import Item
+from lafid.native import NATIVE_LOG, lines_since, native_output_to, size as native_size
 from lafid.progress import RunStats
 from lafid.recipe import Recipe
 from lafid.registry import stage_class
@@ -53,7 +58,8 @@ def list_sources(inputs: Iterable[str]) -> list[str]:
     or unreadable (it becomes a reject row). A folder is searched recursively for
     files with a media extension (`VIDEO_EXTENSIONS`), following symlinked folders;
     a folder already searched (by its real path) is not searched again, so symlink
-    loops end."""
+    loops end. A folder with a media extension is listed as well as searched, so the
+    ledger says why it holds no video."""
     out: list[str] = []
     seen_files: set[str] = set()
     seen_dirs: set[str] = set()
@@ -72,6 +78,8 @@ def list_sources(inputs: Iterable[str]) -> list[str]:
                     seen_files.add(url)
                     out.append(url)
         elif os.path.isdir(entry):
+            if _media_name(os.path.normpath(entry)):  # given by name: it becomes a not_a_file row
+                add(entry)
             for path in _scan(entry, seen_dirs):
                 add(path)
         else:
@@ -88,9 +96,13 @@ def _scan(folder: str, seen_dirs: set[str]) -> list[str]:
             continue
         seen_dirs.add(real)
         dirs.sort()
-        found.extend(os.path.join(root, name) for name in files
-                     if os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS)
+        # a folder named like a video (x.mp4/) is listed too: it becomes a `not_a_file` reject row
+        found.extend(os.path.join(root, name) for name in files + dirs if _media_name(name))
     return sorted(found)
+
+
+def _media_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS
 
 
 def source_items(sources: list[str], writer: ShardWriter, stats: RunStats) -> Iterator[Item]:
@@ -100,7 +112,7 @@ def source_items(sources: list[str], writer: ShardWriter, stats: RunStats) -> It
     for source in sources:
         video_id = url_content_id(source) if is_url(source) else content_id(source)
         if video_id in first_path:
-            path_key = hashlib.sha1(os.path.abspath(source).encode()).hexdigest()[:8]
+            path_key = hashlib.sha1(os.fsencode(os.path.abspath(source))).hexdigest()[:8]
             duplicate_id = f"{video_id}~{path_key}"
             if duplicate_id in writer.completed:
                 stats.videos_skipped += 1
@@ -157,8 +169,33 @@ def run_sequential(recipe: Recipe, items: Iterable[Item], router: Router) -> Non
             worker.close()
 
 
+@contextmanager
+def _ctrl_c_between_batches() -> Iterator[Callable[[], None]]:
+    """Yields a check for the router to call between batches. The first Ctrl-C is acted on there: raised
+    anywhere, inside an import or a native call, KeyboardInterrupt can come out as another error (a
+    stage "failing to set up") or be swallowed. A second Ctrl-C stops at once."""
+    pressed: list[bool] = []
+
+    def check() -> None:
+        if pressed:
+            raise KeyboardInterrupt
+
+    def handler(signum, frame) -> None:
+        check()
+        pressed.append(True)
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield check
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _log_to(out_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(out_dir / LOG)
+    handler = logging.FileHandler(out_dir / LOG, encoding="utf-8", errors="backslashreplace")  # paths need not be UTF-8
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger = logging.getLogger("lafid")
     logger.addHandler(handler)
@@ -196,6 +233,8 @@ def curate(
         try:
             return _curate_locked(recipe, inputs, out, executor, address, num_cpus, on_update,
                                   retry_failed, allow_recipe_change, remote)
+        except KeyboardInterrupt:  # logged where it was acted on, without a traceback
+            raise
         except BaseException:
             log.exception("run into %s failed", remote.url if remote else out)
             raise
@@ -227,12 +266,25 @@ def _curate_locked(recipe, inputs, out, executor, address, num_cpus, on_update, 
         log.info("nothing to do: all %d videos are done", len(sources))
         return stats
     items = itertools.chain([first], items)
-    if executor == "sequential":
-        run_sequential(recipe, items, router)
-    else:
-        from lafid.ray_executor import run_ray
+    stats.native_log = str(out / NATIVE_LOG)
+    start = native_size(stats.native_log)
+    # the terminal keeps lafid's own lines only; Ctrl-C stops the run between batches
+    with native_output_to(stats.native_log), _ctrl_c_between_batches() as router.checkpoint:
+        try:
+            if executor == "sequential":
+                run_sequential(recipe, items, router)
+            else:
+                from lafid.ray_executor import run_ray
 
-        run_ray(recipe, items, router, address=address, num_cpus=num_cpus)
+                run_ray(recipe, items, router, address=address, num_cpus=num_cpus)
+        except KeyboardInterrupt:
+            writer.close()  # videos finished before it are recorded; the rest is redone by a rerun
+            log.info("interrupted (Ctrl-C): %d videos recorded", stats.videos_done)
+            raise
+    stats.native_lines = lines_since(stats.native_log, start)
+    if stats.native_lines:
+        log.info("other code (native libraries, dependencies' warnings) wrote %d lines to %s", stats.native_lines,
+                 stats.native_log)
     writer.close()
     router.finish()
     log.info("done: %d videos, %d clips kept, %d rows rejected", stats.videos_done, stats.kept, stats.rejected)

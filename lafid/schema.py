@@ -4,6 +4,14 @@ Stages fill `Item.columns` with names from this module; the writer turns items
 into rows here (`clip_row`, `reject_row`) and rows into tables with
 `pa.Table.from_pylist(rows, schema=...)`. Bump `SCHEMA_VERSION` when a column
 changes meaning or type; adding a nullable column is backward compatible.
+Version 1 shards read as version 2 (`lafid.report.read_table` reads every shard with
+the current schema): they lack only `source_bytes`, which is null there as it is for
+every path that is valid UTF-8.
+
+Paths are bytes on POSIX and need not be UTF-8, but Parquet strings must be.
+`source` is the path for display (exact whenever the path is UTF-8; otherwise each
+undecodable byte shows as U+FFFD), and `source_bytes` holds the exact bytes when
+`source` does not; `source_path(row)` gives back the path to open.
 
 Per-frame arrays hold one value per *sampled* frame (`frame_t`); NaN marks a
 frame where no face was measured.
@@ -12,13 +20,14 @@ frame where no face was measured.
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Any
 
 import pyarrow as pa
 
 from lafid.item import Item
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _f32 = pa.float32()
 _f32s = pa.list_(pa.float32())
@@ -31,12 +40,19 @@ def _field(name: str, type_: pa.DataType, doc: str) -> pa.Field:
     return pa.field(name, type_, metadata={"doc": doc})
 
 
+_SOURCE_DOC = ("absolute source path (symlinks kept as listed) or URI, as text: exact when the path is UTF-8, "
+               "else each undecodable byte is U+FFFD (see source_bytes)")
+_SOURCE_BYTES_DOC = ("the path's exact bytes when `source` is not exact (a file name that is not UTF-8); "
+                     "null otherwise. lafid.schema.source_path(row) gives the path to open")
+
+
 # Columns every clip row has, set by the writer and the shot-split stage.
 CORE = [
     _field("schema_version", pa.int16(), "version of this schema"),
     _field("clip_id", pa.string(), "hash of video_id and the clip's time range"),
     _field("video_id", pa.string(), "hash of the source file's content"),
-    _field("source", pa.string(), "absolute source path (symlinks kept as listed) or URI"),
+    _field("source", pa.string(), _SOURCE_DOC),
+    _field("source_bytes", pa.binary(), _SOURCE_BYTES_DOC),
     _field("clip_index", pa.int32(), "index of the clip within its video"),
     _field("start_s", pa.float64(), "clip start, seconds on the source's timeline (from frame timestamps)"),
     _field("end_s", pa.float64(), "clip end in the source, seconds (exclusive)"),
@@ -136,7 +152,8 @@ REJECT_SCHEMA = pa.schema(
         _field("schema_version", pa.int16(), "version of this schema"),
         _field("video_id", pa.string(), "hash of the source file's content (or path if unreadable)"),
         _field("clip_id", pa.string(), "clip id, null when the whole video was rejected"),
-        _field("source", pa.string(), "absolute source path (symlinks kept as listed) or URI"),
+        _field("source", pa.string(), _SOURCE_DOC),
+        _field("source_bytes", pa.binary(), _SOURCE_BYTES_DOC),
         _field("clip_index", pa.int32(), "clip index, -1 for a whole video"),
         _field("start_s", pa.float64(), "clip start, seconds"),
         _field("end_s", pa.float64(), "clip end, seconds"),
@@ -158,12 +175,40 @@ IDENTITY_SCHEMA = pa.schema(
 
 CLIP_COLUMNS = frozenset(CLIP_SCHEMA.names)
 # Clip columns the writer fills from the item itself (no stage writes them).
-ITEM_COLUMNS = ("schema_version", "clip_id", "video_id", "source", "clip_index", "start_s", "end_s")
+ITEM_COLUMNS = ("schema_version", "clip_id", "video_id", "source", "source_bytes", "clip_index", "start_s", "end_s")
 
 
 def names(fields: list[pa.Field]) -> tuple[str, ...]:
     """Column names of a group of fields (for a stage's `reads` / `writes`)."""
     return tuple(f.name for f in fields)
+
+
+def source_columns(path: str) -> dict[str, Any]:
+    """`source` and `source_bytes` of a path as Python names it (os.fsdecode: undecodable bytes are
+    lone surrogates, which no UTF-8 writer accepts)."""
+    if display(path) == path:
+        return {"source": path, "source_bytes": None}
+    return {"source": display(path), "source_bytes": os.fsencode(path)}
+
+
+def display(text: str) -> str:
+    """`text` as valid UTF-8: bytes a path could not decode (lone surrogates) become U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            raw = text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a surrogate no path decoding makes
+            raw = text.encode("utf-8", "replace")
+        return raw.decode("utf-8", "replace")
+
+
+def source_path(row: dict[str, Any]) -> str:
+    """The path a clip or reject row came from, exactly (as os.fsdecode names it); rows of schema 1
+    have no `source_bytes`."""
+    raw = row.get("source_bytes")
+    return os.fsdecode(raw) if raw is not None else row["source"]
 
 
 def clip_id(video_id: str, start_s: float, end_s: float) -> str:
@@ -180,7 +225,7 @@ def clip_row(item: Item) -> dict[str, Any]:
         schema_version=SCHEMA_VERSION,
         clip_id=clip_id(item.video_id, item.start_s, item.end_s),
         video_id=item.video_id,
-        source=item.source,
+        **source_columns(item.source),
         clip_index=item.clip_index,
         start_s=item.start_s,
         end_s=item.end_s,
@@ -195,11 +240,11 @@ def reject_row(item: Item) -> dict[str, Any]:
         "schema_version": SCHEMA_VERSION,
         "video_id": item.video_id,
         "clip_id": None if whole_video else clip_id(item.video_id, item.start_s, item.end_s),
-        "source": item.source,
+        **source_columns(item.source),
         "clip_index": item.clip_index,
         "start_s": item.start_s,
         "end_s": item.end_s,
         "stage": item.reject.stage,
         "reason": item.reject.reason,
-        "detail": item.reject.detail,
+        "detail": display(item.reject.detail),  # details quote paths
     }

@@ -111,6 +111,13 @@ class OutputLock:
         self.release()
 
 
+def refuse_if_busy(out_dir: str | os.PathLike) -> None:
+    """Raise `OutputBusy` now if another run holds `out_dir`'s lock: a second run is refused before it
+    spends seconds importing the recipe's stages. The run still takes the lock itself."""
+    if (Path(out_dir) / LOCK).is_file():
+        OutputLock(out_dir).acquire().release()
+
+
 def remove_stale_temporaries(out_dir: str | os.PathLike) -> list[str]:
     """Delete `.tmp-*` files a crashed run left; only call while holding the lock."""
     removed = []

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import stat
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from typing import Iterator
@@ -52,8 +53,12 @@ class VideoInfo:
 
 
 def content_id(path: str) -> str:
-    """Hash of size plus the first and last MiB: stable across renames and copies."""
+    """Hash of size plus the first and last MiB: stable across renames and copies. Only a regular file
+    is read (opening a named pipe waits for a writer forever); anything else is named by its path."""
+    by_path = "path-" + hashlib.sha1(os.fsencode(os.path.abspath(path))).hexdigest()[:11]
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return by_path
         size = os.path.getsize(path)
         digest = hashlib.sha1(str(size).encode())
         with open(path, "rb") as fh:
@@ -63,7 +68,7 @@ def content_id(path: str) -> str:
                 digest.update(fh.read(_ID_CHUNK))
         return digest.hexdigest()[:16]
     except OSError:
-        return "path-" + hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:11]
+        return by_path
 
 
 def probe(path: str) -> VideoInfo:
@@ -78,7 +83,11 @@ def probe(path: str) -> VideoInfo:
         if exc.errno == errno.ENOENT:
             raise MediaError("missing_file", f"no such file: {path}") from exc
         raise MediaError("unreadable", f"{exc.strerror}: {path}") from exc
-    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+    if os.path.isdir(path):
+        raise MediaError("not_a_file", f"a folder, not a video file: {path}")
+    if not os.path.isfile(path):
+        raise MediaError("not_a_file", f"not a regular file (a pipe, socket or device): {path}")
+    if not os.access(path, os.R_OK):
         raise MediaError("unreadable", f"not a readable file: {path}")
     if os.path.getsize(path) == 0:
         raise MediaError("empty_file", f"zero-byte file: {path}")

@@ -115,7 +115,30 @@ class Gate(Stage):
         return [item]
 
 
-STAGES = (CrashOnMarker, CrashAndBreak, Misroute, FailSetup, Gate)
+class SlowSetupParams(StageParams):
+    pid_dir: str = Field("", description="setup writes its process id here and waits for a file named 'go'")
+
+
+class SlowSetup(Stage):
+    """Loads for as long as a test needs (a big model): its process can be killed during setup."""
+
+    name = "slow_setup"
+    Params = SlowSetupParams
+    default_resources = Resources(cpus=0.25)
+
+    def setup(self) -> None:
+        open(os.path.join(self.params.pid_dir, str(os.getpid())), "w").close()
+        deadline = time.monotonic() + 120
+        while not os.path.exists(os.path.join(self.params.pid_dir, "go")):
+            if time.monotonic() > deadline:
+                raise TimeoutError("no 'go' file")
+            time.sleep(0.05)
+
+    def process_item(self, item: Item) -> list[Item]:
+        return [item]
+
+
+STAGES = (CrashOnMarker, CrashAndBreak, Misroute, FailSetup, Gate, SlowSetup)
 
 
 def register() -> None:

@@ -3,7 +3,9 @@
 Built from real footage (carphone, a photo) and broken on purpose: empty,
 text, random bytes, cut at several points, overwritten in the middle, audio
 only in four containers, an image, links to nothing and to themselves,
-garbage audio packets, a clip too short to keep, black frames, a tiny frame.
+garbage audio packets, a clip too short to keep, black frames, a tiny frame,
+a folder named like a video, file names that are not UTF-8, hold a newline or
+are 255 bytes long.
 Two healthy clips ride along and must be kept.
 """
 
@@ -20,6 +22,7 @@ from lafid import media
 from lafid.recipe import load_recipe
 from lafid.report import read_table
 from lafid.runner import curate
+from lafid.schema import source_path
 
 pytestmark = pytest.mark.ray
 
@@ -76,6 +79,12 @@ def corpus(tmp_path_factory, carphone):
     bad["black.mp4"] = media.write_video(str(d / "black.mp4"), [np.zeros((144, 176, 3), np.uint8)] * 120, 25.0)
     bad["tiny.mp4"] = media.write_video(str(d / "tiny.mp4"), media.resize(talk, 16, 16), 29.97)
     bad["no_face.mp4"] = media.write_video(str(d / "no_face.mp4"), media.no_face_frames(5.0), 25.0)
+    (d / "folder.mp4").mkdir()
+    bad["folder.mp4"] = str(d / "folder.mp4")
+    odd_names = {b"no_face_caf\xe9.mp4": 4.0, b"no_face_new\nline.mp4": 3.5, b"L" * 251 + b".mp4": 3.0}
+    for raw, seconds in odd_names.items():  # not UTF-8, a newline, the longest name allowed
+        path = os.fsdecode(os.path.join(os.fsencode(d), raw))
+        bad[os.path.basename(path)] = media.write_video(path, media.no_face_frames(seconds), 25.0)
     return [healthy, voiced], bad
 
 
@@ -88,14 +97,15 @@ def test_every_bad_input_has_a_row_and_healthy_clips_are_kept(ray_cluster, corpu
     rejects = read_table(tmp_path, "rejects").to_pylist()
     by_source: dict[str, list[str]] = {}
     for row in rejects:
-        by_source.setdefault(os.path.basename(row["source"]), []).append(row["reason"])
-    kept = {os.path.basename(c["source"]) for c in clips}
+        by_source.setdefault(os.path.basename(source_path(row)), []).append(row["reason"])
+    kept = {os.path.basename(source_path(c)) for c in clips}
     assert {os.path.basename(h) for h in healthy} <= kept
     for name in bad:  # every bad input is explained, by a reason other than a crash
         assert name in by_source, (name, sorted(by_source))
         assert not {"stage_error", "worker_crashed"} & set(by_source[name]), (name, by_source[name])
         assert name not in kept or name == "copy_of_healthy.mp4", name
     assert by_source["copy_of_healthy.mp4"] == ["duplicate_content"]
+    assert by_source["folder.mp4"] == ["not_a_file"]
     assert by_source["garbage_audio.mp4"] == ["corrupt_audio"]
     for name in ("voice.m4a", "tone.wav", "camcorder.mts", "phone.3gp"):
         assert by_source[name] == ["no_video_stream"], name

@@ -78,6 +78,29 @@ def test_a_second_run_into_a_busy_folder_stops_and_the_first_run_is_clean(videos
     OutputLock(out).acquire().release()  # released when the first run ended
 
 
+def test_a_busy_folder_is_refused_before_the_recipe_imports_its_stages(videos, tmp_path):
+    """Loading a recipe imports every stage's libraries (seconds on a busy machine); a busy --out is
+    refused before that. The child reports whether a stage module was imported when it exited."""
+    probe = ("import sys\nfrom lafid.cli import app\ntry:\n    app()\nexcept SystemExit as end:\n"
+             "    print(end.code, 'stages.face_constraints' in sys.modules)\n")
+
+    def child(*args):
+        env = {**os.environ, "PYTHONPATH": str(TESTS.parent)}
+        return subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=120)
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with OutputLock(out):
+        refused = child("curate", videos[0], "--out", str(out), "--recipe", "demo", "--no-progress")
+    assert refused.stdout.split() == ["2", "False"] and "another lafid run" in refused.stderr, refused
+    # control: what the refusal skips, loading the recipe, imports the stage modules
+    loaded = subprocess.run([sys.executable, "-c", "import sys; from lafid.recipe import load_recipe; "
+                             "load_recipe('demo'); print('stages.face_constraints' in sys.modules)"],
+                            capture_output=True, text=True, cwd=TESTS.parent)
+    assert loaded.stdout.split() == ["True"], loaded
+
+
 def test_lock_is_exclusive_and_released(tmp_path):
     with OutputLock(tmp_path):
         with pytest.raises(OutputBusy, match=f"pid {os.getpid()}"):
@@ -99,13 +122,39 @@ def test_unusable_output_fails_at_once_with_one_line(videos, split_recipe, tmp_p
     assert good.exit_code == 0, good.output
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def unprivileged_cli(*args, cwd) -> subprocess.CompletedProcess:
+    """`lafid curate ARGS` as a user whom file permissions bind: as root, with the capabilities that
+    override them dropped (`setpriv`; root stays the owner of its files, which permissions then bind)."""
+    cmd = [sys.executable, "-m", "lafid.cli", "curate", *map(str, args), "--executor", "sequential",
+           "--no-progress"]
+    if os.geteuid() == 0:
+        cmd = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--", *cmd]
+    env = {**os.environ, "PYTHONPATH": str(TESTS.parent), "COLUMNS": "200"}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
 def test_read_only_output_fails_before_any_work(videos, split_recipe, tmp_path):
     out = tmp_path / "ro"
     out.mkdir()
     out.chmod(0o555)
-    result = cli(videos[0], "--out", out, "--recipe", split_recipe)
-    assert result.exit_code == 2 and "not writable" in result.output
+    result = unprivileged_cli(videos[0], "--out", out, "--recipe", split_recipe, cwd=tmp_path)
+    assert result.returncode == 2 and "not writable" in result.stderr, result.stderr
+    out.chmod(0o755)  # control: the same run into a writable folder
+    assert unprivileged_cli(videos[0], "--out", out, "--recipe", split_recipe, cwd=tmp_path).returncode == 0
+
+
+def test_an_unreadable_input_gets_a_reject_row(videos, split_recipe, tmp_path):
+    locked = tmp_path / "locked.mp4"
+    locked.write_bytes(Path(videos[1]).read_bytes())
+    locked.chmod(0o000)
+    result = unprivileged_cli(videos[0], locked, "--out", tmp_path / "out", "--recipe", split_recipe, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rejects = read_table(tmp_path / "out", "rejects").to_pylist()
+    assert [(r["source"], r["reason"]) for r in rejects] == [(str(locked), "unreadable")]
+    assert read_table(tmp_path / "out").column("source").to_pylist() == [videos[0]]
+    locked.chmod(0o644)  # control: readable, the same file is a clip
+    again = unprivileged_cli(locked, "--out", tmp_path / "again", "--recipe", split_recipe, cwd=tmp_path)
+    assert again.returncode == 0 and read_table(tmp_path / "again", "rejects") is None
 
 
 def test_a_different_recipe_stops_unless_allowed(videos, split_recipe, tmp_path):

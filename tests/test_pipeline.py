@@ -98,6 +98,8 @@ def test_resume_after_interruption_gives_the_same_rows(recipe, inputs, sequentia
     (tmp_path / "identities.parquet").write_bytes(b"not a shard: must survive")
     stats = curate(recipe, inputs, tmp_path, executor="sequential")
     assert stats.videos_skipped >= 1
+    # every input counted, those done before included (was "videos 2/2 (skipped as done: 2)" for 4 inputs)
+    assert stats.videos_title() == f"videos {len(inputs)}/{len(inputs)} ({stats.videos_skipped} done before this run)"
     assert not (tmp_path / "clips-orphan.parquet").exists()
     assert (tmp_path / "identities.parquet").exists()
     assert rows(tmp_path) == rows(sequential_out)

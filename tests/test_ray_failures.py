@@ -153,3 +153,61 @@ def test_retry_failed_replaces_rows_only_of_videos_it_is_given(faults, make_vide
     assert rows(tmp_path, "rejects") == before  # replaced by the same row; the one not given is untouched
     assert rows(tmp_path, "rejects") != [] and sorted(manifest_videos(tmp_path)) == sorted(set(manifest_videos(tmp_path)))
     assert len(manifest_videos(tmp_path)) == 3
+
+
+def _kill_first_setup(pid_dir: Path, killed: list[int], titles: list[str]) -> None:
+    """Kill -9 the first process that starts setting up, then let every later setup finish. Records the
+    killed process's title as `ps` shows it."""
+    import os
+    import signal
+    import time
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        pids = [p for p in pid_dir.iterdir() if p.name.isdigit()]
+        if pids:
+            killed.append(int(pids[0].name))
+            titles.append(Path(f"/proc/{killed[0]}/cmdline").read_bytes().split(b"\0")[0].decode())
+            os.kill(killed[0], signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    (pid_dir / "go").touch()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("retries", [3, 0])  # 0: the control, as before (a death in setup stopped the run)
+def test_a_worker_killed_while_setting_up_is_replaced(ray_cluster, faults, corpus, tmp_path, monkeypatch, retries):
+    import threading
+
+    from lafid import ray_executor
+
+    healthy, _ = corpus
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    recipe = Recipe(name="slow", stages=[SPLIT, {"stage": "slow_setup", "workers": 1,
+                                                 "params": {"pid_dir": str(pid_dir)}}])
+    clean = tmp_path / "clean"
+    (pid_dir / "go").touch()
+    curate(recipe, healthy[:3], clean, executor="sequential")
+    for p in pid_dir.iterdir():
+        p.unlink()
+    monkeypatch.setattr(ray_executor, "SETUP_RETRIES", retries)
+    killed: list[int] = []
+    titles: list[str] = []
+    killer = threading.Thread(target=_kill_first_setup, args=(pid_dir, killed, titles))
+    killer.start()
+    out = tmp_path / "out"
+    try:
+        if retries == 0:
+            with pytest.raises(SetupFailed, match="'slow_setup' failed to set up: its worker died while setting up, 1 time"):
+                curate(recipe, healthy[:3], out, executor="ray")
+            assert not list(out.glob("*.parquet"))
+            return
+        stats = curate(recipe, healthy[:3], out, executor="ray")
+    finally:
+        killer.join()
+    assert titles[0].startswith("ray::slow_setup")  # `ps` names the stage, not ray::_StageActor
+    assert len(killed) == 1 and len([p for p in pid_dir.iterdir() if p.name.isdigit()]) == 2  # one replacement
+    assert stats.videos_done == 3 and rows(out) == rows(clean) != []  # the same rows as a clean run
+    assert "died while setting up" in (out / "_curate.log").read_text()

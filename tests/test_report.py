@@ -24,6 +24,7 @@ from lafid.cli import app
 from lafid.face.pose import BUCKETS, pose_bucket
 from lafid.recipe import load_recipe
 from lafid.report_html import crop_face
+from lafid.schema import SCHEMA_VERSION
 from lafid.runner import LOG, curate, recipe_fingerprint
 
 
@@ -117,7 +118,7 @@ def test_report_counts_equal_the_shards(demo_run, made):
     assert run["recipe_fingerprint"] == [recipe_fingerprint(load_recipe("demo"))]
     assert stats["recipe_params"]["face_constraints.sample_fps"] == run["sample_fps"][0] == 8.0
     assert run["id_backend"] == dict(Counter(_table(out, "clips")["id_backend"].to_pylist()))
-    assert sum(run["id_backend"].values()) == want["clips_kept"] and run["schema_versions"] == [1]
+    assert sum(run["id_backend"].values()) == want["clips_kept"] and run["schema_versions"] == [SCHEMA_VERSION]
     assert "face detector / VAD / ASR models" in run["not_recorded"]
     # plots and crops also as PNG files that decode
     names = {p.name for p in png.iterdir()}

@@ -27,12 +27,13 @@ from lafid.cofe.config import DataConfig
 from lafid.face.detect import square_crop
 from lafid.face.embed import ARCFACE_SIZE, arcface_align
 from lafid.face.pose import pose_bucket
+from lafid.schema import source_path
 from lafid.video import sample_frames
 
 SHARD_GLOB = "clips-*.parquet"
-COLUMNS = ["clip_id", "source", "start_s", "end_s", "fps", "frame_t", "frame_yaw", "frame_pitch", "frame_box",
-           "frame_kps", "pose_buckets", "caption", "id_backend", "id_ref_embedding", "id_ref_t", "id_rep_embeddings",
-           "id_rep_t", "id_rep_yaw", "id_model_sha256"]
+COLUMNS = ["clip_id", "source", "source_bytes", "start_s", "end_s", "fps", "frame_t", "frame_yaw", "frame_pitch",
+           "frame_box", "frame_kps", "pose_buckets", "caption", "id_backend", "id_ref_embedding", "id_ref_t",
+           "id_rep_embeddings", "id_rep_t", "id_rep_yaw", "id_model_sha256"]
 
 
 def resolve_shards(sources: Sequence[str]) -> tuple[Any, list[str]]:
@@ -279,8 +280,9 @@ class ClipDataset(IterableDataset):
     def sample(self, row: dict, rng: np.random.Generator) -> dict:
         cfg = self.cfg
         a, ref, targets, clip_buckets = plan_clip(row, cfg, rng)
-        frames = decode_frames(row["source"], row["start_s"] + a, row["fps"], cfg.num_frames, cfg.frame_stride)
-        ref_frame = decode_frames(row["source"], row["start_s"] + ref.t, row["fps"], 1, 1)[0]
+        source = source_path(row)
+        frames = decode_frames(source, row["start_s"] + a, row["fps"], cfg.num_frames, cfg.frame_stride)
+        ref_frame = decode_frames(source, row["start_s"] + ref.t, row["fps"], 1, 1)[0]
         identity = {"id_face": torch.from_numpy(identity_face(ref_frame, ref, cfg.face_margin)),
                     "id_embedding": torch.tensor(ref.embedding or (), dtype=torch.float32)}
         if cfg.id_references > 1:
@@ -303,7 +305,7 @@ class ClipDataset(IterableDataset):
         n = self.cfg.id_references
         faces = np.zeros((n, ARCFACE_SIZE, ARCFACE_SIZE, 3), np.uint8)
         for i, p in enumerate(refs):
-            frame = first if i == 0 else decode_frames(row["source"], row["start_s"] + p.t, row["fps"], 1, 1)[0]
+            frame = first if i == 0 else decode_frames(source_path(row), row["start_s"] + p.t, row["fps"], 1, 1)[0]
             faces[i] = identity_face(frame, p, self.cfg.face_margin)
         dim = max((len(p.embedding) for p in refs if p.embedding), default=0)
         emb = torch.zeros(n, dim)
