@@ -118,11 +118,11 @@ class FaceConstraints(Stage):
             m["yaw"], m["pitch"], m["roll"] = head_pose(face.mesh)
             m["mouth_open"] = mouth_opening(face.mesh)
             lm5 = five_points(face.mesh)
-        if face.kps is not None:  # SCRFD: yaw from its landmarks, which keep measuring in profile
+        if face.kps is not None:  # SCRFD: yaw and ArcFace's landmarks from its 5 points, which hold up in profile
             yaw, pitch, roll, m["yaw_beyond"] = kps_pose(face.kps, w, h)
-            m["yaw"] = yaw
+            m["yaw"], lm5 = yaw, np.asarray(face.kps, np.float32)
             if face.mesh is None:
-                m["pitch"], m["roll"], lm5 = pitch, roll, np.asarray(face.kps, np.float32)
+                m["pitch"], m["roll"] = pitch, roll
         if lm5 is not None:
             m["kps"] = (lm5 / np.array([w, h], np.float32)).ravel()
             m["landmarks5"] = (lm5 @ affine[:, :2].T + affine[:, 2]).astype(np.float32)

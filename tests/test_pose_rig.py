@@ -73,9 +73,9 @@ def test_a_head_that_never_turns_is_static(recipe_stages, make_video):
     assert item.columns["face_ratio"] == 1.0
 
 
-@pytest.mark.xfail(reason="ArcFace (w600k_mbf) puts the rig's 75 deg profiles 0.74-0.89 from the frontal face, "
-                          "beyond the 0.75 same-person bound (benchmarks/pose_accuracy.py); verification owns this",
-                   strict=False)
+@pytest.mark.xfail(reason="ArcFace (w600k_mbf) puts Grace Hopper's rig profiles at 72-75 deg up to 0.88 from the "
+                          "track's anchor, beyond the 0.75 same-person bound, in 2 of 20 frames (> max_far_ratio 5%): "
+                          "identity verification at large pose is its own issue (docs/pose.md)", strict=False)
 def test_identity_stage_keeps_the_turning_head(recipe_stages, turned_clip):
     _, _, identity = recipe_stages
     (item,) = run_stage(identity, [turned_clip])
