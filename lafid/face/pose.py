@@ -55,23 +55,28 @@ KPS_YAW_GAIN = 1.25
 MAX_KPS_YAW = 75.0
 
 
-def kps_pose(kps: np.ndarray, width: int, height: int) -> tuple[float, float, float, bool]:
-    """(yaw, pitch, roll, beyond) from 5 landmarks in pixels of a width x height frame.
-
-    `beyond` flags a face turned past MAX_KPS_YAW: its yaw is reported as that bound
-    with the measured sign, not as a smaller wrong angle."""
+def kps_angles(kps: np.ndarray, width: int, height: int) -> tuple[float, float, float]:
+    """Raw (yaw, pitch, roll) of 5 landmarks in pixels of a width x height frame: solvePnP on KPS_MODEL."""
     f = 1.5 * max(width, height)  # about a 37 degree field of view; the fit is insensitive to it
     camera = np.array([[f, 0, width / 2], [0, f, height / 2], [0, 0, 1]])
     image = np.asarray(kps, np.float64).reshape(5, 2)
     _, rvec, tvec = cv2.solvePnP(KPS_MODEL, image, camera, None, flags=cv2.SOLVEPNP_SQPNP)
     _, rvec, tvec = cv2.solvePnP(KPS_MODEL, image, camera, None, rvec, tvec, True, flags=cv2.SOLVEPNP_ITERATIVE)
     forward = cv2.Rodrigues(rvec)[0] @ np.array([0.0, 0.0, -1.0])
-    yaw = KPS_YAW_GAIN * np.degrees(np.arctan2(forward[0], -forward[2]))
+    yaw = np.degrees(np.arctan2(forward[0], -forward[2]))
     pitch = np.degrees(np.arctan2(-forward[1], np.hypot(forward[0], forward[2])))
     eyes = image[1] - image[0]
-    roll = np.degrees(np.arctan2(eyes[1], eyes[0]))
-    beyond = abs(yaw) > MAX_KPS_YAW
-    return float(np.clip(yaw, -MAX_KPS_YAW, MAX_KPS_YAW)), float(pitch), float(roll), bool(beyond)
+    return float(yaw), float(pitch), float(np.degrees(np.arctan2(eyes[1], eyes[0])))
+
+
+def kps_pose(kps: np.ndarray, width: int, height: int) -> tuple[float, float, float, bool]:
+    """(yaw, pitch, roll, beyond) from 5 landmarks: `kps_angles` with yaw scaled by KPS_YAW_GAIN.
+
+    `beyond` flags a face turned past MAX_KPS_YAW: its yaw is reported as that bound
+    with the measured sign, not as a smaller wrong angle."""
+    yaw, pitch, roll = kps_angles(kps, width, height)
+    yaw *= KPS_YAW_GAIN
+    return float(np.clip(yaw, -MAX_KPS_YAW, MAX_KPS_YAW)), pitch, roll, bool(abs(yaw) > MAX_KPS_YAW)
 
 
 def five_points(points: np.ndarray) -> np.ndarray:
