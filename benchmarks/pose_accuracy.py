@@ -3,7 +3,8 @@
 Real faces (astronaut, Grace Hopper, a carphone frame) on the ground-truth rig
 (`lafid.rig`) turn through yaw -90..90 with pitch, roll and scale changing, over real
 backgrounds, optionally through H.264 (--crf). Each estimator sees the frames as the
-face stage does (upsized to a 320 px short side) and is scored on the largest face:
+face stage does (upsized to a 320 px short side) and is scored on the largest face;
+its cost is CPU ms per frame of this process (wall time on shared cores is noise):
 
 - mediapipe+mesh   full-range detection + tracking mesh, yaw/pitch from the mesh's axes (detector=mediapipe)
 - scrfd+kps        SCRFD, yaw/pitch from its 5 landmarks (solvePnP on a generic face, rig gain)
@@ -106,15 +107,15 @@ def measure(frames: int, crf: int | None):
                 for frame, ty, tp in zip(seq, yaw, pitch):
                     frame = upsized(frame)
                     h, w = frame.shape[:2]
-                    t0 = time.perf_counter()
+                    t0 = time.process_time()
                     found = mp_faces.detect(frame, tracking)
-                    seconds["mediapipe+mesh"] += time.perf_counter() - t0
+                    seconds["mediapipe+mesh"] += time.process_time() - t0
                     face = max(found, key=lambda f: f.area, default=None)
                     pose = head_pose(face.mesh)[:2] if face is not None and face.mesh is not None else (np.nan, np.nan)
                     rows.append(("mediapipe+mesh", name, ty, tp, face is not None, *pose, False))
-                    t0 = time.perf_counter()
+                    t0 = time.process_time()
                     found = scrfd.detect(frame, still)
-                    spent = time.perf_counter() - t0
+                    spent = time.process_time() - t0
                     face = found[0] if found else None
                     estimates = poses(face, w, h) if face is not None else {}
                     for key in ESTIMATORS[1:]:
@@ -131,7 +132,7 @@ def report(rows, ms) -> None:
         a = np.array([r[2:] for r in rows if r[0] == key], dtype=np.float64)
         true_yaw, true_pitch, det, yaw, pitch, flagged = a.T
         for label, band in (("|pitch|<=30", np.abs(true_pitch) <= 30), ("|pitch|>30", np.abs(true_pitch) > 30)):
-            print(f"-- {key} {label}, {ms[key]:.1f} ms/frame")
+            print(f"-- {key} {label}, {ms[key]:.1f} CPU ms/frame")
             for lo in range(0, 90, 15):
                 sel = band & (np.abs(true_yaw) >= lo) & (np.abs(true_yaw) < lo + 15)
                 posed = sel & ~np.isnan(yaw)

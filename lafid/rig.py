@@ -110,7 +110,7 @@ def lift(photo: np.ndarray) -> Head:
 
     rough = _face_mesh(photo)
     lo, hi = rough[:, :2].min(0), rough[:, :2].max(0)
-    crop, affine = _square(photo, lo, hi)
+    crop = _square(photo, lo, hi)
     pts = _face_mesh(crop)[:468]
     # the photo's own head axes, so the lifted head faces the camera exactly
     x_axis = pts[LEFT_EYE_OUTER] - pts[RIGHT_EYE_OUTER]
@@ -141,14 +141,13 @@ def lift(photo: np.ndarray) -> Head:
     return Head(verts=verts, uv=uv, tris=tris, face_tris=len(face_tris), texture=texture)
 
 
-def _square(photo: np.ndarray, lo, hi) -> tuple[np.ndarray, np.ndarray]:
+def _square(photo: np.ndarray, lo, hi) -> np.ndarray:
     """The face box with a margin, as a TEXTURE_FACE square crop (edge pixels replicated)."""
     centre, side = (lo + hi) / 2, 1.6 * float(np.max(hi - lo))
     scale = TEXTURE_FACE / side
     affine = np.array([[scale, 0, TEXTURE_FACE / 2 - scale * centre[0]], [0, scale, TEXTURE_FACE / 2 - scale * centre[1]]])
-    crop = cv2.warpAffine(photo, affine, (TEXTURE_FACE, TEXTURE_FACE), flags=cv2.INTER_CUBIC,
+    return cv2.warpAffine(photo, affine, (TEXTURE_FACE, TEXTURE_FACE), flags=cv2.INTER_CUBIC,
                           borderMode=cv2.BORDER_REPLICATE)
-    return crop, affine
 
 
 def _colour_strip(crop: np.ndarray, pts: np.ndarray):
