@@ -49,7 +49,8 @@ def head_pose(points: np.ndarray) -> tuple[float, float, float]:
 KPS_MODEL = np.array([[-0.2, -0.195, 0.064], [0.2, -0.195, 0.064], [0.0, 0.03, -0.22],
                       [-0.175, 0.223, 0.006], [0.175, 0.223, 0.006]])
 # Rig-measured: solvePnP on SCRFD's 5 landmarks reads yaw low by this factor (least squares of true over
-# raw yaw, 10 < |yaw| < 75: astronaut 1.24, Grace Hopper 1.23, carphone 1.22; benchmarks/pose_accuracy.py).
+# raw yaw, 10 < |yaw| < 75: astronaut 1.28, Grace Hopper 1.26, carphone 1.26 with faces 30-50% of the frame height,
+# 1.19-1.38 at 12-20%; benchmarks/pose_accuracy.py).
 KPS_YAW_GAIN = 1.25
 # Beyond this the 5 landmarks no longer tell 75 from 90 degrees (rig: readings saturate).
 MAX_KPS_YAW = 75.0
