@@ -170,6 +170,12 @@ class ScrfdFaces:
                  for b, k in zip(boxes, kps if kps is not None else [None] * len(boxes))]
         return sorted(faces, key=lambda f: -f.area)
 
+    def central(self, crop: np.ndarray, size: int | None = None) -> Face | None:
+        """The face nearest the centre of a face crop (the crop's own face, not a neighbour's), or None."""
+        faces = self.detect(crop, size)
+        centre = np.array(crop.shape[1::-1], np.float32) / 2
+        return min(faces, key=lambda f: np.linalg.norm((f.box[:2] + f.box[2:]) / 2 - centre), default=None)
+
 
 class ScrfdMeshFaces:
     """SCRFD boxes, each face then seen again on its own square crop (same `detect` as MediapipeFaces).
@@ -202,11 +208,9 @@ class ScrfdMeshFaces:
         for face in faces:
             crop, affine = square_crop(frame, face.box, self.CROP, self.MARGIN, antialias=True)
             scale = affine[0, 0]
-            again = self._scrfd.detect(crop, self.CROP)
-            if again:  # the one nearest the crop's centre is this face
-                centre = np.array([self.CROP / 2] * 2)
-                near = min(again, key=lambda f: np.linalg.norm((f.box[:2] + f.box[2:]) / 2 - centre))
-                face.kps = (near.kps - affine[:, 2]) / scale
+            again = self._scrfd.central(crop, self.CROP)
+            if again is not None:
+                face.kps = (again.kps - affine[:, 2]) / scale
             found = mesh.process(crop).multi_face_landmarks
             if found:
                 pts = np.array([(p.x, p.y, p.z) for p in found[0].landmark], dtype=np.float32) * self.CROP
