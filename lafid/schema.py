@@ -72,9 +72,12 @@ FACE = [
     _field("frame_box", pa.list_(_box), "tracked face box x0,y0,x1,y1, normalised to [0,1]"),
     _field("frame_kps", pa.list_(_kps),
            "tracked face's 5 landmarks x0,y0,...,x4,y4 in ArcFace order (eye centres, nose tip, mouth corners, "
-           "image-left first), normalised to [0,1] by frame width/height (null: no mesh)"),
+           "image-left first), normalised to [0,1] by frame width/height; from the mesh, or SCRFD's own with "
+           "detector=scrfd (null: none)"),
     _field("frame_score", _f32s, "detection score of the tracked face"),
     _field("frame_yaw", _f32s, "head yaw in degrees; positive = face turned to the image's right"),
+    _field("frame_yaw_beyond", pa.list_(pa.bool_()),
+           "yaw past what the estimator measures (scrfd: |yaw| > 75); frame_yaw then holds that bound, signed"),
     _field("frame_pitch", _f32s, "head pitch in degrees; positive = looking up"),
     _field("frame_roll", _f32s, "head roll in degrees; positive = head tilted clockwise in the image"),
     _field("frame_blur", _f32s, "Laplacian variance of the face crop (higher = sharper)"),

@@ -1,7 +1,9 @@
 """Face Constraints: one dominant, large, sharp face whose head pose moves.
 
-Decodes each clip's sampled frames once, runs mediapipe face detection and the
-478-point face mesh (`lafid.face.detect`), chooses the clip's subject once
+Decodes each clip's sampled frames once, finds faces and their 478-point face mesh
+(`lafid.face.detect`: mediapipe detection + tracking mesh, or SCRFD + a mesh per
+face crop with yaw from SCRFD's 5 landmarks, which keeps profiles; see
+docs/pose.md for the rig measurements behind the choice), chooses the clip's subject once
 (`lafid.face.track.follow`) and measures per frame: face count, the subject's box,
 score and 5 landmarks, yaw/pitch/roll, blur, area and mouth opening. Clips are kept
 or rejected by the recipe's thresholds (LaFID's face count, face proportion and face
@@ -13,13 +15,14 @@ stages never decode, detect or choose again.
 from __future__ import annotations
 
 from collections import Counter
+from typing import Literal
 
 import cv2
 import numpy as np
 from pydantic import Field
 
-from lafid.face.detect import MediapipeFaces, face_blur, square_crop
-from lafid.face.pose import five_points, head_pose, mouth_opening, pose_bucket
+from lafid.face.detect import Face, MediapipeFaces, ScrfdMeshFaces, face_blur, square_crop
+from lafid.face.pose import five_points, head_pose, kps_pose, mouth_opening, pose_bucket
 from lafid.face.track import follow
 from lafid.handoff import FACE_CROP_MARGIN, FACE_CROP_SIZE
 from lafid.item import Item
@@ -32,6 +35,10 @@ class FaceConstraintsParams(StageParams):
     sample_fps: float = Field(2.0, gt=0, description="frames analysed per second of clip")
     max_side: int = Field(640, ge=64, description="frames are downsized to this longest side for analysis")
     min_side: int = Field(320, ge=64, description="smaller frames are upsized to this shortest side (mesh accuracy)")
+    detector: Literal["mediapipe", "scrfd"] = Field(
+        "mediapipe", description="mediapipe: detection + tracking mesh, yaw from the mesh's axes (reads large yaw low, "
+        "loses profiles); scrfd: SCRFD + mesh per face crop, yaw from SCRFD's 5 landmarks (docs/pose.md)")
+    det_size: int = Field(640, ge=160, description="scrfd: detector input side")
     detector_range: int = Field(1, ge=0, le=1, description="mediapipe model: 0 = short range (<2 m), 1 = full range")
     min_det_score: float = Field(0.5, ge=0, le=1, description="face detection (and mesh) confidence")
     max_faces: int = Field(4, ge=1, description="faces meshed per frame")
@@ -53,7 +60,10 @@ class FaceConstraints(Stage):
 
     def setup(self) -> None:
         p: FaceConstraintsParams = self.params
-        self._faces = MediapipeFaces(p.detector_range, p.min_det_score, p.max_faces, p.minor_face_ratio)
+        if p.detector == "scrfd":
+            self._faces = ScrfdMeshFaces(p.min_det_score, p.max_faces, p.minor_face_ratio, p.det_size)
+        else:
+            self._faces = MediapipeFaces(p.detector_range, p.min_det_score, p.max_faces, p.minor_face_ratio)
 
     def teardown(self) -> None:
         self._faces.close()
@@ -99,13 +109,20 @@ class FaceConstraints(Stage):
             "area": face.area / (w * h),
             "blur": face_blur(frame, face.box),
             "crop": crop,
-            "yaw": np.nan, "pitch": np.nan, "roll": np.nan, "mouth_open": np.nan, "landmarks5": None,
-            "kps": None,
+            "yaw": np.nan, "pitch": np.nan, "roll": np.nan, "yaw_beyond": False, "mouth_open": np.nan,
+            "landmarks5": None, "kps": None,
         }
+        lm5 = None
         if face.mesh is not None:
             m["yaw"], m["pitch"], m["roll"] = head_pose(face.mesh)
             m["mouth_open"] = mouth_opening(face.mesh)
             lm5 = five_points(face.mesh)
+        if face.kps is not None:  # SCRFD: yaw and ArcFace's landmarks from its 5 points, which hold up in profile
+            yaw, pitch, roll, m["yaw_beyond"] = kps_pose(face.kps, w, h)
+            m["yaw"], lm5 = yaw, np.asarray(face.kps, np.float32)
+            if face.mesh is None:
+                m["pitch"], m["roll"] = pitch, roll
+        if lm5 is not None:
             m["kps"] = (lm5 / np.array([w, h], np.float32)).ravel()
             m["landmarks5"] = (lm5 @ affine[:, :2].T + affine[:, 2]).astype(np.float32)
         return m
@@ -138,6 +155,7 @@ class FaceConstraints(Stage):
             "frame_kps": [None if m is None or m["kps"] is None else m["kps"].tolist() for m in tracked],
             "frame_score": series("score"),
             "frame_yaw": yaw.tolist(),
+            "frame_yaw_beyond": [m is not None and bool(m["yaw_beyond"]) for m in tracked],
             "frame_pitch": pitch.tolist(),
             "frame_roll": roll.tolist(),
             "frame_blur": blur.tolist(),

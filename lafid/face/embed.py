@@ -223,14 +223,8 @@ class ArcFaceEncoder(IdentityEncoder):
 
     def _scrfd_landmarks(self, crop: np.ndarray) -> np.ndarray | None:
         """5 landmarks of the SCRFD face nearest the centre of a hand-off crop (the box sits centred)."""
-        if self._scrfd is None:
-            return None
-        faces = self._scrfd.detect(crop)
-        if not faces:
-            return None
-        centre = np.array(crop.shape[1::-1], np.float32) / 2
-        best = min(faces, key=lambda f: np.linalg.norm((f.box[:2] + f.box[2:]) / 2 - centre))
-        return best.kps
+        face = None if self._scrfd is None else self._scrfd.central(crop)
+        return None if face is None else face.kps
 
     def _embed_batch(self, chips: list[np.ndarray]) -> np.ndarray:
         blob = arcface_blob(chips)

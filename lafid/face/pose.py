@@ -1,13 +1,19 @@
-"""Head pose from a 478-point face mesh, and the EFHQ pose buckets.
+"""Head pose from a 478-point face mesh or from 5 detector landmarks, and the EFHQ pose buckets.
 
-The mesh's own 3D points give the head axes directly (eye line and forehead-chin
-line), so no generic 3D face model or camera intrinsics are needed. Angles are in
-degrees, in the image's frame: yaw > 0 = face turned toward the image's right,
-pitch > 0 = looking up, roll > 0 = head tilted clockwise on screen.
+`head_pose`: the mesh's own 3D points give the head axes directly (eye line and
+forehead-chin line). Measured on the ground-truth rig (`lafid.rig`,
+benchmarks/pose_accuracy.py) it reads yaw about 0.7x the truth, saturates near 40
+degrees and falls back to small angles in profile. `kps_pose`: the 5 SCRFD
+landmarks fitted to a generic 3D face (solvePnP) stay monotone up to about 80
+degrees; their yaw is scaled by a gain measured on the rig and anything beyond
+MAX_KPS_YAW is flagged as past what it can measure. Angles are in degrees, in the
+image's frame: yaw > 0 = face turned toward the image's right, pitch > 0 = looking
+up, roll > 0 = head tilted clockwise on screen.
 """
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 # Face-mesh indices (mediapipe 468/478-point topology).
@@ -36,6 +42,42 @@ def head_pose(points: np.ndarray) -> tuple[float, float, float]:
     pitch = np.degrees(np.arctan2(-forward[1], np.hypot(forward[0], forward[2])))
     roll = np.degrees(np.arctan2(x_axis[1], x_axis[0]))
     return float(yaw), float(pitch), float(roll)
+
+
+# Generic 3D face for the 5 ArcFace landmarks (eye centres, nose tip, mouth corners), in face heights
+# (forehead to chin), x right, y down, z away from the camera: a frontal face mesh's own points, made symmetric.
+KPS_MODEL = np.array([[-0.2, -0.195, 0.064], [0.2, -0.195, 0.064], [0.0, 0.03, -0.22],
+                      [-0.175, 0.223, 0.006], [0.175, 0.223, 0.006]])
+# Rig-measured: solvePnP on SCRFD's 5 landmarks reads yaw low by this factor (least squares of true over
+# raw yaw, 10 < |yaw| < 75: astronaut 1.28, Grace Hopper 1.26, carphone 1.26 with faces 30-50% of the frame height,
+# 1.19-1.38 at 12-20%; benchmarks/pose_accuracy.py).
+KPS_YAW_GAIN = 1.25
+# Beyond this the 5 landmarks no longer tell 75 from 90 degrees (rig: readings saturate).
+MAX_KPS_YAW = 75.0
+
+
+def kps_angles(kps: np.ndarray, width: int, height: int) -> tuple[float, float, float]:
+    """Raw (yaw, pitch, roll) of 5 landmarks in pixels of a width x height frame: solvePnP on KPS_MODEL."""
+    f = 1.5 * max(width, height)  # about a 37 degree field of view; the fit is insensitive to it
+    camera = np.array([[f, 0, width / 2], [0, f, height / 2], [0, 0, 1]])
+    image = np.asarray(kps, np.float64).reshape(5, 2)
+    _, rvec, tvec = cv2.solvePnP(KPS_MODEL, image, camera, None, flags=cv2.SOLVEPNP_SQPNP)
+    _, rvec, tvec = cv2.solvePnP(KPS_MODEL, image, camera, None, rvec, tvec, True, flags=cv2.SOLVEPNP_ITERATIVE)
+    forward = cv2.Rodrigues(rvec)[0] @ np.array([0.0, 0.0, -1.0])
+    yaw = np.degrees(np.arctan2(forward[0], -forward[2]))
+    pitch = np.degrees(np.arctan2(-forward[1], np.hypot(forward[0], forward[2])))
+    eyes = image[1] - image[0]
+    return float(yaw), float(pitch), float(np.degrees(np.arctan2(eyes[1], eyes[0])))
+
+
+def kps_pose(kps: np.ndarray, width: int, height: int) -> tuple[float, float, float, bool]:
+    """(yaw, pitch, roll, beyond) from 5 landmarks: `kps_angles` with yaw scaled by KPS_YAW_GAIN.
+
+    `beyond` flags a face turned past MAX_KPS_YAW: its yaw is reported as that bound
+    with the measured sign, not as a smaller wrong angle."""
+    yaw, pitch, roll = kps_angles(kps, width, height)
+    yaw *= KPS_YAW_GAIN
+    return float(np.clip(yaw, -MAX_KPS_YAW, MAX_KPS_YAW)), pitch, roll, bool(abs(yaw) > MAX_KPS_YAW)
 
 
 def five_points(points: np.ndarray) -> np.ndarray:
