@@ -407,7 +407,8 @@ def generate(
     bench: Path = typer.Argument(..., help="a bench folder (lafid bench build)"),
     out: Path = typer.Option(..., "--out", "-o", help="folder for <case_id>.mp4"),
     recipe: str = typer.Option(..., "--recipe", "-r", help="the CoFE recipe the checkpoint was trained with"),
-    checkpoint: Path = typer.Option(..., help="a `lafid train` checkpoint-N folder (trainable.safetensors)"),
+    checkpoint: Path = typer.Option(..., help="a `lafid train` checkpoint-N folder (ema.safetensors or "
+                                                            "trainable.safetensors)"),
     model_dir: Optional[Path] = typer.Option(None, help="local diffusers Wan pipeline folder; default: the recipe's parts"),
     frames: int = typer.Option(17, help="frames per video (Wan: 4k+1)"),
     height: int = typer.Option(480),
@@ -416,6 +417,8 @@ def generate(
     guidance: float = typer.Option(5.0, help="classifier-free guidance scale (text)"),
     seed: int = typer.Option(0),
     fps: float = typer.Option(16.0, help="frame rate written to the mp4"),
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="the checkpoint's EMA weights (ema.safetensors) when it "
+                                                         "has them, or its last trained weights"),
 ) -> None:
     """One mp4 per bench case from a Wan pipeline with the trained CoFE attached; skips cases already written."""
     from rich.progress import Progress
@@ -427,7 +430,7 @@ def generate(
     with _exit_on(RecipeError, FileNotFoundError):
         load_cofe_recipe(recipe)
     settings = GenerateSettings(num_frames=frames, height=height, width=width, steps=steps, guidance=guidance,
-                                seed=seed, fps=fps)
+                                seed=seed, fps=fps, ema=ema)
     from lafid.bench.build import load_cases
 
     with _exit_on(FileNotFoundError):

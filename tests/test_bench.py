@@ -244,7 +244,7 @@ def tiny_wan(tmp_path_factory):
     (root / "checkpoint-1").mkdir()
     save_file({k: v.detach().contiguous() for k, v in model.trainable_state().items()},
               root / "checkpoint-1" / "trainable.safetensors")
-    loaded, _ = load_model("cofe_tiny", root / "checkpoint-1", root / "wan")
+    loaded, _, _ = load_model("cofe_tiny", root / "checkpoint-1", root / "wan")
     trained = model.trainable_state()
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in trained.items())  # not a fresh init
     return root / "wan", root / "checkpoint-1"

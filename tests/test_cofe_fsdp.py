@@ -73,20 +73,20 @@ def _fsdp_job(rank: int, world: int, port: int, shards: str, root: str) -> None:
     straight = Trainer(tiny_recipe(shards, root / "straight", **settings))
     assert straight.sharded and straight.acc.num_processes == world
     losses = straight.fit(progress=False).losses
-    whole = gathered_state(straight.core)
+    whole = gathered_state(straight.core.trainable_state())
     first = Trainer(tiny_recipe(shards, root / "split", **settings))
     first.fit(steps=n, progress=False)
-    after_n = gathered_state(first.core)
+    after_n = gathered_state(first.core.trainable_state())
     resumed = Trainer(tiny_recipe(shards, root / "split", **settings))
     resumed.load(latest_checkpoint(root / "split"))
     again = resumed.fit(progress=False).losses
     if rank == 0:
         save_file(whole, str(root / "straight.safetensors"))
-        save_file(gathered_state(resumed.core), str(root / "resumed.safetensors"))
+        save_file(gathered_state(resumed.core.trainable_state()), str(root / "resumed.safetensors"))
         save_file(after_n, str(root / "after_n.safetensors"))
         (root / "losses.json").write_text(json.dumps({"straight": losses, "resumed": again}))
     else:
-        gathered_state(resumed.core)  # a collective: every rank takes part
+        gathered_state(resumed.core.trainable_state())  # a collective: every rank takes part
 
 
 def test_fsdp_two_processes_save_sharded_and_resume_to_identical_parameters(pose_shards, tmp_path):  # noqa: F811
@@ -119,6 +119,11 @@ def test_fsdp_two_processes_save_sharded_and_resume_to_identical_parameters(pose
         a, b = r0[f"param.{k}"], r1[f"param.{k}"]
         assert a.shape[0] + b.shape[0] == v.shape[0] and torch.equal(torch.cat([a, b]), v)
         assert r0[f"optim.{k}.exp_avg"].shape == a.shape  # AdamW moments exist for the shard only
+    # the EMA is gathered too (what generate and load_cofe read), and it is not the raw weights
+    ema = load_file(str(ck / "ema.safetensors"))
+    assert ema.keys() == whole.keys()
+    assert all(torch.equal(torch.cat([r0[f"ema.{k}"], r1[f"ema.{k}"]]), v) for k, v in ema.items())
+    assert any(not torch.equal(ema[k], whole[k]) for k in whole)
 
 
 def test_one_loader_spans_epochs_and_the_position_follows(pose_shards, tmp_path, monkeypatch):  # noqa: F811

@@ -40,6 +40,7 @@ class GenerateSettings:
     seed: int = 0
     fps: float = 16.0
     negative_prompt: str = ""
+    ema: bool = True  # the checkpoint's EMA weights when it has them
 
 
 def _recipe(recipe: str | Path, model_dir: str | Path | None):
@@ -66,31 +67,28 @@ def _recipe(recipe: str | Path, model_dir: str | Path | None):
     })
 
 
-def load_model(recipe: str | Path, checkpoint: str | Path, model_dir: str | Path | None = None):
-    """(CoFEModel with the checkpoint's trainable weights, in eval mode; its recipe)."""
+def load_model(recipe: str | Path, checkpoint: str | Path, model_dir: str | Path | None = None, ema: bool = True):
+    """(CoFEModel with the checkpoint's weights, EMA ones unless `ema` is False (`checkpoint_weights`),
+    in eval mode; its recipe; the weights file read)."""
     import torch
-    from safetensors.torch import load_file
 
+    from lafid.cofe.api import checkpoint_weights
     from lafid.cofe.model import CoFEModel
 
-    ckpt = Path(checkpoint)
-    weights_file = ckpt / "trainable.safetensors" if ckpt.is_dir() else ckpt
-    if not weights_file.is_file():
-        raise FileNotFoundError(f"{checkpoint}: no trainable.safetensors (a `lafid train` checkpoint-N folder)")
+    weights, weights_file = checkpoint_weights(checkpoint, ema)
     r = _recipe(recipe, model_dir)
     torch.manual_seed(r.train.seed)  # as the trainer does: config-built parts get the weights training saw
     model = CoFEModel(r)
     if r.mode == "i2v" and model.transformer.config.in_channels != 2 * model.vae.config.z_dim + 4:
         raise ValueError(f"recipe {recipe} has mode i2v but its transformer takes "
                          f"{model.transformer.config.in_channels} channels, not an image-to-video transformer")
-    weights = load_file(str(weights_file))
     expected = set(model.trainable_state())
     missing, unknown = expected - set(weights), set(weights) - expected
     if missing or unknown:
         raise ValueError(f"{weights_file} does not fit recipe {recipe}: missing {sorted(missing)[:3]}, "
                          f"unexpected {sorted(unknown)[:3]}")
     model.load_state_dict(weights, strict=False)
-    return model.eval().requires_grad_(False), r
+    return model.eval().requires_grad_(False), r, weights_file
 
 
 def scheduler_for(r, model_dir: str | Path | None):
@@ -176,12 +174,12 @@ def generate(bench: str | Path, out: str | Path, recipe: str | Path, checkpoint:
     cases = load_cases(bench)
     todo = [c for c in cases if not (out / f"{c['case_id']}.mp4").exists()]
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(json.dumps({"bench": str(bench.resolve()), "recipe": str(recipe), "checkpoint": str(checkpoint),
-                                  "model_dir": None if model_dir is None else str(model_dir),
-                                  **s.__dict__}, indent=2) + "\n", out / SETTINGS)
     if not todo:
         return {"cases": len(cases), "written": 0, "skipped": len(cases)}
-    model, r = load_model(recipe, checkpoint, model_dir)
+    model, r, weights = load_model(recipe, checkpoint, model_dir, s.ema)
+    write_text_atomic(json.dumps({"bench": str(bench.resolve()), "recipe": str(recipe), "checkpoint": str(checkpoint),
+                                  "weights": str(weights), "model_dir": None if model_dir is None else str(model_dir),
+                                  **s.__dict__}, indent=2) + "\n", out / SETTINGS)
     scheduler = scheduler_for(r, model_dir)
     pipe = None
     if r.mode != "i2v":
