@@ -415,6 +415,9 @@ def generate(
     width: int = typer.Option(832),
     steps: int = typer.Option(30, help="denoising steps"),
     guidance: float = typer.Option(5.0, help="classifier-free guidance scale (text)"),
+    face_guidance: Optional[float] = typer.Option(
+        None, help="classifier-free guidance scale of the face, over the face-dropped branch (train.face_drop); "
+                   "0: the model without the face; default: the face in every branch, text guidance only"),
     seed: int = typer.Option(0),
     fps: float = typer.Option(16.0, help="frame rate written to the mp4"),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="the checkpoint's EMA weights (ema.safetensors) when it "
@@ -430,7 +433,7 @@ def generate(
     with _exit_on(RecipeError, FileNotFoundError):
         load_cofe_recipe(recipe)
     settings = GenerateSettings(num_frames=frames, height=height, width=width, steps=steps, guidance=guidance,
-                                seed=seed, fps=fps, ema=ema)
+                                seed=seed, fps=fps, ema=ema, face_guidance=face_guidance)
     from lafid.bench.build import load_cases
 
     with _exit_on(FileNotFoundError):
@@ -440,6 +443,8 @@ def generate(
         with _exit_on(RecipeError, FileNotFoundError, ValueError):
             done = run(bench, out, recipe, checkpoint, model_dir=model_dir, settings=settings,
                        on_case=lambda case, what: (bar.advance(task), console.print(f"{case}: {what}")))
+    for note in done["notes"]:
+        console.print(f"[yellow]note:[/yellow] {note}")
     console.print(f"{done['written']} videos written, {done['skipped']} already there, {done['cases']} cases")
     console.print(f"output: {out}")
 

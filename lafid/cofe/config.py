@@ -173,6 +173,11 @@ class CoFERecipe(StrictModel):
     identity: IdentityConfig = IdentityConfig()
     semantic: ModelSource
     detail: ModelSource
+    image_encoder: ModelSource | None = Field(
+        None, description="i2v with an image_dim transformer (Wan2.1 I2V): the CLIP vision tower of the image "
+                          "embedding, a Wan pipeline's image_encoder/ folder (its image_processor/ beside it); "
+                          "None: the semantic expert's CLIP, which a pretrained Wan2.1 I2V transformer was not "
+                          "trained with unless it is Wan's encoder")
     cofe: CoFEConfig = CoFEConfig()
     train: TrainConfig = TrainConfig()
 

@@ -6,7 +6,7 @@ FSDP plugin turns itself on only for accelerator devices, and applying FSDP2 her
 lets the same code run, and be tested, on CPU. Units, each gathered only while it
 computes: every Wan transformer block, every CoFE fusion gate + experts
 (`FaceFusion`), every face cross-attention, every shared projection; the root
-holds the rest of the transformer. The frozen VAE, text encoder and face experts
+holds the rest of the transformer. The frozen VAE, text encoder, face experts (and i2v image encoder)
 are left out (`ignored_params`): they run without gradients, through methods
 other than `forward`, and are whole on every rank (unused when training reads a
 cache). Gradients are reduce-scattered, so AdamW's moments exist only for each
@@ -38,7 +38,7 @@ def fully_shard_cofe(model: nn.Module, mixed_precision: str = "no", device: torc
     shards to this rank's device, the frozen encoders it leaves out go to `device` whole."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    encoders = [m for m in (model.vae, model.text, model.experts) if m is not None]
+    encoders = [m for m in (model.vae, model.text, model.experts, model.image_encoder) if m is not None]
     for m in encoders:
         m.to(device)
     ignored = {p for m in encoders for p in m.parameters()}
