@@ -385,6 +385,7 @@ def bench_eval(
     arcface_dir: Optional[Path] = typer.Option(None, help="insightface pack (antelopev2/buffalo_l); default embedded w600k_mbf"),
     curricular: Optional[Path] = typer.Option(None, help="CurricularFace IR-101 weights file (FaceSim-Cur)"),
     clip_dir: Optional[Path] = typer.Option(None, help="local CLIP model directory (CLIPScore)"),
+    fid_min_crops: int = typer.Option(500, help="face crops each side below which FID is null (lafid protocol)"),
 ) -> None:
     """FaceSim-Arc/Cur, CLIPScore, FID and face detection rate per pose bucket; JSON, Markdown and PNG."""
     from lafid.bench.evaluate import CHART, RESULTS_JSON, RESULTS_MD, evaluate
@@ -393,7 +394,7 @@ def bench_eval(
     with _exit_on(FileNotFoundError, ValueError):
         result = evaluate(bench, out, videos=videos, real=real, protocol=protocol, frames=frames,
                           arcface_dir=arcface_dir, curricular=curricular, clip_dir=clip_dir,
-                          on_case=lambda r: console.print(f"{r['case_id']} [{r['pose_bucket']}] faces "
+                          fid_min_crops=fid_min_crops, on_case=lambda r: console.print(f"{r['case_id']} [{r['pose_bucket']}] faces "
                                                           f"{r['faces']}/{r['frames']} FaceSim-Arc "
                                                           f"{r['facesim_arc']:.3f}", highlight=False))
     typer.echo((out / RESULTS_MD).read_text())

@@ -225,7 +225,57 @@ def test_consisid_protocol_fid_per_frame_against_the_reference_and_bgr_clip(one_
     theirs = [every[int(i * len(every) / 16)][..., ::-1].copy() for i in range(16)]  # BGR, their indices
     assert case["clipscore"] == pytest.approx(float(ClipScorer(tiny_clip).score(theirs, PROMPT).mean()), abs=1e-3)
     lafid = evaluate(one_case, tmp_path / "res2", real=True, frames=4)
-    assert lafid["frames_per_video"] == 4 and lafid["overall"]["fid"].startswith("not applicable")
+    assert lafid["frames_per_video"] == 4 and lafid["overall"]["fid"] is None
+    assert lafid["overall"]["fid_note"].startswith("not applicable")
+
+
+def test_consisid_frame_indices_truncate_as_their_linspace():
+    from lafid.bench.evaluate import frame_indices
+
+    for count in (49, 81):
+        theirs = frame_indices(count, 16, "linspace_int")
+        assert theirs == np.linspace(0, count - 1, 16, dtype=int).tolist()
+        rounded = frame_indices(count, 16)
+        differ = sum(a != b for a, b in zip(theirs, rounded))
+        print(f"{count} frames: {differ} of 16 indices differ from rounding")
+        assert differ >= 5  # the control: rounding is not their spacing
+
+
+def test_fid_is_on_face_crops_and_null_below_the_minimum(bench, tmp_path):
+    """"Generated" videos = the real targets with everything but the head painted green: their face crops
+    are the targets' crops, their frames are not. FID on face crops stays near the re-encoding level;
+    on whole frames (the control, computed here) it is far larger. Below --fid-min-crops: null + reason."""
+    from lafid.bench.evaluate import Span, evaluate, read_frames, spread
+    from lafid.bench.metrics import FaceMeter, Inception, frechet_distance
+
+    meter, videos = FaceMeter(), tmp_path / "videos"
+    videos.mkdir()
+    cases = load_cases(bench)
+    for c in cases:
+        painted = []
+        for f in read_frames(c["source"], c["start_s"], c["end_s"]):
+            x0, y0, x1, y1 = meter.detector.detect(f)[0].box
+            w, h = (x1 - x0) / 2, (y1 - y0) / 2  # the head: the face box and half its size around it
+            head = np.s_[max(0, int(y0 - h)):int(y1 + h), max(0, int(x0 - w)):int(x1 + w)]
+            g = np.zeros_like(f)
+            g[..., 1] = 200
+            g[head] = f[head]
+            painted.append(g)
+        media.write_video(str(videos / f"{c['case_id']}.mp4"), painted, float(c["fps"]))
+    res = evaluate(bench, tmp_path / "res", videos=videos, frames=8, fid_min_crops=8)
+    fid = res["overall"]["fid"]
+    net = Inception()
+    whole = [net.features(spread(s, 8)) for c in cases for s in (
+        Span(c["source"], c["start_s"], c["end_s"], float(c["fps"])),
+        Span(str(videos / f"{c['case_id']}.mp4"), 0.0, 1e9, float(c["fps"])))]
+    frames_fid = frechet_distance(np.concatenate(whole[1::2]), np.concatenate(whole[::2]))
+    print(f"\nFID face crops {fid:.1f} ({res['overall']['fid_crops']} crops), whole frames {frames_fid:.1f}")
+    assert res["overall"]["fid_crops"] == [8 * len(cases)] * 2
+    assert fid < 0.25 * frames_fid
+    assert res["overall"]["facesim_arc_per_identity"].keys() == {c["identity_id"] for c in cases}
+    guarded = evaluate(bench, tmp_path / "res2", videos=videos, frames=8, fid_min_crops=100)
+    assert guarded["overall"]["fid"] is None and "16 < 100" in guarded["overall"]["fid_note"]
+    assert "too few face crops" in (tmp_path / "res2" / "results.md").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -425,6 +475,14 @@ def test_curricularface_loads_an_ir_state_dict_and_refuses_another(tmp_path):
     crops = [np.full((224, 224, 3), v, np.uint8) for v in (30, 200)]
     emb = cur.embed(crops)
     assert emb.shape == (2, 512) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    import cv2
+
+    # ConsisID resizes the 224 crop bilinearly, lafid by area: at an exact 2x both average 2x2 blocks
+    detail = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    assert np.array_equal(cv2.resize(detail, (112, 112), interpolation=cv2.INTER_LINEAR),
+                          cv2.resize(detail, (112, 112), interpolation=cv2.INTER_AREA))
+    assert not np.array_equal(cv2.resize(detail, (100, 100), interpolation=cv2.INTER_LINEAR),  # not in general
+                              cv2.resize(detail, (100, 100), interpolation=cv2.INTER_AREA))
     with pytest.raises(ValueError, match="CurricularFace IR-101"):
         CurricularFace(tmp_path / "ir.pth")  # IR-101 layout expected, a 4-unit net given
 
