@@ -3,7 +3,8 @@ the dev set) -> identities -> bench build -> eval --real; identity-disjoint trai
 `lafid generate` with a tiny random Wan pipeline on CPU, then eval of what it wrote.
 
 Measured here (embedded ArcFace w600k_mbf + SCRFD-500M, 16 frames): real clips score FaceSim-Arc
-0.92 and 0.82 against their own reference, 0.002 and 0.021 against another person's.
+0.81 (carphone, reference from its mirrored video) and 0.92 (the woman, one clip: her own reference),
+0.025 and 0.002 against another person's.
 """
 
 from __future__ import annotations
@@ -120,6 +121,8 @@ def test_eval_real_scores_own_reference_high_and_another_persons_low(bench, tmp_
     assert res["models"]["facesim_arc"].startswith("arcface:w600k_mbf")
     assert res["models"]["facesim_cur"] == res["models"]["clipscore"] == "not computed"
     assert len(res["cases"]) == 2
+    print("\n" + "\n".join(f"{c['case_id']}: FaceSim-Arc own {c['facesim_arc']:.3f}, other {c['facesim_arc_other']:.3f}"
+                            for c in res["cases"]))
     for case in res["cases"]:
         assert case["faces"] == case["frames"] == 16
         assert case["facesim_arc"] > OWN_MIN, case
