@@ -211,10 +211,16 @@ class ImageEncoder(nn.Module):
     def build(cls, source: ModelSource | None, semantic: "VisionExpert", image_dim: int) -> "ImageEncoder":
         from transformers import CLIPImageProcessor, CLIPVisionModel
 
+        def processor_at(side: int):
+            return CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+
         if source is None:
-            side = semantic.image_size
-            processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
-            encoder = cls(semantic.model, processor, "the semantic expert's CLIP")
+            encoder = cls(semantic.model, processor_at(semantic.image_size), "the semantic expert's CLIP")
+        elif source.path is None:  # an architecture config: random weights (sizing, tests)
+            from transformers import CLIPVisionConfig
+
+            tower = CLIPVisionModel(CLIPVisionConfig(**source.config))
+            encoder = cls(tower, processor_at(tower.config.image_size), "image_encoder config")
         else:
             path = Path(source.path)
             tower = CLIPVisionModel.from_pretrained(str(path), local_files_only=True)
