@@ -65,7 +65,8 @@ def build_adapter(transformer_config, expert_dims: dict[str, int], recipe: CoFER
     dim = transformer_config.num_attention_heads * transformer_config.attention_head_dim
     return CoFEAdapter(dim, transformer_config.num_layers, expert_dims, face_tokens=c.face_tokens, heads=c.heads,
                        expert_hidden=c.expert_hidden, gate_hidden=c.gate_hidden, gate_inputs=c.gate_inputs,
-                       injection=c.injection, id_projection=c.id_projection, null_key=c.null_key)
+                       injection=c.injection, id_projection=c.id_projection, null_key=c.null_key,
+                       dropped=c.drop_experts, uniform_gate=c.gate == "uniform")
 
 
 def image_encoder(recipe: CoFERecipe, experts: FaceExperts, image_dim: int | None,
