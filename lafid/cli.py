@@ -421,6 +421,7 @@ def generate(
                    "0: the model without the face; default: the face in every branch, text guidance only"),
     seed: int = typer.Option(0),
     fps: float = typer.Option(16.0, help="frame rate written to the mp4"),
+    device: Optional[str] = typer.Option(None, help="torch device (cuda, cuda:1, cpu); default: cuda when present"),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="the checkpoint's EMA weights (ema.safetensors) when it "
                                                          "has them, or its last trained weights"),
 ) -> None:
@@ -434,7 +435,8 @@ def generate(
     with _exit_on(RecipeError, FileNotFoundError):
         load_cofe_recipe(recipe)
     settings = GenerateSettings(num_frames=frames, height=height, width=width, steps=steps, guidance=guidance,
-                                seed=seed, fps=fps, ema=ema, face_guidance=face_guidance)
+                                seed=seed, fps=fps, ema=ema, face_guidance=face_guidance,
+                                device=device)
     from lafid.bench.build import load_cases
 
     with _exit_on(FileNotFoundError):

@@ -44,6 +44,7 @@ class GenerateSettings:
     negative_prompt: str = ""
     face_guidance: float | None = None  # None: the face in every branch, text guidance only (`guided_velocity`)
     ema: bool = True  # the checkpoint's EMA weights when it has them
+    device: str | None = None  # None: the GPU when there is one, else the CPU
 
 
 def _recipe(recipe: str | Path, model_dir: str | Path | None):
@@ -227,6 +228,7 @@ def generate(bench: str | Path, out: str | Path, recipe: str | Path, checkpoint:
     if not todo:
         return {"cases": len(cases), "written": 0, "skipped": len(cases), "notes": []}
     model, r, weights = load_model(recipe, checkpoint, model_dir, s.ema)
+    model.to(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     notes = []
     if s.face_guidance is not None and not r.train.face_drop:
         notes.append("--face-guidance with a recipe trained without face dropout (train.face_drop 0): the "
