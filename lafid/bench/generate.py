@@ -206,9 +206,10 @@ def image_encoder_note(model, trained) -> str | None:
         a, b = model.experts.semantic.model.state_dict(), encoder.tower.state_dict()
         if a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a):
             return None
-    was = trained.image_encoder.path if trained.image_encoder else "the semantic expert's CLIP"
-    return (f"training embedded i2v first frames with {was}; generation uses {encoder.name}, other weights: "
-            "the trained CoFE saw other image embeddings")
+        return (f"training embedded i2v first frames with the semantic expert's CLIP; generation uses "
+                f"{encoder.name}, other weights: the trained CoFE saw other image embeddings")
+    return (f"training embedded i2v first frames with {trained.image_encoder.path}; generation uses "
+            f"{encoder.name}: unless both hold the same weights, the trained CoFE saw other image embeddings")
 
 
 def generate(bench: str | Path, out: str | Path, recipe: str | Path, checkpoint: str | Path,
