@@ -133,6 +133,34 @@ def labelled_clips(folder: Path | None = None) -> list[tuple[Path, DevClip]]:
     return [(root / c.file, c) for c in CLIPS] + [(root / "extra" / c.file, c) for c in EXTRA]
 
 
+# The same content as other encoders and containers write it: a speaking decision
+# that changes between these is noise, not a measurement. name -> (suffix, ffmpeg output args).
+ENCODINGS = {
+    "crf18": (".mp4", [*_VENC, "-c:a", "aac", "-b:a", "128k"]),
+    "crf30": (".mp4", [*_VENC[:4], "-crf", "30", *_VENC[6:], "-c:a", "aac", "-b:a", "64k"]),
+    "360p": (".mp4", [*_VENC, "-vf", "scale=-2:360", "-c:a", "aac", "-b:a", "96k"]),
+    "vp9": (".webm", ["-c:v", "libvpx-vp9", "-crf", "34", "-b:v", "0", "-deadline", "realtime", "-cpu-used", "8",
+                      "-threads", "2", "-c:a", "libopus", "-b:a", "64k"]),
+    "mov": (".mov", ["-c", "copy"]),
+    "mkv": (".mkv", ["-c", "copy"]),
+}
+
+
+def encoded(path: Path, encoding: str, folder: Path | None = None) -> Path:
+    """`path` re-encoded or remuxed as ENCODINGS[encoding], made once into `folder`
+    (default: beside the dev set, under encoded/<encoding>/)."""
+    suffix, args = ENCODINGS[encoding]
+    folder = Path(folder or default_dir() / "encoded") / encoding
+    out = folder / (Path(path).stem + suffix)
+    if not out.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.stem}.part{suffix}")
+        _ffmpeg("-i", str(path), "-map", "0:v:0", "-map", "0:a?", *args, "-map_metadata", "-1",
+                "-fflags", "+bitexact", str(tmp))
+        tmp.replace(out)  # complete files only: a killed run leaves no half-written clip
+    return out
+
+
 def _download(dest: Path) -> dict[str, Path]:
     dest.mkdir(parents=True)
     found = {}
