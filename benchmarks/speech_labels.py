@@ -2,7 +2,7 @@
 
 Every clip of the dev set and its extra talkers (`make dev-media`) is judged as
 it is and re-encoded (`lafid.devset.ENCODINGS`: H.264 CRF 18 and 30, 360p,
-VP9/WebM, MOV and MKV remux) through Face Constraints (loosened so every clip is
+VP9/WebM, MOV and MKV remux), and its first 3 s in each encoding, through Face Constraints (loosened so every clip is
 kept: the point is the speech decision) and Speech Disambiguation with the
 recipe's parameters. Printed:
 - per clip and encoding the label and its evidence; precision of `speaking` and
@@ -17,7 +17,8 @@ recipe's parameters. Printed:
 - the labels those thresholds would give, replayed from the stored columns.
 Only labels.csv says which clip is which; no file name enters a decision.
 
-    python benchmarks/speech_labels.py [--recipe lafid180k] [--false-alarm 0.01] [--lip-detector vvad]
+    PYTHONPATH=. python benchmarks/speech_labels.py [--recipe lafid180k] [--false-alarm 0.01] [--excerpt-s 3]
+                                                      [--lip-detector vvad]
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ LOOSE_FACES = {"sample_fps": 8.0, "min_face_ratio": 0.3, "min_single_face_ratio"
 CONFIDENT = ("speaking", "voice_over")
 SHIFTS_S = (1.0, 1.5, 2.0, 2.5)  # own voice moved by this much: out of step, with a true peak at the shift
 MIN_LONG_S = 3.3  # the uncertain-share target counts clips at least this long
+WINDOWS_S = (4.0, 6.0)  # parts of each clip that enter the null distribution beside the whole clip
+OTHER_OFFSETS_S = (0.0, 1.7, 3.1)  # each other voice enters at these offsets
 
 
 def speech_params(recipe: str) -> dict:
@@ -68,7 +71,17 @@ class Recorder:
             self.seconds += time.process_time() - start
 
 
-def judge_all(params: dict) -> tuple[list[dict], float, float, float]:
+def variants(path, excerpt_s: float | None):
+    """(encoding name, clip suffix, file) for the clip as it is, in every encoding, and its first
+    `excerpt_s` seconds in every encoding (short clips are where chance agreement is largest)."""
+    yield "original", "", path
+    for encoding in devset.ENCODINGS:
+        yield encoding, "", devset.encoded(path, encoding)
+    for encoding in devset.ENCODINGS if excerpt_s else ():
+        yield encoding, f"[:{excerpt_s:g}s]", devset.encoded(path, encoding, seconds=excerpt_s)
+
+
+def judge_all(params: dict, excerpt_s: float | None) -> tuple[list[dict], float, float, float]:
     """One row per clip x encoding; plus stage CPU-s, mouth-pass CPU-s and speech-seconds."""
     faces, speech = StageWorker(FaceConstraints(LOOSE_FACES)), StageWorker(SpeechDisambiguation(params))
     mouth = Recorder(speech.stage.mouth.series)
@@ -76,19 +89,20 @@ def judge_all(params: dict) -> tuple[list[dict], float, float, float]:
     rows, stage_cpu, speech_s = [], 0.0, 0.0
     try:
         for path, clip in devset.labelled_clips():
-            for encoding in ("original", *devset.ENCODINGS):
-                source = path if encoding == "original" else devset.encoded(path, encoding)
+            for encoding, part, source in variants(path, excerpt_s):
                 info = probe(str(source))
                 item = Item(source=str(source), video_id=content_id(str(source)), clip_index=0, clip_count=1,
                             start_s=0.0, end_s=info.duration_s, columns={"fps": info.fps})
                 (item,), _ = faces.run([item])
+                if item.rejected:  # too few face frames in a short excerpt: no speech decision to judge
+                    continue
                 mouth.last = None
                 start = time.process_time()
                 (item,), _ = speech.run([item])
                 stage_cpu += time.process_time() - start
                 c = item.columns
                 speech_s += sum(e - s for s, e in c.get("speech_segments") or [])
-                rows.append({"clip": clip.file, "encoding": encoding, "expected": clip.expected,
+                rows.append({"clip": clip.file + part, "encoding": encoding, "expected": clip.expected,
                              "accepted": [clip.expected, *clip.accepted], "duration_s": info.duration_s,
                              "label": c.get("speaking_label"), "columns": c, "series": mouth.last,
                              "source": str(source)})
@@ -123,12 +137,17 @@ def print_figures(title: str, fig: dict) -> None:
           f"{len(fig['changes'])} {fig['changes']}")
 
 
-def spread(rows: list[dict], max_still_lips: float) -> dict:
+def speech_seconds(row: dict) -> float:
+    return sum(e - s for s, e in row["columns"].get("speech_segments") or [])
+
+
+def spread(rows: list[dict], p: SpeechDisambiguationParams) -> dict:
     """Per score, the range (max - min) each clip's value spans across its encodings; `moving_sync`
-    is av_sync of the clips whose lips move in every encoding (the out-of-step rule reads it)."""
+    is av_sync where the out-of-step rule reads it: lips that move, speech long enough for sync."""
     out = {}
     moving = {r["clip"] for r in rows} - {r["clip"] for r in rows
-                                          if (r["columns"].get("lip_activity") or 0.0) < max_still_lips}
+                                          if (r["columns"].get("lip_activity") or 0.0) < p.max_still_lips
+                                          or speech_seconds(r) < p.min_sync_speech_s}
     for key, clips in (("av_sync", None), ("moving_sync", moving), ("av_peak_z", None), ("lip_activity", None)):
         ranges = {}
         for clip in clips or {r["clip"] for r in rows}:
@@ -140,35 +159,47 @@ def spread(rows: list[dict], max_still_lips: float) -> dict:
     return out
 
 
-def null_distribution(rows: list[dict], max_lag_s: float) -> dict:
-    """In-step scores and out-of-step peaks of own, shifted and other voices (module docstring)."""
+def windows(row: dict, min_speech_s: float) -> list[tuple[float, float]]:
+    """The whole clip and sliding WINDOWS_S-long parts of it that hold at least `min_speech_s` of
+    speech: the null must cover the short clips real footage brings, not only whole dev clips."""
+    dur, segs = row["duration_s"], row["columns"]["speech_segments"]
+    spans = [(0.0, dur)] + [(float(a), float(a) + w) for w in WINDOWS_S for a in np.arange(0.0, dur - w + 1e-9, 1.0)]
+    return [(a, b) for a, b in spans if sum(max(0.0, min(e, b) - max(s, a)) for s, e in segs) >= min_speech_s]
+
+
+def null_distribution(rows: list[dict], p: SpeechDisambiguationParams) -> dict:
+    """In-step scores and out-of-step peaks of own, shifted and other voices (module docstring),
+    over every window of every `speaking` clip in every encoding."""
     own = [r for r in rows if r["expected"] == "speaking" and r["series"] is not None]
-    voices = {r["clip"]: extract_audio(r["source"], 0.0, r["duration_s"]).samples
-              for r in own if r["encoding"] == "original"}
+    audio = {r["source"]: extract_audio(r["source"], 0.0, r["duration_s"]).samples for r in own}
+    voices = {r["clip"]: audio[r["source"]] for r in own if r["encoding"] == "original"}
     out = defaultdict(list)
     for r in own:
-        s = r["series"]
-        audio = extract_audio(r["source"], 0.0, r["duration_s"]).samples
+        s, a = r["series"], audio[r["source"]]
+        height = s.lip_height
+        for w0, w1 in windows(r, p.min_sync_speech_s):
+            inside = (s.t >= w0) & (s.t < w1)
+            cut = slice(int(w0 * RATE), int(w1 * RATE))
 
-        def scored(a):
-            curve = lag_curve(s.t, s.lip_height, a)
-            return None if curve is None else score_curve(*curve, max_lag_s)
+            def scored(x):
+                curve = lag_curve(s.t[inside] - w0, height[inside], x[cut], p.min_sync_frames)
+                return None if curve is None else score_curve(*curve, p.max_lag_s)
 
-        res = scored(audio)
-        if res is not None:
-            out["own"].append(res.score)
-        for shift in SHIFTS_S:
-            res = scored(np.roll(audio, int(shift * RATE)))
+            res = scored(a)
             if res is not None:
-                out["shifted"].append(res.score)
-                found = res.peak_lag_s is not None and abs(res.peak_lag_s - shift) <= 0.15
-                out["shifted_peak"].append(res.peak_score if found else float("-inf"))
-        for clip, voice in voices.items():
-            if clip != r["clip"]:
-                res = scored(np.resize(voice, len(audio)))
+                out["own"].append(res.score)
+            for shift in SHIFTS_S:
+                res = scored(np.roll(a, int(shift * RATE)))
                 if res is not None:
-                    out["other"].append(res.score)
-                    out["other_peak"].append(-np.inf if res.peak_score is None else res.peak_score)
+                    out["shifted"].append(res.score)
+                    found = res.peak_lag_s is not None and abs(res.peak_lag_s - shift) <= 0.15
+                    out["shifted_peak"].append(res.peak_score if found else float("-inf"))
+            for clip, voice in voices.items():
+                for offset in OTHER_OFFSETS_S if clip != r["clip"] else ():
+                    res = scored(np.roll(np.resize(voice, len(a)), int(offset * RATE)))
+                    if res is not None:
+                        out["other"].append(res.score)
+                        out["other_peak"].append(float("-inf") if res.peak_score is None else res.peak_score)
     return out
 
 
@@ -199,13 +230,14 @@ def main() -> None:
     ap.add_argument("--recipe", default="lafid180k")
     ap.add_argument("--false-alarm", type=float, default=0.01, help="false-alarm rate of the operating point")
     ap.add_argument("--lip-detector", choices=["mesh", "vvad"], help="override the recipe's lip_detector")
+    ap.add_argument("--excerpt-s", type=float, default=3.0, help="also judge each clip's first seconds (0: no)")
     ap.add_argument("--json", help="also write the per-clip rows here")
     args = ap.parse_args()
 
     params = speech_params(args.recipe)
     if args.lip_detector:
         params["lip_detector"] = args.lip_detector
-    rows, stage_cpu, mouth_cpu, speech_s = judge_all(params)
+    rows, stage_cpu, mouth_cpu, speech_s = judge_all(params, args.excerpt_s)
 
     num = (lambda v, f: "-" if v is None else f.format(v))
     fmt = "{:<30} {:<8} {:<10} {:<10} {:>6} {:>6} {:>6} {:>6} {:>6} {:>5}  {}"
@@ -221,7 +253,7 @@ def main() -> None:
     print_figures(f"labels ({args.recipe}, {params.get('lip_detector', 'mesh')})", label_figures(rows, lambda r: r["label"]))
 
     stage = SpeechDisambiguationParams(**params)
-    spreads = spread(rows, stage.max_still_lips)
+    spreads = spread(rows, stage)
     print("\nlargest spread of a score across one clip's encodings (max - min)")
     for key, ranges in spreads.items():
         worst = sorted(ranges.items(), key=lambda kv: -kv[1])[:3]
@@ -231,8 +263,8 @@ def main() -> None:
         vals = [r["columns"].get("lip_activity") for r in rows if r["expected"] == lab]
         print(describe(lab, [v for v in vals if v is not None]))
 
-    null = null_distribution(rows, stage.max_lag_s)
-    print("\nnull distribution (speaking clips x encodings)")
+    null = null_distribution(rows, stage)
+    print(f"\nnull distribution (speaking clips x encodings x windows with >= {stage.min_sync_speech_s} s of speech)")
     print(describe("in-step score, own voice", null["own"]))
     print(describe("in-step score, own voice shifted", null["shifted"]))
     print(describe("in-step score, another voice", null["other"]))

@@ -146,16 +146,18 @@ ENCODINGS = {
 }
 
 
-def encoded(path: Path, encoding: str, folder: Path | None = None) -> Path:
-    """`path` re-encoded or remuxed as ENCODINGS[encoding], made once into `folder`
-    (default: beside the dev set, under encoded/<encoding>/)."""
+def encoded(path: Path, encoding: str, folder: Path | None = None, seconds: float | None = None) -> Path:
+    """`path` (its first `seconds` when given) re-encoded or remuxed as ENCODINGS[encoding],
+    made once into `folder` (default: beside the dev set, under encoded/<encoding>[-<seconds>s]/)."""
     suffix, args = ENCODINGS[encoding]
-    folder = Path(folder or default_dir() / "encoded") / encoding
+    name = encoding if seconds is None else f"{encoding}-{seconds:g}s"
+    folder = Path(folder or default_dir() / "encoded") / name
     out = folder / (Path(path).stem + suffix)
     if not out.exists():
         folder.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.stem}.part{suffix}")
-        _ffmpeg("-i", str(path), "-map", "0:v:0", "-map", "0:a?", *args, "-map_metadata", "-1",
+        cut = [] if seconds is None else ["-t", f"{seconds:g}"]
+        _ffmpeg("-i", str(path), *cut, "-map", "0:v:0", "-map", "0:a?", *args, "-map_metadata", "-1",
                 "-fflags", "+bitexact", str(tmp))
         tmp.replace(out)  # complete files only: a killed run leaves no half-written clip
     return out

@@ -60,12 +60,14 @@ class SpeechDisambiguationParams(StageParams):
                                     "above which lips move (`mouthing`)")
     max_still_lips: float = Field(0.09, ge=0, description="during speech: lip activity below which the lips are "
                                   "still (evidence of `voice_over`)")
-    min_sync_score: float = Field(2.4, description="sync z-score at or above which the lips are in step (`speaking`)")
-    max_unsynced_score: float = Field(1.5, description="sync z-score below which there is no in-step evidence "
+    min_sync_score: float = Field(2.7, description="sync z-score at or above which the lips are in step (`speaking`)")
+    max_unsynced_score: float = Field(1.8, description="sync z-score below which there is no in-step evidence "
                                       "(an out-of-step peak needs it to give `voice_over`)")
-    min_offset_score: float = Field(3.5, description="peak z-score of one clear out-of-step offset (`voice_over`)")
+    min_offset_score: float = Field(4.1, description="peak z-score of one clear out-of-step offset (`voice_over`)")
     min_offset_s: float = Field(0.5, gt=0, le=2.5, description="an out-of-step peak lies at least this far from 0")
     max_lag_s: float = Field(0.2, ge=0, le=0.5, description="audio-video offset searched for the in-step peak")
+    min_sync_speech_s: float = Field(3.0, ge=0, description="less speech than this: lip/voice sync is no evidence "
+                                     "either way (its chance peaks grow as clips shorten)")
     min_sync_frames: int = Field(25, ge=5, description="mouth frames inside speech needed to measure sync")
     mouth_min_fps: float = Field(25.0, gt=0, description="mouth pass rate: the video's own fps, at least this")
     lip_detector: Literal["mesh", "vvad"] = Field(
@@ -99,9 +101,10 @@ def decide(c: dict, p: SpeechDisambiguationParams) -> str:
     """The speaking label from a clip's measured columns (no `no_audio` here: that is
     the absence of a stream, not a measurement)."""
     lips = c.get("lip_activity")
-    if sum(e - s for s, e in c.get("speech_segments") or []) < p.min_speech_s:
+    speech_s = sum(e - s for s, e in c.get("speech_segments") or [])
+    if speech_s < p.min_speech_s:
         return "mouthing" if lips is not None and lips >= p.min_lip_activity else "silent"
-    score, lag = c.get("av_sync"), c.get("av_lag_s")
+    score, lag = (c.get("av_sync"), c.get("av_lag_s")) if speech_s >= p.min_sync_speech_s else (None, None)
     if score is not None and score >= p.min_sync_score and abs(lag) < p.max_lag_s - LAG_STEP_S / 2:
         return "speaking"
     if p.lip_detector == "vvad":
@@ -111,8 +114,8 @@ def decide(c: dict, p: SpeechDisambiguationParams) -> str:
     if still:
         return "voice_over"
     peak, peak_lag = c.get("av_peak_z"), c.get("av_peak_lag_s")
-    out_of_step = (peak is not None and peak >= p.min_offset_score and abs(peak_lag) >= p.min_offset_s
-                   and score < p.max_unsynced_score)  # and no in-step evidence within re-encoding spread
+    out_of_step = (score is not None and score < p.max_unsynced_score  # no in-step evidence, re-encoding spread kept
+                   and peak is not None and peak >= p.min_offset_score and abs(peak_lag) >= p.min_offset_s)
     return "voice_over" if out_of_step else "uncertain"
 
 

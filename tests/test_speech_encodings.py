@@ -26,29 +26,32 @@ from stages.speech_disambiguation import SpeechDisambiguation, SpeechDisambiguat
 from test_speech_real import LOOSE_FACES, default_speech_params
 
 ENCODINGS = ("crf30", "360p", "vp9", "mov", "mkv")
+EXCERPT_S = (None, 3.0)  # the whole clip and its first 3 s (a short clip is where chance agreement is largest)
 CONFIDENT = {"speaking", "voice_over"}
 
 
 @pytest.fixture(scope="session")
 def encoded_judged():
-    """(clip, encoding) -> (expected clip, speech columns), every dev clip in every encoding."""
+    """(clip, excerpt, encoding) -> (expected clip, speech columns), every dev clip in every encoding."""
     try:
         clips = devset.labelled_clips()
-        sources = {(c.file, e): devset.encoded(path, e) for path, c in clips for e in ENCODINGS}
+        sources = {(c.file, x, e): devset.encoded(path, e, seconds=x)
+                   for path, c in clips for x in EXCERPT_S for e in ENCODINGS}
     except devset.DevSetError as exc:
         pytest.fail(f"could not build the re-encoded dev set: {exc}")
     faces = StageWorker(FaceConstraints(LOOSE_FACES))
     speech = StageWorker(SpeechDisambiguation(default_speech_params()))
+    clip_of = {c.file: c for _, c in clips}
     out = {}
     try:
-        for _, clip in clips:
-            for encoding in ENCODINGS:
-                path = str(sources[clip.file, encoding])
-                item = Item(source=path, video_id=content_id(path), clip_index=0, clip_count=1, start_s=0.0,
-                            end_s=probe(path).duration_s, columns={"fps": probe(path).fps})
-                (item,), _ = faces.run([item])
+        for key, path in sources.items():
+            info = probe(str(path))
+            item = Item(source=str(path), video_id=content_id(str(path)), clip_index=0, clip_count=1,
+                        start_s=0.0, end_s=info.duration_s, columns={"fps": info.fps})
+            (item,), _ = faces.run([item])
+            if not item.rejected:
                 (item,), _ = speech.run([item])
-                out[clip.file, encoding] = (clip, item.columns)
+                out[key] = (clip_of[key[0]], item.columns)
     finally:
         faces.close()
         speech.close()
@@ -58,14 +61,18 @@ def encoded_judged():
 def test_no_clip_gets_two_confident_labels_or_a_wrong_one(encoded_judged):
     labels = defaultdict(dict)
     wrong = []
-    for (name, encoding), (clip, c) in encoded_judged.items():
+    for (name, excerpt, encoding), (clip, c) in encoded_judged.items():
         label = c["speaking_label"]
-        labels[name][encoding] = label
+        labels[name, excerpt][encoding] = label
         if label in CONFIDENT and label not in (clip.expected, *clip.accepted):
-            wrong.append((name, encoding, label, c.get("av_sync"), c.get("av_lag_s"), c.get("av_peak_z")))
+            wrong.append((name, excerpt, encoding, label, c.get("av_sync"), c.get("av_lag_s"), c.get("av_peak_z")))
     flips = {n: by for n, by in labels.items() if len(set(by.values()) & CONFIDENT) > 1}
     assert not wrong and not flips, (wrong, flips)
-    assert sum(lab in CONFIDENT for by in labels.values() for lab in by.values()) >= 0.6 * len(encoded_judged)
+    # not a rule that hides behind `uncertain`: most speech clips still get a (right) confident label
+    assert len(encoded_judged) >= 0.9 * len(labels) * len(ENCODINGS)  # the face stage kept (almost) all
+    speech = [c["speaking_label"] for (_, excerpt, _), (clip, c) in encoded_judged.items()
+              if excerpt is None and clip.expected in CONFIDENT]
+    assert sum(lab in CONFIDENT for lab in speech) >= 0.5 * len(speech)
 
 
 P = SpeechDisambiguationParams()
@@ -100,6 +107,13 @@ def test_voice_over_needs_still_lips_or_a_clear_offset():
     assert decide(cols(av_peak_lag_s=P.max_lag_s + 0.1, **offset), P) == "uncertain"  # too close to 0
     # an offset peak while the in-step score is within re-encoding spread of `speaking`: no verdict
     assert decide(cols(av_peak_lag_s=1.0, **{**offset, "av_sync": P.max_unsynced_score + 0.1}), P) == "uncertain"
+
+
+def test_short_speech_gives_sync_no_weight():
+    short = {"speech_segments": [[0.5, 0.5 + P.min_sync_speech_s - 0.1]], "lip_activity": 0.17}
+    assert decide({**short, "av_sync": 9.0, "av_lag_s": 0.0}, P) == "uncertain"
+    assert decide({**short, "av_sync": 0.1, "av_lag_s": 0.0, "av_peak_z": 9.0, "av_peak_lag_s": 1.0}, P) == "uncertain"
+    assert decide({**short, "lip_activity": P.max_still_lips / 2}, P) == "voice_over"  # still lips still count
 
 
 def test_without_speech_only_lip_activity_counts():
