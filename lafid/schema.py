@@ -126,7 +126,8 @@ SPEECH = [
     _field("av_peak_lag_s", _f32, "lag of that highest point, seconds (out of step when far from 0)"),
     _field("visual_speaking", _f32, "speaking probability of the lips in speech (lip_detector vvad), else null"),
     _field("speaking_label", pa.string(),
-           "speaking / voice_over / uncertain (speech, moving lips, weak sync evidence) / silent / mouthing / no_audio"),
+           "speaking / voice_over (each only with positive evidence) / uncertain (speech, no clear evidence "
+           "either way) / silent / mouthing / no_audio"),
     _field("caption", pa.string(), "caption that agrees with the speaking label"),
     _field("caption_source", pa.string(),
            "who wrote the caption: source, template or vlm; '+disambiguated' when speech claims were rewritten"),
