@@ -15,12 +15,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import numpy as np
 import pytest
 
 from lafid import devset
 from lafid.item import Item
 from lafid.stage import StageWorker
 from lafid.video import content_id, probe
+from lafid.speech.sync import score_curve
 from stages.face_constraints import FaceConstraints
 from stages.speech_disambiguation import SpeechDisambiguation, SpeechDisambiguationParams, decide
 from test_speech_real import LOOSE_FACES, default_speech_params
@@ -90,6 +92,14 @@ def test_in_step_lips_with_a_clear_peak_inside_the_window_are_speaking():
 def test_a_best_lag_at_the_window_edge_is_no_peak():
     assert decide(cols(av_sync=P.min_sync_score + 0.5, av_lag_s=P.max_lag_s), P) == "uncertain"
     assert decide(cols(av_sync=P.min_sync_score + 0.5, av_lag_s=-P.max_lag_s), P) == "uncertain"
+
+
+def test_a_curve_rising_to_the_end_of_its_lags_has_no_peak():
+    lags = np.round(np.arange(-3.0, 3.0001, 0.02), 3)
+    rising = score_curve(lags, lags / 10, 0.2)
+    assert rising.peak_score is None and rising.lag_s == 0.2  # best near lag at the window's edge
+    bump = score_curve(lags, np.exp(-((lags - 1.0) / 0.1) ** 2) + 0.01 * np.sin(7 * lags), 0.2)
+    assert bump.peak_lag_s == 1.0 and bump.peak_score > 5
 
 
 def test_missing_or_weak_evidence_is_uncertain_never_voice_over():

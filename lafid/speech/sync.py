@@ -165,7 +165,7 @@ def score_curve(lags: np.ndarray, rs: np.ndarray, max_lag_s: float, frames: int 
                       peak_score=peak_score, peak_lag_s=peak_lag)
 
 
-def av_sync(t: np.ndarray, mouth: np.ndarray, audio: np.ndarray, max_lag_s: float = 0.15,
+def av_sync(t: np.ndarray, mouth: np.ndarray, audio: np.ndarray, max_lag_s: float = 0.2,
             min_frames: int = 25) -> SyncResult | None:
     """Sync of the mouth series (times from clip start) with the clip's audio, or None
     when it cannot be measured (too few mouth frames, a flat signal, too short a clip)."""
