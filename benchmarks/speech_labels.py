@@ -250,7 +250,8 @@ def main() -> None:
                          num(c.get("visual_speaking"), "{:.2f}"),
                          "yes" if r["label"] in r["accepted"] else ("NO" if r["label"] in CONFIDENT else "unc")))
     print()
-    print_figures(f"labels ({args.recipe}, {params.get('lip_detector', 'mesh')})", label_figures(rows, lambda r: r["label"]))
+    detector = params.get("lip_detector", "mesh")
+    print_figures(f"labels ({args.recipe}, {detector})", label_figures(rows, lambda r: r["label"]))
 
     stage = SpeechDisambiguationParams(**params)
     spreads = spread(rows, stage)
