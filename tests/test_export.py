@@ -122,3 +122,35 @@ def test_kill_9_mid_export_then_rerun_gives_each_file_once(pipeline_shards, tmp_
     assert 0 < len(recut) < total  # recorded videos were not cut again
     rows = export_rows(killed)
     assert sorted(r["clip_id"] for r in rows) == sorted(r["clip_id"] for r in curated_rows(pipeline_shards))
+
+
+def test_training_and_cache_read_an_export_without_the_sources(pipeline_shards, mp4_export, tmp_path):  # noqa: F811
+    from lafid.cofe.cache import build_cache
+    from lafid.cofe.data import ClipDataset
+    from lafid.cofe.train import Trainer
+    from cofe_fixtures import tiny_recipe
+
+    to, stats = mp4_export
+    # the exported clip gives the training sample the source gives (same draw; CRF 18 re-encode)
+    curated, exported = (ClipDataset(tiny_recipe(d, tmp_path / "d").data) for d in (pipeline_shards, to))
+    row = curated._row(0, 0)
+    twin = next(r for r in (exported._row(f, i) for f in range(len(exported.files))
+                            for i in exported.rows[f]) if r["clip_id"] == row["clip_id"])
+    a, b = (ds.sample(r, np.random.default_rng(0))["frames"].float() for ds, r in ((curated, row), (exported, twin)))
+    print(f"sample frames, source vs export: mean |diff| {(a - b).abs().mean():.2f} / 255")
+    assert (a - b).abs().mean() < 3.0
+    inputs = Path(curated_rows(pipeline_shards)[0]["source"]).parent
+    away = inputs.with_name(inputs.name + ".away")
+    inputs.rename(away)
+    try:
+        with pytest.raises(FileNotFoundError):  # control: the curate output needs its sources
+            next(iter(ClipDataset(tiny_recipe(pipeline_shards, tmp_path / "curated").data)))
+        recipe = tiny_recipe(to, tmp_path / "train", steps=2, save_every=1000)
+        samples = list(ClipDataset(recipe.data))
+        assert sorted({s["clip_id"] for s in samples}) == sorted(r["clip_id"] for r in curated_rows(pipeline_shards))
+        result = Trainer(recipe).fit(progress=False)
+        assert result.steps == 2
+        cached = recipe.model_copy(update={"data": recipe.data.model_copy(update={"cache": tmp_path / "cache"})})
+        assert build_cache(cached, shard_size=8).clips == stats.clips
+    finally:
+        away.rename(inputs)
