@@ -132,11 +132,13 @@ SPEECH = [
 # Clip Quality stage (optional). Motion is Farneback optical flow on small grey frames,
 # in pixels per second relative to the frame's longer side (so resolution does not change it).
 QUALITY = [
-    _field("motion", _f32, "mean optical-flow magnitude, frame widths per second (0 = still)"),
+    _field("motion", _f32, "mean optical-flow magnitude between neighbouring frames, in frame lengths (longer side) "
+           "per second (0 = still)"),
     _field("motion_camera", _f32, "median flow magnitude over the frame: the global (camera) part of motion"),
     _field("motion_subject", _f32, "mean flow magnitude left after removing the median flow (subject motion)"),
-    _field("text_area", _f32, "largest share of a sampled frame covered by detected text (captions, watermarks)"),
-    _field("text_frames", _f32, "share of sampled frames with any detected text"),
+    _field("text_area", _f32, "share of the frame covered by text lines found in at least half the sampled "
+           "frames (burned-in captions, watermarks)"),
+    _field("text_frames", _f32, "share of sampled frames with any detected text line"),
     _field("aesthetic", _f32, "aesthetic score from the model directory given to the stage; null when none"),
 ]
 
