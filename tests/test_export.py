@@ -27,6 +27,19 @@ def export_rows(folder: Path) -> list[dict]:
     return [r for p in sorted(folder.glob("clips-*.parquet")) for r in pq.read_table(p).to_pylist()]
 
 
+def audio_match(source: str, start_s: float, clip: str, span: float) -> tuple[float, float]:
+    """Correlation of 10 ms loudness envelopes: the clip's audio against the source's over the
+    clip's span, and (control) against the source's 100 ms later."""
+    from lafid.speech.audio import extract_audio
+
+    def env(path, start):
+        v = extract_audio(path, start, start + span - 0.1).samples
+        return np.abs(v[: len(v) // 160 * 160]).reshape(-1, 160).mean(1)
+
+    mine = env(clip, 0.0)
+    return tuple(float(np.corrcoef(mine, env(source, start_s + d))[0, 1]) for d in (0.0, 0.1))
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
@@ -60,6 +73,10 @@ def test_every_clip_decodes_starts_on_its_frame_and_lasts_its_span(pipeline_shar
         assert abs(info.duration_s - span) <= frame
         assert got >= 35.0
         assert info.has_audio == row["has_audio"]
+        if row["has_audio"]:
+            same, shifted = audio_match(row["source"], row["start_s"], clip, span)
+            print(f"  audio envelope correlation {same:.4f} (shifted 100 ms: {shifted:.4f})")
+            assert same >= 0.95 > shifted
         assert out["source"] == row["source"] and out["start_s"] == row["start_s"]
     assert min(next_frame) < 35.0  # on moving footage a clip one frame off would fail the bound
 
