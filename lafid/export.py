@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from lafid.item import Item
 from lafid.schema import CLIP_COLUMNS, ITEM_COLUMNS, clip_id as make_clip_id
-from lafid.shards import ShardWriter, _shard_name, read_manifest
+from lafid.shards import RecipeChanged, ShardWriter, _shard_name, read_manifest
 from lafid.storage import TMP_PREFIX, OutputError, OutputLock, prepare_output, remove_stale_temporaries
 
 FORMATS = ("mp4", "webdataset")
@@ -235,7 +235,13 @@ def export(out_dir: str | os.PathLike, to: str | os.PathLike, fmt: str = "mp4", 
     stats = ExportStats()
     with OutputLock(to):
         remove_stale_temporaries(to)
-        writer = ShardWriter(to, samples_per_shard, recipe=f"export:{fmt}:{max_side}:{crop}")
+        setting = f"export:{fmt}:{max_side}:{crop}"
+        try:
+            writer = ShardWriter(to, samples_per_shard, recipe=setting)
+        except RecipeChanged:
+            written = {e.get("recipe") for e in read_manifest(to)} - {None}
+            raise RecipeChanged(f"{to} was written with another export setting ({', '.join(sorted(written))}, "
+                                f"now {setting}); export into another --to") from None
         _remove_unrecorded(to)
         exporter = _Exporter(to, fmt, max_side, crop)
         writer.extra_files = exporter.tar

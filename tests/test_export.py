@@ -171,3 +171,21 @@ def test_training_and_cache_read_an_export_without_the_sources(pipeline_shards, 
         assert build_cache(cached, shard_size=8).clips == stats.clips
     finally:
         away.rename(inputs)
+
+
+def test_cli_export_says_what_is_wrong_in_one_line(pipeline_shards, mp4_export, tmp_path):  # noqa: F811
+    from typer.testing import CliRunner
+
+    from lafid.cli import app
+
+    runner = CliRunner()
+    missing = runner.invoke(app, ["export", str(tmp_path / "nothing"), "--to", str(tmp_path / "x")])
+    assert missing.exit_code == 2 and "no curate output" in missing.output
+    bad = runner.invoke(app, ["export", str(pipeline_shards), "--to", str(tmp_path / "y"), "--format", "avi"])
+    assert bad.exit_code == 2 and "unknown format" in bad.output
+    to, stats = mp4_export
+    again = runner.invoke(app, ["export", str(pipeline_shards), "--to", str(to), "--max-side", "0"])
+    assert again.exit_code == 0, again.output
+    assert f"exported 0 clips of 0 videos (0 failed, {stats.videos} videos already done)" in again.output
+    other = runner.invoke(app, ["export", str(pipeline_shards), "--to", str(to), "--max-side", "360"])
+    assert other.exit_code == 2 and "written with another export setting" in other.output
