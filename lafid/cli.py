@@ -138,7 +138,7 @@ def inspect(out: Path = typer.Argument(..., help="a curate output folder")) -> N
 @app.command()
 def export(
     out: Path = typer.Argument(..., help="a curate output folder"),
-    to: Path = typer.Option(..., "--to", help="export folder (created; resumable)"),
+    to: str = typer.Option(..., "--to", help="export folder (created; resumable), or s3://bucket/prefix, gs://..."),
     fmt: str = typer.Option("mp4", "--format", help="'mp4' (one file per clip) or 'webdataset' (tar shards)"),
     max_side: int = typer.Option(720, help="downscale so the longer side is at most this (0: source size)"),
     crop: str = typer.Option("none", help="'none' or 'face' (a square around the clip's face boxes)"),

@@ -34,7 +34,8 @@ import pyarrow.parquet as pq
 from lafid.item import Item
 from lafid.schema import CLIP_COLUMNS, ITEM_COLUMNS, clip_id as make_clip_id
 from lafid.shards import RecipeChanged, ShardWriter, _shard_name, read_manifest
-from lafid.storage import TMP_PREFIX, OutputError, OutputLock, prepare_output, remove_stale_temporaries
+from lafid.storage import (TMP_PREFIX, OutputError, OutputLock, RemoteOutput, is_url, local_path, prepare_output,
+                           remove_stale_temporaries)
 
 FORMATS = ("mp4", "webdataset")
 CROPS = ("none", "face")
@@ -178,9 +179,12 @@ class _Exporter:
         item.columns = {k: v for k, v in out_row.items() if k in CLIP_COLUMNS and k not in ITEM_COLUMNS}
         return item
 
-    def tar(self, kept: list[dict]) -> list[str]:
-        """ShardWriter hook: the flush's samples as one tar, named like its Parquet shard."""
-        if self.fmt != "webdataset" or not kept:
+    def files(self, kept: list[dict]) -> list[str]:
+        """ShardWriter hook: the flush's clip files, recorded on its manifest line (mp4), or
+        its samples packed into one tar named like its Parquet shard (webdataset)."""
+        if self.fmt == "mp4":
+            return [row["clip_file"] for row in kept]
+        if not kept:
             return []
         name = _shard_name("clips", kept).replace(".parquet", ".tar")
         tmp = self.to / f"{TMP_PREFIX}{name}"
@@ -195,25 +199,19 @@ class _Exporter:
         return [name]
 
 
-def _remove_unrecorded(to: Path) -> int:
+def _remove_unrecorded(to: Path) -> None:
     """Delete clip files and tars a crash left before their manifest line."""
     recorded = {f for e in read_manifest(to) for f in e["files"]}
-    kept_mp4 = set()
-    for name in recorded:
-        if name.startswith("clips-") and name.endswith(".parquet"):
-            kept_mp4.update(pq.read_table(to / name, columns=["clip_file"])["clip_file"].to_pylist())
-    removed = 0
     for path in [*to.glob("*.mp4"), *to.glob("clips-*.tar")]:
-        if path.name not in recorded and path.name not in kept_mp4:
+        if path.name not in recorded:
             path.unlink()
-            removed += 1
-    return removed
 
 
 def export(out_dir: str | os.PathLike, to: str | os.PathLike, fmt: str = "mp4", max_side: int = 720,
            crop: str = "none", samples_per_shard: int = 100,
            on_clip: Callable[[Item], None] | None = None) -> ExportStats:
-    """Export the kept clips of the curate output `out_dir` into the folder `to`; see the module docstring.
+    """Export the kept clips of the curate output `out_dir` into the folder `to` (or an object-storage
+    URL, through a local staging folder as `curate` does); see the module docstring.
 
     The same folder takes only one setting of (format, max_side, crop): another raises
     `lafid.shards.RecipeChanged`. `on_clip` is called after each clip is cut."""
@@ -226,38 +224,52 @@ def export(out_dir: str | os.PathLike, to: str | os.PathLike, fmt: str = "mp4", 
     if shutil.which("ffmpeg") is None:
         raise OutputError("lafid export needs the ffmpeg program on PATH")
     rows = curated_rows(out_dir)
-    to = prepare_output(to)
-    if to.resolve() == Path(out_dir).resolve():
+    to = local_path(to)
+    remote = RemoteOutput(str(to)) if is_url(str(to)) else None
+    if remote is None and Path(to).resolve() == Path(out_dir).resolve():
         raise OutputError("export into a folder other than the curate output")
+    folder = prepare_output(remote.staging if remote else to)  # object storage: a local staging folder
     by_video: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_video[row["video_id"]].append(row)
-    stats = ExportStats()
-    with OutputLock(to):
-        remove_stale_temporaries(to)
-        setting = f"export:{fmt}:{max_side}:{crop}"
+    with OutputLock(folder):
+        if remote:
+            remote.pull()
         try:
-            writer = ShardWriter(to, samples_per_shard, recipe=setting)
-        except RecipeChanged:
-            written = {e.get("recipe") for e in read_manifest(to)} - {None}
-            raise RecipeChanged(f"{to} was written with another export setting ({', '.join(sorted(written))}, "
-                                f"now {setting}); export into another --to") from None
-        _remove_unrecorded(to)
-        exporter = _Exporter(to, fmt, max_side, crop)
-        writer.extra_files = exporter.tar
-        for video_id in sorted(by_video):
-            if video_id in writer.completed:
-                stats.skipped_videos += 1
-                continue
-            items = []
-            for row in sorted(by_video[video_id], key=lambda r: r["clip_index"]):
-                item = exporter.clip(row)
-                items.append(item)
-                stats.clips += not item.rejected
-                stats.failed += item.rejected
-                if on_clip:
-                    on_clip(item)
-            writer.add_video(items)
-            stats.videos += 1
-        writer.close()
+            return _export_locked(folder, by_video, _Exporter(folder, fmt, max_side, crop), samples_per_shard,
+                                  f"export:{fmt}:{max_side}:{crop}", on_clip, remote.push if remote else None)
+        finally:
+            if remote:
+                remote.push()
+
+
+def _export_locked(to: Path, by_video: dict[str, list[dict]], exporter: _Exporter, samples_per_shard: int,
+                   setting: str, on_clip: Callable[[Item], None] | None,
+                   on_flush: Callable[[], None] | None) -> ExportStats:
+    remove_stale_temporaries(to)
+    try:
+        writer = ShardWriter(to, samples_per_shard, recipe=setting)
+    except RecipeChanged:
+        written = {e.get("recipe") for e in read_manifest(to)} - {None}
+        raise RecipeChanged(f"the export folder was written with another export setting "
+                            f"({', '.join(sorted(written))}, now {setting}); export into another --to") from None
+    _remove_unrecorded(to)
+    writer.extra_files = exporter.files
+    writer.on_flush = on_flush  # object storage: each flush's files, then its manifest, go to the store
+    stats = ExportStats()
+    for video_id in sorted(by_video):
+        if video_id in writer.completed:
+            stats.skipped_videos += 1
+            continue
+        items = []
+        for row in sorted(by_video[video_id], key=lambda r: r["clip_index"]):
+            item = exporter.clip(row)
+            items.append(item)
+            stats.clips += not item.rejected
+            stats.failed += item.rejected
+            if on_clip:
+                on_clip(item)
+        writer.add_video(items)
+        stats.videos += 1
+    writer.close()
     return stats

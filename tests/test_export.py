@@ -17,6 +17,7 @@ from lafid.export import curated_rows, export
 from lafid.shards import read_manifest
 from lafid.video import probe, sample_frames
 from cofe_fixtures import pipeline_shards  # noqa: F401  (fixture)
+from test_object_storage import s3  # noqa: F401  (fixture)
 
 
 def first_frame(path: str, start_s: float = 0.0) -> np.ndarray:
@@ -189,3 +190,20 @@ def test_cli_export_says_what_is_wrong_in_one_line(pipeline_shards, mp4_export, 
     assert f"exported 0 clips of 0 videos (0 failed, {stats.videos} videos already done)" in again.output
     other = runner.invoke(app, ["export", str(pipeline_shards), "--to", str(to), "--max-side", "360"])
     assert other.exit_code == 2 and "written with another export setting" in other.output
+
+
+def test_export_to_object_storage_gives_the_local_files(pipeline_shards, s3, tmp_path, monkeypatch):  # noqa: F811
+    import pyarrow.fs as pafs
+
+    monkeypatch.setenv("LAFID_STAGING", str(tmp_path / "staging"))
+    local = tmp_path / "local"
+    export(pipeline_shards, local, fmt="webdataset", max_side=96, samples_per_shard=2)
+    stats = export(pipeline_shards, "s3://lafid/export", fmt="webdataset", max_side=96, samples_per_shard=2)
+    stored = {Path(i.path).name: i for i in s3.get_file_info(pafs.FileSelector("lafid/export"))}
+    assert stats.clips == len(curated_rows(pipeline_shards))
+    assert {n for n in stored if n.startswith("clips-")} == {n for n in files(local)}
+    for name in files(local):
+        with s3.open_input_stream(f"lafid/export/{name}") as fh:
+            assert fh.read() == (local / name).read_bytes()
+    again = export(pipeline_shards, "s3://lafid/export", fmt="webdataset", max_side=96, samples_per_shard=2)
+    assert (again.clips, again.skipped_videos) == (0, stats.videos)  # the store's manifest says all is done
