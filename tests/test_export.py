@@ -207,3 +207,28 @@ def test_export_to_object_storage_gives_the_local_files(pipeline_shards, s3, tmp
             assert fh.read() == (local / name).read_bytes()
     again = export(pipeline_shards, "s3://lafid/export", fmt="webdataset", max_side=96, samples_per_shard=2)
     assert (again.clips, again.skipped_videos) == (0, stats.videos)  # the store's manifest says all is done
+
+
+def iou(a, b) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union
+
+
+def test_face_crop_keeps_the_face_where_its_rewritten_box_says(pipeline_shards, tmp_path):  # noqa: F811
+    from lafid.face.detect import ScrfdFaces
+    from lafid.face.embed import EMBEDDED_SCRFD, embedded_model
+
+    export(pipeline_shards, tmp_path, crop="face", max_side=0)
+    scrfd = ScrfdFaces(embedded_model(EMBEDDED_SCRFD), det_size=640)
+    source_rows = {r["clip_id"]: r for r in curated_rows(pipeline_shards)}
+    for row in export_rows(tmp_path):
+        k = next(i for i, b in enumerate(row["frame_box"]) if b and not np.isnan(b).any())
+        frame = first_frame(str(tmp_path / row["clip_file"]), row["frame_t"][k])
+        assert frame.shape[:2] == (row["height"], row["width"]) and row["width"] == row["height"]
+        face = max(scrfd.detect(frame), key=lambda f: f.score)
+        found = (face.box / np.array([row["width"], row["height"]] * 2)).tolist()
+        moved, kept = iou(found, row["frame_box"][k]), iou(found, source_rows[row["clip_id"]]["frame_box"][k])
+        print(f"{row['clip_id']}: crop {row['width']} px, face IoU {moved:.2f} (source box unchanged: {kept:.2f})")
+        assert moved >= 0.5 and moved > kept + 0.1  # control: the box as measured on the source frame misses
