@@ -104,3 +104,24 @@ def test_motion_tells_a_talking_head_from_a_still_and_a_pan(stage, tmp_path):
 
 def test_the_stage_fits_after_shot_split_in_a_recipe():
     Recipe.model_validate({"name": "q", "stages": [{"stage": "shot_split"}, {"stage": "clip_quality"}]})
+
+
+def test_curate_with_the_stage_and_the_report_puts_two_outputs_side_by_side(subtitled, tmp_path):
+    """Fig. 5 style: the quality section of `lafid report` compares a subtitled set with a clean one."""
+    from lafid.report_html import report
+    from lafid.runner import curate
+
+    recipe = Recipe.model_validate({"name": "q", "stages": [{"stage": "shot_split"}, {"stage": "clip_quality"}]})
+    clean, burned = tmp_path / "clean", tmp_path / "burned"
+    curate(recipe, [p for p, _ in subtitled[:2]], clean, executor="sequential")
+    curate(recipe, [s for _, s in subtitled[:2]], burned, executor="sequential")
+    runs = report([clean, burned], tmp_path / "r.html", json_path=tmp_path / "r.json")
+    a, b = (r.stats["quality"] for r in runs)
+    print(f"text area median {a['text_area']['median']:.4f} vs {b['text_area']['median']:.4f}; "
+          f"motion median {a['motion']['median']:.4f} vs {b['motion']['median']:.4f}")
+    assert a["text_area"]["n"] == b["text_area"]["n"] == 2
+    assert b["text_area"]["median"] > 0.01 > a["text_area"]["median"]
+    assert b["motion"]["median"] == pytest.approx(a["motion"]["median"], rel=0.2)  # same footage, same motion
+    assert a["aesthetic"] is None  # no model: no score, no plot
+    html = (tmp_path / "r.html").read_text()
+    assert "id=quality" in html and "text_area median" in html and "aesthetic median" not in html
