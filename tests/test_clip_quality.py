@@ -125,3 +125,32 @@ def test_curate_with_the_stage_and_the_report_puts_two_outputs_side_by_side(subt
     assert a["aesthetic"] is None  # no model: no score, no plot
     html = (tmp_path / "r.html").read_text()
     assert "id=quality" in html and "text_area median" in html and "aesthetic median" not in html
+
+
+def test_aesthetic_score_comes_from_the_given_onnx(subtitled, tmp_path):
+    """The model-folder contract: 1x3x224x224 CLIP-normalised RGB in, one score out. No aesthetic
+    weights load here, so the model is an ONNX graph whose score (mean red minus mean blue) the
+    test can also compute: a warm-tinted copy of the clip must score higher."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Split", ["image"], ["r", "g", "b"], axis=1, num_outputs=3),
+         helper.make_node("Sub", ["r", "b"], ["d"]),
+         helper.make_node("ReduceMean", ["d"], ["score"], keepdims=0)],
+        "warmth", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 224, 224])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, [])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "aesthetic.onnx")
+    plain = subtitled[0][0]
+    from lafid.video import sample_frames
+
+    frames = [f for _, f in sample_frames(plain, 0, 3.0, 25.0)]
+    warm = media.write_video(str(tmp_path / "warm.mp4"),
+                             [np.clip(f.astype(int) + [40, 0, -40], 0, 255).astype(np.uint8) for f in frames], 25.0)
+    scored = ClipQuality({"aesthetic_model": str(tmp_path)})
+    scored.setup()
+    a, b = (measure(scored, p)["aesthetic"] for p in (plain, warm))
+    print(f"aesthetic (warmth model): plain {a:.3f}, warm {b:.3f}")
+    assert b > a + 0.3
+    with pytest.raises(RuntimeError, match="no aesthetic.onnx"):  # a folder without the file is an error
+        ClipQuality({"aesthetic_model": str(tmp_path / "empty")}).setup()
