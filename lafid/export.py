@@ -18,16 +18,18 @@ clip files and shards no manifest line names, then does the remaining videos.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import os
 import shutil
 import subprocess
 import tarfile
-from collections import defaultdict
+from collections import defaultdict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pyarrow.parquet as pq
 
@@ -208,17 +210,20 @@ def _remove_unrecorded(to: Path) -> None:
 
 
 def export(out_dir: str | os.PathLike, to: str | os.PathLike, fmt: str = "mp4", max_side: int = 720,
-           crop: str = "none", samples_per_shard: int = 100,
+           crop: str = "none", samples_per_shard: int = 100, jobs: int = 1,
            on_clip: Callable[[Item], None] | None = None) -> ExportStats:
     """Export the kept clips of the curate output `out_dir` into the folder `to` (or an object-storage
     URL, through a local staging folder as `curate` does); see the module docstring.
 
     The same folder takes only one setting of (format, max_side, crop): another raises
-    `lafid.shards.RecipeChanged`. `on_clip` is called after each clip is cut."""
+    `lafid.shards.RecipeChanged`. `jobs` clips are cut at once (FFmpeg processes); videos are still
+    recorded in order. `on_clip` is called after each clip is cut."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
     if crop not in CROPS:
         raise ValueError(f"unknown crop {crop!r}: use one of {', '.join(CROPS)}")
+    if jobs < 1:
+        raise ValueError("jobs must be >= 1")
     if max_side < 0:
         raise ValueError("max_side must be >= 0 (0 keeps the source size)")
     if shutil.which("ffmpeg") is None:
@@ -237,15 +242,27 @@ def export(out_dir: str | os.PathLike, to: str | os.PathLike, fmt: str = "mp4", 
             remote.pull()
         try:
             return _export_locked(folder, by_video, _Exporter(folder, fmt, max_side, crop), samples_per_shard,
-                                  f"export:{fmt}:{max_side}:{crop}", on_clip, remote.push if remote else None)
+                                  f"export:{fmt}:{max_side}:{crop}", on_clip, remote.push if remote else None, jobs)
         finally:
             if remote:
                 remote.push()
 
 
+def _in_order(pool: ThreadPoolExecutor, fn: Callable[[dict], Item], rows: list[dict], window: int) -> Iterator[Item]:
+    """`fn` over `rows` on the pool (each call waits on an ffmpeg process), results in order, at most
+    `window` in flight."""
+    pending: deque[Future] = deque()
+    for row in rows:
+        pending.append(pool.submit(fn, row))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def _export_locked(to: Path, by_video: dict[str, list[dict]], exporter: _Exporter, samples_per_shard: int,
                    setting: str, on_clip: Callable[[Item], None] | None,
-                   on_flush: Callable[[], None] | None) -> ExportStats:
+                   on_flush: Callable[[], None] | None, jobs: int) -> ExportStats:
     remove_stale_temporaries(to)
     try:
         writer = ShardWriter(to, samples_per_shard, recipe=setting)
@@ -256,20 +273,18 @@ def _export_locked(to: Path, by_video: dict[str, list[dict]], exporter: _Exporte
     _remove_unrecorded(to)
     writer.extra_files = exporter.files
     writer.on_flush = on_flush  # object storage: each flush's files, then its manifest, go to the store
-    stats = ExportStats()
-    for video_id in sorted(by_video):
-        if video_id in writer.completed:
-            stats.skipped_videos += 1
-            continue
-        items = []
-        for row in sorted(by_video[video_id], key=lambda r: r["clip_index"]):
-            item = exporter.clip(row)
-            items.append(item)
-            stats.clips += not item.rejected
-            stats.failed += item.rejected
-            if on_clip:
-                on_clip(item)
-        writer.add_video(items)
-        stats.videos += 1
+    todo = [v for v in sorted(by_video) if v not in writer.completed]
+    stats = ExportStats(skipped_videos=len(by_video) - len(todo))
+    rows = [row for v in todo for row in sorted(by_video[v], key=lambda r: r["clip_index"])]
+    with ThreadPoolExecutor(jobs) as pool:
+        for _, group in itertools.groupby(_in_order(pool, exporter.clip, rows, 2 * jobs), key=lambda i: i.video_id):
+            items = list(group)
+            for item in items:
+                stats.clips += not item.rejected
+                stats.failed += item.rejected
+                if on_clip:
+                    on_clip(item)
+            writer.add_video(items)
+            stats.videos += 1
     writer.close()
     return stats
