@@ -139,12 +139,16 @@ def _write_bytes_atomic(data: bytes, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _plain(v):
+    """NaN -> null, at any depth (JSON has no NaN)."""
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
 def _json_row(row: dict) -> bytes:
     """A row as JSON for a WebDataset sample (binary columns left out)."""
-    def plain(v):
-        return None if isinstance(v, float) and math.isnan(v) else v
-    keep = {k: ([plain(x) for x in v] if isinstance(v, list) else plain(v))
-            for k, v in row.items() if not isinstance(v, bytes)}
+    keep = {k: _plain(v) for k, v in row.items() if not isinstance(v, bytes)}
     return json.dumps(keep, allow_nan=False, default=str).encode()
 
 

@@ -170,6 +170,12 @@ def test_training_and_cache_read_an_export_without_the_sources(pipeline_shards, 
         assert result.steps == 2
         cached = recipe.model_copy(update={"data": recipe.data.model_copy(update={"cache": tmp_path / "cache"})})
         assert build_cache(cached, shard_size=8).clips == stats.clips
+        # exporting without the sources: every clip becomes a reject row that says why, no file is made
+        orphan = export(pipeline_shards, tmp_path / "no_sources")
+        reasons = [r for p in (tmp_path / "no_sources").glob("rejects-*.parquet")
+                   for r in pq.read_table(p)["reason"].to_pylist()]
+        assert orphan.clips == 0 and reasons == ["missing_source"] * stats.clips
+        assert not list((tmp_path / "no_sources").glob("*.mp4"))
     finally:
         away.rename(inputs)
 
