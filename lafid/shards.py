@@ -82,6 +82,9 @@ class ShardWriter:
         self.retrying: set[str] = set()  # finished videos this run redoes (see retry_failed)
         self.counts: Counter[str] = Counter()
         self.on_flush: Callable[[], None] | None = None  # called after each flush is recorded
+        # Called with a flush's kept rows once its shards are written; returns more files
+        # (written atomically) for the same manifest line, e.g. an export's tar shard.
+        self.extra_files: Callable[[list[dict]], list[str]] | None = None
 
     def _remove_orphans(self, recorded: set[str]) -> None:
         for path in self.out_dir.iterdir():  # only shards: identities.parquet and user files stay
@@ -110,6 +113,8 @@ class ShardWriter:
                 name = _shard_name(prefix, rows)
                 write_atomic(pa.Table.from_pylist(rows, schema=schema), self.out_dir / name)
                 files.append(name)
+        if self.extra_files:
+            files += self.extra_files(kept)
         entry = {"videos": videos, "files": files, "clips": len(kept), "rejects": len(dropped),
                  "recipe": self.recipe}
         if redone:  # one atomic manifest replacement: old rows out, new rows in
