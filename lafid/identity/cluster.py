@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 from scipy.cluster.vq import kmeans2
 
-from lafid.face.embed import pairwise, unit
+from lafid.face.embed import pairwise
 from lafid.report import read_table
 from lafid.schema import IDENTITY_SCHEMA
 from lafid.shards import write_atomic
@@ -39,15 +39,19 @@ from lafid.shards import write_atomic
 OUTPUT = "identities.parquet"
 
 
-def kmeans(x: np.ndarray, k: int, iters: int = 10, sample: int = 256, seed: int = 0) -> np.ndarray:
-    """k-means++ seeded Lloyd (scipy) on at most `sample` points per centroid; returns (k, D) centroids."""
+def kmeans(x: np.ndarray, k: int, iters: int = 10, sample: int = 64, seed: int = 0, rows=None,
+           scale=None) -> np.ndarray:
+    """k-means++ seeded Lloyd (scipy) on at most `sample` points per centroid; returns (k, D) centroids.
+    Points are `x[rows] / scale[rows]` (all of `x` by default), only the sample is materialised."""
     rng = np.random.default_rng(seed)
-    train = x[np.sort(rng.choice(len(x), min(len(x), k * sample), replace=False))]
-    cent, _ = kmeans2(train.astype(np.float64), k, iter=iters, minit="++", seed=seed)
+    rows = np.arange(len(x)) if rows is None else rows
+    pick = rows[np.sort(rng.choice(len(rows), min(len(rows), k * sample), replace=False))]
+    train = x[pick].astype(np.float64) / (1.0 if scale is None else scale[pick, None])
+    cent, _ = kmeans2(train, k, iter=iters, minit="++", seed=seed)
     return cent.astype(np.float32)
 
 
-def nearest_cells(x: np.ndarray, cent: np.ndarray, probes: int, chunk: int = 65536) -> np.ndarray:
+def nearest_cells(x: np.ndarray, cent: np.ndarray, probes: int, chunk: int = 16384) -> np.ndarray:
     """Indices (N, probes) of each row's nearest centroids."""
     out = []
     for s in range(0, len(x), chunk):
@@ -83,25 +87,28 @@ def _nearest(mean, sqnorm: np.ndarray, cells: np.ndarray, k: int, chunk: int):
 def cluster(embeddings: np.ndarray, metric: str, threshold: float, cell_size: int = 1024,
             probes: int = 2, passes: int = 2, chunk: int = 1024) -> np.ndarray:
     """Identity label per embedding: smallest row index of its average-linkage cluster."""
-    x = np.array(embeddings, np.float32)  # a copy: its rows become cluster sums
-    # Squared radius: for unit vectors cosine distance t is squared L2 2t.
-    x, radius2 = (unit(x), 2.0 * threshold) if metric == "cosine" else (x, float(threshold) ** 2)
+    x = np.array(embeddings, np.float32)  # a copy (its rows become cluster sums); a caller's temporary
+    del embeddings                        # is freed here, so only one N x D array stays resident
+    sq = np.einsum("ij,ij->i", x, x)  # per cluster: sum of squared norms of its members
+    if metric == "cosine":  # unit vectors, in place; cosine distance t is squared L2 2t
+        x /= np.maximum(np.sqrt(sq), 1e-12)[:, None]
+        sq = np.einsum("ij,ij->i", x, x)
+    radius2 = 2.0 * threshold if metric == "cosine" else float(threshold) ** 2
     n = len(x)
     count = np.ones(n, np.float32)
-    sq = np.einsum("ij,ij->i", x, x)  # per cluster: sum of squared norms of its members
     parent = np.arange(n)
     for seed in range(passes):  # each pass blocks the surviving clusters with a fresh quantiser
         active = np.flatnonzero(parent == np.arange(n))
         k = max(1, int(np.ceil(len(active) / cell_size)))
-        cent = kmeans(x[active] / count[active, None], k, seed=seed) if k > 1 else None
+        cent = kmeans(x, k, seed=seed, rows=active, scale=count) if k > 1 else None
         while len(active) > 1:
             def mean(rows, active=active):
                 return x[active[rows]] / count[active[rows], None]
 
             sqnorm = sq[active] / count[active]  # mean squared norm: D2(A,B) = QA + QB - 2 muA.muB
             cells = np.zeros((len(active), 1), int) if k == 1 else np.concatenate(
-                [nearest_cells(mean(np.arange(s, min(s + 65536, len(active)))), cent, min(probes, k))
-                 for s in range(0, len(active), 65536)])
+                [nearest_cells(mean(np.arange(s, min(s + 16384, len(active)))), cent, min(probes, k))
+                 for s in range(0, len(active), 16384)])
             best_j, best_d = _nearest(mean, sqnorm, cells, k, chunk)
             mutual = (best_j >= 0) & (best_d <= radius2)
             mutual &= best_j[np.maximum(best_j, 0)] == np.arange(len(active))
