@@ -7,9 +7,11 @@ backend (ArcFace: a model pack under `model_dir`, else the embedded MobileFaceNe
 dlib as the fallback), batched across the clips of a batch. Per clip it stores the
 reference face (most frontal, sharpest), pose-diverse representative embeddings,
 and distances of every frame to the reference and to the track centroid, split by
-frontal vs large yaw. Clips where another person takes over the track (a missed
-cut, a cross-fade, a second person the track jumped to) or whose identity drifts
-are rejected with a reason.
+frontal vs large yaw. Verification is pose-aware (`lafid.face.track.verify`): each
+face against the subject's representatives near its yaw, or the track's recent
+faces where the person turned beyond them. Clips where another person takes over
+the track (a missed cut, a cross-dissolve, a second person the track jumped to) or
+with too many faces far from the subject at their pose are rejected with a reason.
 """
 
 from __future__ import annotations
@@ -42,9 +44,9 @@ class IdentityConsistencyParams(StageParams):
     max_track_breaks: int = Field(0, ge=0, description="keep: times another person may take over the subject track")
     max_far_ratio: float = Field(0.1, ge=0, le=1, description="keep: share of face frames beyond max_distance "
                                  "from the subject at their pose (takeovers included)")
-    rep_yaw_window: float = Field(15.0, ge=0, description="a face within this many degrees of yaw of a "
-                                  "representative is judged against it alone; a face farther from all of them "
-                                  "(the person turned) may match the track's recent faces instead")
+    rep_yaw_window: float = Field(15.0, ge=0, description="a face is judged against the representatives within "
+                                  "this many degrees of its yaw; a face farther from all of them (the person "
+                                  "turned) may match the track's recent faces instead")
     recent_frames: int = Field(3, ge=1, description="recent verified faces a turned face may match")
     large_pose_yaw: float = Field(45.0, ge=0, le=90, description="|yaw| counted as large pose")
     rep_count: int = Field(4, ge=1, description="representative embeddings kept, reference included")
