@@ -51,11 +51,11 @@ def kmeans(x: np.ndarray, k: int, iters: int = 10, sample: int = 64, seed: int =
     return cent.astype(np.float32)
 
 
-def nearest_cells(x: np.ndarray, cent: np.ndarray, probes: int, chunk: int = 16384) -> np.ndarray:
-    """Indices (N, probes) of each row's nearest centroids."""
+def nearest_cells(mean, n: int, cent: np.ndarray, probes: int, chunk: int = 16384) -> np.ndarray:
+    """Indices (n, probes) of each row's nearest centroids; `mean(rows)` gives the rows' vectors."""
     out = []
-    for s in range(0, len(x), chunk):
-        d = pairwise("l2", x[s:s + chunk], cent)
+    for s in range(0, n, chunk):
+        d = pairwise("l2", mean(np.arange(s, min(s + chunk, n))), cent)
         near = np.argpartition(d, probes - 1, axis=1)[:, :probes] if probes < d.shape[1] else np.argsort(d, axis=1)
         out.append(near)
     return np.concatenate(out)
@@ -106,9 +106,8 @@ def cluster(embeddings: np.ndarray, metric: str, threshold: float, cell_size: in
                 return x[active[rows]] / count[active[rows], None]
 
             sqnorm = sq[active] / count[active]  # mean squared norm: D2(A,B) = QA + QB - 2 muA.muB
-            cells = np.zeros((len(active), 1), int) if k == 1 else np.concatenate(
-                [nearest_cells(mean(np.arange(s, min(s + 16384, len(active)))), cent, min(probes, k))
-                 for s in range(0, len(active), 16384)])
+            cells = (np.zeros((len(active), 1), int) if k == 1
+                     else nearest_cells(mean, len(active), cent, min(probes, k)))
             best_j, best_d = _nearest(mean, sqnorm, cells, k, chunk)
             mutual = (best_j >= 0) & (best_d <= radius2)
             mutual &= best_j[np.maximum(best_j, 0)] == np.arange(len(active))
