@@ -13,13 +13,14 @@ cluster is never closer to a third than the nearer of its parts), so a cluster
 whose nearest neighbour is beyond the radius never merges again and leaves the
 rounds; with one cell this is exact average linkage (scipy's, checked in the
 benchmark).
-Candidates are blocked by an IVF-style coarse quantiser: k-means (scipy's
-`kmeans2`, trained on a sample) splits the embeddings into cells of about
-`cell_size`; every cluster mean joins its `probes` nearest cells and meets the
-clusters there. A second pass re-blocks the surviving clusters with a fresh
-quantiser, so pairs split by a cell border meet. Cost is about N x cell_size x probes^2 distance evaluations per
-round instead of N^2; memory is the embeddings plus one cell's block
-(benchmarks/identity_cluster.py).
+
+Candidates are blocked by an IVF-style coarse quantiser: k-means (Lloyd, trained
+on a sample) splits the cluster means into cells of about `cell_size`; every
+cluster joins its `probes` nearest cells and meets the clusters there. Further
+passes (`passes`, 4 by default) re-block the surviving clusters with fresh
+quantisers, so pairs split by a cell border meet. Cost is about N x cell_size x
+probes^2 distance evaluations per round instead of N^2; memory is the embeddings
+plus one cell's block (benchmarks/identity_cluster.py).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from scipy.cluster.vq import kmeans2
 
 from lafid.face.embed import pairwise
 from lafid.report import read_table
@@ -39,16 +39,18 @@ from lafid.shards import write_atomic
 OUTPUT = "identities.parquet"
 
 
-def kmeans(x: np.ndarray, k: int, iters: int = 10, sample: int = 64, seed: int = 0, rows=None,
-           scale=None) -> np.ndarray:
-    """k-means++ seeded Lloyd (scipy) on at most `sample` points per centroid; returns (k, D) centroids.
-    Points are `x[rows] / scale[rows]` (all of `x` by default), only the sample is materialised."""
+def kmeans(points: np.ndarray, k: int, iters: int = 10, seed: int = 0) -> np.ndarray:
+    """Lloyd's k-means from k random points, assignments by one matrix product per iteration; (k, D)."""
     rng = np.random.default_rng(seed)
-    rows = np.arange(len(x)) if rows is None else rows
-    pick = rows[np.sort(rng.choice(len(rows), min(len(rows), k * sample), replace=False))]
-    train = x[pick].astype(np.float64) / (1.0 if scale is None else scale[pick, None])
-    cent, _ = kmeans2(train, k, iter=iters, minit="++", seed=seed)
-    return cent.astype(np.float32)
+    cent = points[rng.choice(len(points), k, replace=False)].copy()
+    for _ in range(iters):
+        near = np.argmin((cent * cent).sum(1)[None, :] - 2 * points @ cent.T, axis=1)
+        sums = np.zeros_like(cent)
+        np.add.at(sums, near, points)
+        size = np.bincount(near, minlength=k)
+        filled = size > 0  # an empty cell keeps its centroid
+        cent[filled] = sums[filled] / size[filled, None]
+    return cent
 
 
 def nearest_cells(mean, n: int, cent: np.ndarray, probes: int, chunk: int = 16384) -> np.ndarray:
@@ -85,7 +87,7 @@ def _nearest(mean, sqnorm: np.ndarray, cells: np.ndarray, k: int, chunk: int):
 
 
 def cluster(embeddings: np.ndarray, metric: str, threshold: float, cell_size: int = 1024,
-            probes: int = 2, passes: int = 2, chunk: int = 1024) -> np.ndarray:
+            probes: int = 2, passes: int = 4, chunk: int = 1024) -> np.ndarray:
     """Identity label per embedding: smallest row index of its average-linkage cluster."""
     x = np.array(embeddings, np.float32)  # a copy (its rows become cluster sums); a caller's temporary
     del embeddings                        # is freed here, so only one N x D array stays resident
@@ -100,14 +102,22 @@ def cluster(embeddings: np.ndarray, metric: str, threshold: float, cell_size: in
     for seed in range(passes):  # each pass blocks the surviving clusters with a fresh quantiser
         active = np.flatnonzero(parent == np.arange(n))
         k = max(1, int(np.ceil(len(active) / cell_size)))
-        cent = kmeans(x, k, seed=seed, rows=active, scale=count) if k > 1 else None
+        cent = None
         while len(active) > 1:
             def mean(rows, active=active):
                 return x[active[rows]] / count[active[rows], None]
 
+            def direction(rows):  # where a cluster is blocked: its mean, on the sphere for cosine
+                m = mean(rows)
+                return m / np.linalg.norm(m, axis=1, keepdims=True) if metric == "cosine" else m
+
+            if cent is None and k > 1:  # trained on a sample of at most 64 clusters per cell
+                sample = np.sort(np.random.default_rng(seed).choice(len(active), min(len(active), 64 * k), False))
+                cent = kmeans(direction(sample), k, seed=seed)
+
             sqnorm = sq[active] / count[active]  # mean squared norm: D2(A,B) = QA + QB - 2 muA.muB
             cells = (np.zeros((len(active), 1), int) if k == 1
-                     else nearest_cells(mean, len(active), cent, min(probes, k)))
+                     else nearest_cells(direction, len(active), cent, min(probes, k)))
             best_j, best_d = _nearest(mean, sqnorm, cells, k, chunk)
             mutual = (best_j >= 0) & (best_d <= radius2)
             mutual &= best_j[np.maximum(best_j, 0)] == np.arange(len(active))
