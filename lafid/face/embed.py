@@ -121,17 +121,17 @@ class IdentityEncoder(ABC):
 
 
 class DlibEncoder(IdentityEncoder):
-    """dlib ResNet descriptor; same person below L2 0.43.
+    """dlib ResNet descriptor; same person below L2 0.42.
 
     Threshold from benchmarks/identity_calibration.py at FMR <= 1e-3 per pair of people
     (32 real people, 496 pairs): dlib's published 0.6 matches 18% of the pairs of people
-    there (look-alike team-mates 0.43 apart); at 0.43 it misses 30% of same-person face
+    there (look-alike team-mates 0.429 apart); at 0.42 it misses 32% of same-person face
     pairs. A fallback: ArcFace separates the same faces far better.
     """
 
     name = "dlib"
     metric = "l2"
-    threshold = 0.43
+    threshold = 0.42
     dim = 128
     CHIP_SIZE, CHIP_PADDING = 150, 0.25  # the chip layout dlib's network was trained on
 
@@ -163,7 +163,7 @@ class ArcFaceEncoder(IdentityEncoder):
     Threshold: cosine distance 0.67 (cos >= 0.33), set by benchmarks/identity_calibration.py
     at FMR <= 1e-3 per pair of people with the embedded w600k_mbf on 230 real faces of
     32 people (496 pairs of people, so 1e-3 means none): the closest different people
-    (two team-mates) are 0.674 apart; 0.17% of 5241 same-person face pairs are farther.
+    (two team-mates) are 0.674 apart; 0.19% of 5241 same-person face pairs are farther.
     """
 
     metric = "cosine"
