@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.67, help="cosine distance (ArcFace default)")
     ap.add_argument("--cell-size", type=int, default=1024)
     ap.add_argument("--probes", type=int, default=2)
+    ap.add_argument("--passes", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2, help="BLAS threads")
     ap.add_argument("--exact-max", type=int, default=5000, help="largest --n checked against exact average linkage")
     args = ap.parse_args()
@@ -63,13 +64,13 @@ def main() -> None:
     start, cpu = time.perf_counter(), time.process_time()
     # the embeddings are a temporary: cluster() copies them and frees the original
     labels = cluster(synthetic(args.n, args.dim, args.per_identity)[0], "cosine", args.threshold, args.cell_size,
-                     args.probes)
+                     args.probes, args.passes)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     peak = peak_mib()
     found = np.unique(labels)
     mixed = sum(len(np.unique(person[labels == lab])) > 1 for lab in found) if args.n <= 200_000 else None
     print(f"{args.n} clips x {args.dim}-d, {len(np.unique(person))} people, threshold {args.threshold}, "
-          f"cells of {args.cell_size}, {args.probes} probes, {args.threads} BLAS threads")
+          f"cells of {args.cell_size}, {args.probes} probes, {args.passes} passes, {args.threads} BLAS threads")
     print(f"  average linkage (blocked, reciprocal NN): {wall:.1f} s wall ({cpu:.1f} s CPU), "
           f"{args.n / wall:,.0f} clips/s; "
           f"peak RSS {peak:,.0f} MiB (before clustering {base:,.0f} MiB; "

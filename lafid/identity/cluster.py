@@ -58,8 +58,8 @@ def nearest_cells(mean, n: int, cent: np.ndarray, probes: int, chunk: int = 1638
     out = []
     for s in range(0, n, chunk):
         d = pairwise("l2", mean(np.arange(s, min(s + chunk, n))), cent)
-        near = np.argpartition(d, probes - 1, axis=1)[:, :probes] if probes < d.shape[1] else np.argsort(d, axis=1)
-        out.append(near)
+        near = np.argpartition(d, probes - 1, axis=1) if probes < d.shape[1] else np.argsort(d, axis=1)
+        out.append(near[:, :probes].copy())  # a copy: a view would keep the whole chunk x cells block alive
     return np.concatenate(out)
 
 
