@@ -75,12 +75,15 @@ def test_setting_up_the_default_stages_does_not_import_torch(pre, loaded):
 
 
 @pytest.mark.ray
-def test_default_recipe_fits_two_cpus_and_explicit_requests_that_cannot_fit_fail(ray_cluster):
+def test_default_recipe_fits_two_cpus_and_explicit_requests_that_cannot_fit_fail(ray_cluster, monkeypatch):
     recipe = load_recipe("lafid180k")
     plans = ray_executor._plan(recipe, recipe.build_stages())
     assert len(plans) == 4 and all(p.low == 1 and p.high is None for p in plans)
-    # one actor per stage fits the 2 CPUs: each asks for half a CPU (more actors than CPUs would not run faster)
-    assert sum(p.cpus for p in plans) * ray_executor.HEADROOM == pytest.approx(2.0)
+    # one actor per stage and one spare fit the 2 CPUs: each asks for 0.4 CPU, so the slowest stage can add
+    # one actor (more actors than CPUs would not run faster). Control: without the spare, 0.5 each
+    assert [p.cpus for p in plans] == [pytest.approx(0.4)] * 4
+    monkeypatch.setattr(ray_executor, "SPARE", 0)
+    assert [p.cpus for p in ray_executor._plan(recipe, recipe.build_stages())] == [pytest.approx(0.5)] * 4
     fixed = recipe.model_copy(deep=True)
     for spec in fixed.stages:  # the same stages asking for one whole-CPU actor each cannot all be placed
         spec.workers = 1
