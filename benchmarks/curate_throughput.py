@@ -37,6 +37,7 @@ import av
 
 from lafid import devset, media
 from lafid.recipe import load_recipe
+from lafid.report import read_table
 from lafid.runner import curate
 
 SIZE = (480, 360)
@@ -83,11 +84,23 @@ def decode_only(paths: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def timed_curate(recipe, paths, executor) -> tuple[float, object]:
+def timed_curate(recipe, paths, executor) -> tuple[float, object, list[str]]:
+    """Wall seconds, run stats, and every clip's outcome (speaking label or reject reason)."""
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         stats = curate(recipe, paths, out, executor=executor)
-        return time.perf_counter() - start, stats
+        seconds = time.perf_counter() - start
+        return seconds, stats, outcomes(out)
+
+
+def outcomes(out: str) -> list[str]:
+    """'file#clip: label' for kept clips, 'file#clip: stage/reason' for rejects, sorted: to compare runs."""
+    rows = []
+    for kind, what in (("clips", ["speaking_label"]), ("rejects", ["stage", "reason"])):
+        table = read_table(out, kind, ["source", "clip_index", *what])
+        for r in table.to_pylist() if table is not None else []:
+            rows.append(f"{os.path.basename(r['source'])}#{r['clip_index']}: " + "/".join(str(r[w]) for w in what))
+    return sorted(rows)
 
 
 def start_ray(cpus: int) -> float:
@@ -203,21 +216,22 @@ def throughput(args) -> dict[str, float]:
     paths = case_inputs(args)
     total_s = sum(duration_s(p) for p in paths)
     recipe = case_recipe(args.case, args.recipe)
-    seq_s, seq = timed_curate(recipe, paths, "sequential")
+    seq_s, seq, seq_out = timed_curate(recipe, paths, "sequential")
     figures = {"decode_only": total_s / decode_only(paths), "sequential": total_s / seq_s}
     ray_start = start_ray(args.cpus)
     from lafid import ray_executor
 
     spare, ray_executor.SPARE = ray_executor.SPARE, 0  # the previous pools: one actor per stage, no spare
-    one_s, one = timed_curate(recipe, paths, "ray")
+    one_s, one, one_out = timed_curate(recipe, paths, "ray")
     figures["ray_no_spare"] = total_s / one_s
     ray_executor.SPARE = spare
-    ray_s, par = timed_curate(recipe, paths, "ray")
+    ray_s, par, par_out = timed_curate(recipe, paths, "ray")
     figures["ray"] = total_s / ray_s
     last_run = ray_executor.last_run
 
     clips = par.kept + par.rejected
-    assert (par.kept, par.rejected) == (seq.kept, seq.rejected) == (one.kept, one.rejected), "the runners disagree"
+    assert seq_out == one_out == par_out, "the runners disagree"
+    print("outcomes (all runners): " + "; ".join(seq_out))
     print(f"case {args.case!r}: {len(paths)} videos, {total_s:.1f} s of footage, recipe {recipe.name!r}, "
           f"{args.cpus} CPUs; {par.kept} clips kept, {par.rejected} rows rejected (both runners)")
     print(f"{'runner':<14}{'video-s / wall-s':>18}")
