@@ -5,8 +5,9 @@ into rows here (`clip_row`, `reject_row`) and rows into tables with
 `pa.Table.from_pylist(rows, schema=...)`. Bump `SCHEMA_VERSION` when a column
 changes meaning or type; adding a nullable column is backward compatible.
 Version 1 shards read as version 2 (`lafid.report.read_table` reads every shard with
-the current schema): they lack only `source_bytes`, which is null there as it is for
-every path that is valid UTF-8.
+the current schema): they lack `source_bytes`, which is null there as it is for
+every path that is valid UTF-8, and their reject rows lack the clip columns (`MEASURED`)
+that version 2 reject rows carry, read as null as for a clip no stage measured.
 
 Paths are bytes on POSIX and need not be UTF-8, but Parquet strings must be.
 `source` is the path for display (exact whenever the path is UTF-8; otherwise each
@@ -23,6 +24,7 @@ import hashlib
 import os
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from lafid.item import Item
@@ -150,22 +152,23 @@ SPEECH = [
 
 CLIP_SCHEMA = pa.schema(CORE + FACE + IDENTITY + SPEECH, metadata={"lafid_schema_version": str(SCHEMA_VERSION)})
 
-REJECT_SCHEMA = pa.schema(
-    [
-        _field("schema_version", pa.int16(), "version of this schema"),
-        _field("video_id", pa.string(), "hash of the source file's content (or path if unreadable)"),
-        _field("clip_id", pa.string(), "clip id, null when the whole video was rejected"),
-        _field("source", pa.string(), _SOURCE_DOC),
-        _field("source_bytes", pa.binary(), _SOURCE_BYTES_DOC),
-        _field("clip_index", pa.int32(), "clip index, -1 for a whole video"),
-        _field("start_s", pa.float64(), "clip start, seconds"),
-        _field("end_s", pa.float64(), "clip end, seconds"),
-        _field("stage", pa.string(), "stage that rejected the item"),
-        _field("reason", pa.string(), "stable reason code"),
-        _field("detail", pa.string(), "human-readable detail"),
-    ],
-    metadata={"lafid_schema_version": str(SCHEMA_VERSION)},
-)
+_REJECT_FIELDS = [
+    _field("schema_version", pa.int16(), "version of this schema"),
+    _field("video_id", pa.string(), "hash of the source file's content (or path if unreadable)"),
+    _field("clip_id", pa.string(), "clip id, null when the whole video was rejected"),
+    _field("source", pa.string(), _SOURCE_DOC),
+    _field("source_bytes", pa.binary(), _SOURCE_BYTES_DOC),
+    _field("clip_index", pa.int32(), "clip index, -1 for a whole video"),
+    _field("start_s", pa.float64(), "clip start, seconds"),
+    _field("end_s", pa.float64(), "clip end, seconds"),
+    _field("stage", pa.string(), "stage that rejected the item"),
+    _field("reason", pa.string(), "stable reason code"),
+    _field("detail", pa.string(), "human-readable detail"),
+]
+# A rejected clip keeps every measurement made before it was rejected (schema 2): the clip columns of the
+# stages it passed and of the stage that rejected it; null for stages it never reached.
+MEASURED = [f for f in CLIP_SCHEMA if f.name not in {r.name for r in _REJECT_FIELDS}]
+REJECT_SCHEMA = pa.schema(_REJECT_FIELDS + MEASURED, metadata={"lafid_schema_version": str(SCHEMA_VERSION)})
 
 IDENTITY_SCHEMA = pa.schema(
     [
@@ -177,8 +180,18 @@ IDENTITY_SCHEMA = pa.schema(
 )
 
 CLIP_COLUMNS = frozenset(CLIP_SCHEMA.names)
+MEASURED_COLUMNS = frozenset(f.name for f in MEASURED)
 # Clip columns the writer fills from the item itself (no stage writes them).
 ITEM_COLUMNS = ("schema_version", "clip_id", "video_id", "source", "source_bytes", "clip_index", "start_s", "end_s")
+
+
+_FLOAT32 = frozenset(f.name for f in CLIP_SCHEMA if f.type == _f32)
+
+
+def stored(columns: dict[str, Any]) -> dict[str, Any]:
+    """The float32 scalar columns of `columns` as a shard gives them back, so a decision made on a
+    fresh measurement is the one `lafid filter` makes on the stored row."""
+    return {k: float(np.float32(v)) for k, v in columns.items() if k in _FLOAT32 and v is not None}
 
 
 def names(fields: list[pa.Field]) -> tuple[str, ...]:
@@ -250,4 +263,5 @@ def reject_row(item: Item) -> dict[str, Any]:
         "stage": item.reject.stage,
         "reason": item.reject.reason,
         "detail": display(item.reject.detail),  # details quote paths
+        **{k: v for k, v in item.columns.items() if k in MEASURED_COLUMNS},
     }
