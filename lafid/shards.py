@@ -6,7 +6,8 @@ and a flush writes a clips shard and a rejects shard atomically (see
 videos to `_manifest.jsonl`. A rerun reads the manifest, deletes shards no
 manifest line names (left by a crash between write and record) and skips
 finished videos, so every video ends in the output exactly once. Each manifest
-line records the fingerprint of the recipe that wrote it. Redoing a finished
+line records the fingerprint of the recipe that wrote it and its stages with every
+parameter (what `lafid filter` checks a new recipe against). Redoing a finished
 video (`retry_failed`) replaces its rows: the manifest is then rewritten as a
 whole (temp file, rename) with the old rows out and the new ones in.
 """
@@ -65,8 +66,9 @@ class ShardWriter:
     """Collects finished videos and writes them as shards; see the module docstring."""
 
     def __init__(self, out_dir: str | Path, rows_per_shard: int = 1000, recipe: str | None = None,
-                 allow_recipe_change: bool = False):
+                 allow_recipe_change: bool = False, stages: list | None = None):
         self.out_dir = Path(out_dir)
+        self.stages = stages  # the recipe's [stage, params] in order, kept with each entry for `lafid filter`
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.rows_per_shard = rows_per_shard
         self.recipe = recipe
@@ -111,7 +113,7 @@ class ShardWriter:
                 write_atomic(pa.Table.from_pylist(rows, schema=schema), self.out_dir / name)
                 files.append(name)
         entry = {"videos": videos, "files": files, "clips": len(kept), "rejects": len(dropped),
-                 "recipe": self.recipe}
+                 "recipe": self.recipe, **({"stages": self.stages} if self.stages else {})}
         if redone:  # one atomic manifest replacement: old rows out, new rows in
             entries.append(entry)
             write_text_atomic("".join(json.dumps(e) + "\n" for e in entries), self.out_dir / MANIFEST)

@@ -1,0 +1,92 @@
+"""`lafid filter`: a loose run re-decided with a strict recipe equals a strict run, without decoding."""
+
+import pytest
+from typer.testing import CliRunner
+
+from lafid.cli import app
+from lafid.filter import FilterRefused, filter_output
+from lafid.recipe import Recipe
+from lafid.registry import stage_class
+from lafid.report import read_table
+from lafid.runner import curate
+
+from conftest import shard_rows
+
+FAST = {"cpus": 0.5}
+# loose: every threshold let through; strict: what a dataset would ask for
+LOOSE = {"shot_split": {"min_clip_s": 0.5},
+         "face_constraints": {"sample_fps": 4.0, "min_face_ratio": 0.0, "min_single_face_ratio": 0.0,
+                              "min_face_area": 0.0, "min_blur": 0.0, "min_yaw_range": 0.0}}
+STRICT = {"shot_split": {"min_clip_s": 3.0},
+          "face_constraints": {"sample_fps": 4.0, "min_face_ratio": 0.95, "min_single_face_ratio": 0.9,
+                               "min_face_area": 0.05, "min_blur": 35.0, "min_yaw_range": 4.0}}
+
+
+def _recipe(name: str, params: dict) -> Recipe:
+    return Recipe(name=name, output={"rows_per_shard": 3},
+                  stages=[{"stage": s, "params": p, **FAST} for s, p in params.items()])
+
+
+@pytest.fixture(scope="module")
+def outputs(distinct_videos, tmp_path_factory):
+    root = tmp_path_factory.mktemp("filter")
+    loose, strict = _recipe("loose", LOOSE), _recipe("strict", STRICT)
+    curate(loose, distinct_videos, root / "loose", executor="sequential")
+    curate(strict, distinct_videos, root / "strict", executor="sequential")
+    return root, strict
+
+
+def test_filtering_a_loose_run_strictly_equals_curating_strictly(outputs):
+    root, strict = outputs
+    stats = filter_output(root / "loose", strict, root / "filtered")
+    kept = {r["clip_id"] for r in read_table(root / "filtered").to_pylist()}
+    direct = {r["clip_id"] for r in read_table(root / "strict").to_pylist()}
+    loose = {r["clip_id"] for r in read_table(root / "loose").to_pylist()}
+    print(f"loose kept {len(loose)}, strict kept {len(direct)}, filtered kept {len(kept)}; {stats}")
+    assert kept == direct and loose != direct and stats.changed > 0  # control: the loose run keeps more
+    assert shard_rows(root / "filtered") == shard_rows(root / "strict")
+    assert shard_rows(root / "filtered", "rejects") == shard_rows(root / "strict", "rejects")
+
+
+def test_rejected_clips_keep_their_measurements(outputs):
+    root, _ = outputs
+    rejects = [r for r in read_table(root / "strict", "rejects").to_pylist() if r["stage"] == "face_constraints"]
+    assert rejects and all(r["face_ratio"] is not None and len(r["frame_t"]) > 0 for r in rejects)
+
+
+def test_a_recipe_that_changes_what_is_measured_is_refused(outputs, tmp_path):
+    root, _ = outputs
+    faster = _recipe("faster", {**STRICT, "face_constraints": {**STRICT["face_constraints"], "sample_fps": 8.0}})
+    with pytest.raises(FilterRefused, match=r"face_constraints\.sample_fps"):
+        filter_output(root / "loose", faster, tmp_path / "out")
+    assert not list(tmp_path.glob("out/*.parquet"))
+
+
+
+def test_clips_a_stricter_run_never_measured_stay_rejected(outputs, tmp_path):
+    root, _ = outputs
+    stats = filter_output(root / "strict", _recipe("loose", LOOSE), tmp_path / "back")
+    short = [r for r in read_table(root / "strict", "rejects").to_pylist() if r["reason"] == "too_short"]
+    back = read_table(tmp_path / "back", "rejects").to_pylist()
+    print(stats, [(r["clip_id"], r["reason"]) for r in back])
+    assert short and stats.unmeasured == len(short) == len(back)
+    assert {r["clip_id"] for r in back} == {r["clip_id"] for r in short}  # still rejected, with their reason
+    loose_rows = {r["clip_id"]: r for r in read_table(root / "loose").to_pylist()}
+    assert set(loose_rows) - {r["clip_id"] for r in back} == {r["clip_id"] for r in read_table(tmp_path / "back").to_pylist()}
+
+
+def test_the_command_names_the_parameter(outputs, tmp_path):
+    root, _ = outputs
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nstages:\n  - stage: shot_split\n    params: {min_clip_s: 2.0, max_clip_s: 5.0}\n"
+                      "  - stage: face_constraints\n    params: {sample_fps: 4.0}\n")
+    result = CliRunner().invoke(app, ["filter", str(root / "loose"), "--recipe", str(recipe), "--out",
+                                      str(tmp_path / "out")])
+    assert result.exit_code == 2 and "shot_split.max_clip_s" in result.output
+
+
+@pytest.mark.parametrize("name", ["shot_split", "face_constraints"])
+def test_every_parameter_is_a_threshold_or_a_measurement(name):
+    cls = stage_class(name)
+    assert cls.THRESHOLDS.isdisjoint(cls.MEASURE_PARAMS)
+    assert cls.THRESHOLDS | cls.MEASURE_PARAMS == set(cls.Params.model_fields)
