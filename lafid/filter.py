@@ -15,23 +15,23 @@ and `FilterStats.unmeasured` counts the ones the new thresholds would have let t
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from lafid.item import Item, Reject
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from lafid.item import Reject
 from lafid.recipe import Recipe, RecipeError
 from lafid.registry import stage_class
 from lafid.report import read_table, require_output
 from lafid.runner import recipe_fingerprint, recipe_stages
-from lafid.schema import CLIP_COLUMNS, ITEM_COLUMNS, source_path
+from lafid.schema import CLIP_SCHEMA, REJECT_SCHEMA, SCHEMA_VERSION
 from lafid.shards import ShardWriter, read_manifest
 from lafid.stage import Stage
 from lafid.storage import OutputLock, prepare_output
 
 log = logging.getLogger("lafid.filter")
-
-_MEASURED = tuple(sorted(CLIP_COLUMNS - set(ITEM_COLUMNS)))
 
 
 class FilterRefused(RecipeError):
@@ -77,29 +77,32 @@ def check_recipe(old: list[list], recipe: Recipe) -> list[Stage]:
     return recipe.build_stages()
 
 
-def redecide(row: dict, stages: list[Stage]) -> tuple[dict, Reject | None, bool]:
-    """A stored clip row decided by `stages`: (columns, reject or None, never measured by a stage it
-    would now reach). A rejected clip's row carries `stage` / `reason` / `detail`."""
-    columns = {k: row[k] for k in _MEASURED if row.get(k) is not None}
+@dataclass
+class Decision:
+    reject: Reject | None  # None: kept
+    derived: dict  # columns that follow from the new thresholds
+    stopped_at: int | None = None  # index of the stage that now rejects: later stages' columns are emptied
+    unmeasured: bool = False  # passes now, but a later stage never measured it
+
+
+def redecide(row: dict, stages: list[Stage]) -> Decision:
+    """A stored clip row (its `DECIDES_ON` columns, `stage` / `reason` / `detail` when rejected) decided
+    again by `stages`."""
     old = Reject(row["stage"], row["reason"], row["detail"] or "") if row.get("stage") else None
     names = [s.name for s in stages]
     if old and old.stage not in names:  # rejected outside the stages (input, router): not a decision
-        return columns, old, False
+        return Decision(old, {})
+    derived: dict = {}
     for i, stage in enumerate(stages):
         if old and i > names.index(old.stage):
-            return columns, old, True  # passes now, but this stage never saw it
+            return Decision(old, derived, unmeasured=True)
         if old and old.stage == stage.name and old.reason not in stage.DECISIONS:
-            return columns, old, False  # the stage could not measure it
-        full = {**columns, "start_s": row["start_s"], "end_s": row["end_s"]}
-        derived = stage.derive(full)
-        columns.update(derived)
-        verdict = stage.decide({**full, **derived})
+            return Decision(old, derived)  # the stage could not measure it
+        derived.update(stage.derive({**row, **derived}))
+        verdict = stage.decide({**row, **derived})
         if verdict:
-            for later in stages[i + 1:]:  # as if the run had stopped here
-                for name in later.writes:
-                    columns.pop(name, None)
-            return columns, Reject(stage.name, *verdict), False
-    return columns, None, False
+            return Decision(Reject(stage.name, *verdict), derived, stopped_at=i)
+    return Decision(None, derived)
 
 
 def filter_output(src: str | Path, recipe: Recipe, dest: str | Path) -> FilterStats:
@@ -109,36 +112,59 @@ def filter_output(src: str | Path, recipe: Recipe, dest: str | Path) -> FilterSt
     if dest.resolve() == src.resolve():
         raise FilterRefused(f"--out {dest} is the output being filtered: give a new folder")
     out = prepare_output(dest)
-    stats = FilterStats()
     with OutputLock(out):
         writer = ShardWriter(out, recipe.output.rows_per_shard, recipe_fingerprint(recipe), stages=recipe_stages(recipe))
-        videos: dict[str, list[Item]] = defaultdict(list)
-        for kind in ("clips", "rejects"):
-            table = read_table(src, kind)
-            for row in table.to_pylist() if table is not None else []:
-                videos[row["video_id"]].append(_item(row, stages, stats))
-        for video_id in sorted(videos):
-            if video_id in writer.completed:
-                stats.skipped += 1
-                continue
-            writer.add_video(videos[video_id])
-            stats.videos += 1
-        writer.close()
+        table = _all_rows(src)
+        stats = FilterStats(skipped=len(writer.completed & set(table["video_id"].to_pylist())))
+        if writer.completed:  # a resumed filter: those videos are in
+            table = table.filter(pc.invert(pc.is_in(table["video_id"], pa.array(sorted(writer.completed)))))
+        table, kept = _decide(table, stages, stats)
+        writer.add_tables(_as(table.filter(kept), CLIP_SCHEMA), _as(table.filter(pc.invert(kept)), REJECT_SCHEMA))
+        stats.videos = len(set(table["video_id"].to_pylist()))
     log.info("filter %s -> %s with %s: %d kept, %d rejected, %d changed, %d never measured by a stage they "
              "would now reach", src, out, recipe.name, stats.kept, stats.rejected, stats.changed, stats.unmeasured)
     return stats
 
 
-def _item(row: dict, stages: list[Stage], stats: FilterStats) -> Item:
-    item = Item(source=source_path(row), video_id=row["video_id"], clip_index=row["clip_index"],
-                start_s=row["start_s"], end_s=row["end_s"])
-    if row["clip_index"] < 0:  # a whole video: nothing was measured
-        item.reject = Reject(row["stage"], row["reason"], row["detail"] or "")
-    else:
-        item.columns, item.reject, unmeasured = redecide(row, stages)
-        stats.unmeasured += unmeasured
-        was = (row.get("stage"), row.get("reason"))
-        stats.changed += was != ((item.reject.stage, item.reject.reason) if item.reject else (None, None))
-    stats.kept += not item.rejected
-    stats.rejected += item.rejected
-    return item
+def _all_rows(src: Path) -> pa.Table:
+    """Clip and reject rows of an output as one table in the reject schema (clips: no stage)."""
+    tables = [_as(t, REJECT_SCHEMA) for t in (read_table(src, "clips"), read_table(src, "rejects")) if t is not None]
+    return pa.concat_tables(tables) if tables else REJECT_SCHEMA.empty_table()
+
+
+def _as(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table`'s columns in `schema` (missing ones null), schema metadata included."""
+    n = table.num_rows
+    return pa.Table.from_arrays([table[f.name] if f.name in table.column_names else pa.nulls(n, f.type)
+                                 for f in schema], schema=schema)
+
+
+def _decide(table: pa.Table, stages: list[Stage], stats: FilterStats) -> tuple[pa.Table, pa.Array]:
+    """Every clip row decided again: the table with new stage/reason/detail, derived columns and the columns
+    of stages a clip no longer reaches emptied; and the mask of kept rows. Only the columns the decisions
+    read are turned into Python objects."""
+    wanted = {"video_id", "clip_index", "start_s", "end_s", "stage", "reason", "detail"}
+    wanted.update(c for s in stages for c in s.DECIDES_ON)
+    rows = table.select(sorted(wanted)).to_pylist()
+    decisions = [Decision(Reject(r["stage"], r["reason"], r["detail"] or ""), {}) if r["clip_index"] < 0
+                 else redecide(r, stages) for r in rows]
+    for r, d in zip(rows, decisions):
+        if r["clip_index"] >= 0:
+            stats.unmeasured += d.unmeasured
+            stats.changed += (r["stage"], r["reason"]) != ((d.reject.stage, d.reject.reason) if d.reject else (None, None))
+    kept = pa.array([d.reject is None for d in decisions])
+    stats.kept, stats.rejected = sum(kept.to_pylist()), len(rows) - sum(kept.to_pylist())
+    columns = {"schema_version": pa.array([SCHEMA_VERSION] * len(rows), pa.int16())}
+    for key in ("stage", "reason", "detail"):
+        columns[key] = pa.array([getattr(d.reject, key) if d.reject else None for d in decisions], pa.string())
+    for k, stage in enumerate(stages):  # a clip a stage no longer reaches has none of its columns
+        cut = [d.stopped_at is not None and d.stopped_at < k for d in decisions]
+        for name in stage.writes if any(cut) else ():
+            columns[name] = pc.if_else(pa.array(cut), pa.scalar(None, REJECT_SCHEMA.field(name).type), table[name])
+    for name in sorted({k for d in decisions for k in d.derived}):  # derived columns are read: their values are here
+        before = columns[name].to_pylist() if name in columns else [r[name] for r in rows]
+        columns[name] = pa.array([d.derived.get(name, was) for was, d in zip(before, decisions)],
+                                 REJECT_SCHEMA.field(name).type)
+    for name, values in columns.items():
+        table = table.set_column(table.schema.get_field_index(name), REJECT_SCHEMA.field(name), values)
+    return table, kept

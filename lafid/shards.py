@@ -44,11 +44,6 @@ def _digest(keys: list[str]) -> str:
     return hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:16]
 
 
-def _shard_name(prefix: str, rows: list[dict]) -> str:
-    keys = [f"{r['video_id']}:{r['clip_index']}" for r in rows]
-    return f"{prefix}-{_digest(keys)}.parquet"
-
-
 def read_manifest(out_dir: Path) -> list[dict]:
     path = Path(out_dir) / MANIFEST
     if not path.exists():
@@ -106,15 +101,44 @@ class ShardWriter:
             entries, stale = self._without(redone)
         kept = [clip_row(i) for i in items if not i.rejected]
         dropped = [reject_row(i) for i in items if i.rejected]
-        files = []
-        for prefix, rows, schema in (("clips", kept, CLIP_SCHEMA), ("rejects", dropped, REJECT_SCHEMA)):
-            if rows:
-                name = _shard_name(prefix, rows)
-                write_atomic(pa.Table.from_pylist(rows, schema=schema), self.out_dir / name)
-                files.append(name)
-        entry = {"videos": videos, "files": files, "clips": len(kept), "rejects": len(dropped),
+        files = [self._write_shard(prefix, pa.Table.from_pylist(rows, schema=schema))
+                 for prefix, rows, schema in (("clips", kept, CLIP_SCHEMA), ("rejects", dropped, REJECT_SCHEMA)) if rows]
+        self._record(videos, files, len(kept), len(dropped), entries if redone else None, stale if redone else set())
+        self._ready = []
+
+    def add_tables(self, clips: pa.Table, rejects: pa.Table) -> None:
+        """Write whole videos given as tables in the shard schemas (`lafid filter`), sorted by video and
+        clip and cut into shards of about `rows_per_shard` clips at video boundaries."""
+        self.flush()
+        clips, rejects = (t.sort_by([("video_id", "ascending"), ("clip_index", "ascending")]) for t in (clips, rejects))
+        kept_ids, dropped_ids = clips["video_id"].to_pylist(), rejects["video_id"].to_pylist()
+        videos = sorted(set(kept_ids) | set(dropped_ids))
+        kept_at, dropped_at = Counter(kept_ids), Counter(dropped_ids)
+        start, n, a, b = 0, 0, 0, 0
+        for i, video in enumerate(videos):
+            n += kept_at[video]
+            if n < self.rows_per_shard and i + 1 < len(videos):
+                continue
+            chunk = videos[start:i + 1]
+            na, nb = sum(kept_at[v] for v in chunk), sum(dropped_at[v] for v in chunk)
+            files = [self._write_shard(prefix, t.slice(at, count)) for prefix, t, at, count
+                     in (("clips", clips, a, na), ("rejects", rejects, b, nb)) if count]
+            self._record(chunk, files, na, nb)
+            start, n, a, b = i + 1, 0, a + na, b + nb
+
+    def _write_shard(self, prefix: str, table: pa.Table) -> str:
+        keys = [f"{v}:{c}" for v, c in zip(table["video_id"].to_pylist(), table["clip_index"].to_pylist())]
+        name = f"{prefix}-{_digest(keys)}.parquet"
+        write_atomic(table, self.out_dir / name)
+        return name
+
+    def _record(self, videos: list[str], files: list[str], clips: int, rejects: int,
+                entries: list[dict] | None = None, stale: set[str] = frozenset()) -> None:
+        """Append the flush to the manifest, or with `entries` (a redo) replace the manifest."""
+        redone = self.retrying.intersection(videos)
+        entry = {"videos": videos, "files": files, "clips": clips, "rejects": rejects,
                  "recipe": self.recipe, **({"stages": self.stages} if self.stages else {})}
-        if redone:  # one atomic manifest replacement: old rows out, new rows in
+        if entries is not None:  # one atomic manifest replacement: old rows out, new rows in
             entries.append(entry)
             write_text_atomic("".join(json.dumps(e) + "\n" for e in entries), self.out_dir / MANIFEST)
             recorded = {f for e in entries for f in e["files"]}
@@ -124,8 +148,7 @@ class ShardWriter:
         else:
             append_line(json.dumps(entry), self.out_dir / MANIFEST)
         self.completed.update(videos)
-        self.counts.update(clips=len(kept), rejects=len(dropped), videos=len(videos))
-        self._ready = []
+        self.counts.update(clips=clips, rejects=rejects, videos=len(videos))
         if self.on_flush:
             self.on_flush()
 
@@ -170,9 +193,7 @@ class ShardWriter:
                 counts[prefix] = len(rows)
                 stale.add(name)
                 if rows:
-                    new = _shard_name(prefix, rows)
-                    write_atomic(pa.Table.from_pylist(rows, schema=table.schema), self.out_dir / new)
-                    files.append(new)
+                    files.append(self._write_shard(prefix, pa.Table.from_pylist(rows, schema=table.schema)))
             left = [v for v in entry["videos"] if v not in videos]
             if left:
                 out.append({**entry, "videos": left, "files": files,

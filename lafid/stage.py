@@ -69,6 +69,7 @@ class Stage:
     THRESHOLDS: ClassVar[frozenset[str]] = frozenset()
     MEASURE_PARAMS: ClassVar[frozenset[str]] = frozenset()
     DECISIONS: ClassVar[frozenset[str]] = frozenset()
+    DECIDES_ON: ClassVar[tuple[str, ...]] = ()  # the columns `derive` and `decide` read
 
     def __init__(self, params: StageParams | dict[str, Any] | None = None,
                  resources: Resources | None = None):
@@ -103,9 +104,10 @@ class Stage:
         verdict = self.decide(self._stored_row(item))
         return [item.drop(self.name, *verdict) if verdict else item]
 
-    @staticmethod
-    def _stored_row(item: Item) -> dict[str, Any]:
-        row = {**item.columns, "start_s": item.start_s, "end_s": item.end_s}
+    def _stored_row(self, item: Item) -> dict[str, Any]:
+        """The DECIDES_ON columns only (a decision that reads another fails here, in every run)."""
+        row = {k: item.columns[k] for k in self.DECIDES_ON if k in item.columns}
+        row.update(start_s=item.start_s, end_s=item.end_s)
         return {**row, **stored(row)}
 
     def teardown(self) -> None:

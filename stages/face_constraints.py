@@ -60,6 +60,8 @@ class FaceConstraints(Stage):
     THRESHOLDS = frozenset({"min_face_ratio", "min_single_face_ratio", "min_face_area", "min_blur", "min_yaw_range"})
     MEASURE_PARAMS = frozenset({"sample_fps", "max_side", "min_side", "detector", "det_size", "detector_range",
                                 "min_det_score", "max_faces", "minor_face_ratio", "large_pose_yaw"})
+    DECIDES_ON = ("face_ratio", "single_face_ratio", "frame_face_count", "face_area_median", "blur_median",
+                  "yaw_range")
     DECISIONS = frozenset({"no_face", "multiple_faces", "face_missing", "small_face", "blurry_face", "no_pose",
                            "static_face"})
 

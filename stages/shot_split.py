@@ -56,6 +56,7 @@ class ShotSplit(Stage):
     MEASURE_PARAMS = frozenset({"detector", "threshold", "min_scene_frames", "max_clip_s", "dark_luma",
                                 "min_frames_ratio"})
     DECISIONS = frozenset({"too_short"})
+    DECIDES_ON = ("start_s", "end_s", "start_frame", "end_frame")
 
     def process_item(self, item: Item) -> list[Item]:
         p: ShotSplitParams = self.params
