@@ -114,7 +114,7 @@ def filter_output(src: str | Path, recipe: Recipe, dest: str | Path) -> FilterSt
     out = prepare_output(dest)
     with OutputLock(out):
         writer = ShardWriter(out, recipe.output.rows_per_shard, recipe_fingerprint(recipe), stages=recipe_stages(recipe))
-        table = _all_rows(src)
+        table = all_rows(src)
         stats = FilterStats(skipped=len(writer.completed & set(table["video_id"].to_pylist())))
         if writer.completed:  # a resumed filter: those videos are in
             table = table.filter(pc.invert(pc.is_in(table["video_id"], pa.array(sorted(writer.completed)))))
@@ -126,10 +126,17 @@ def filter_output(src: str | Path, recipe: Recipe, dest: str | Path) -> FilterSt
     return stats
 
 
-def _all_rows(src: Path) -> pa.Table:
+def all_rows(src: Path) -> pa.Table:
     """Clip and reject rows of an output as one table in the reject schema (clips: no stage)."""
     tables = [_as(t, REJECT_SCHEMA) for t in (read_table(src, "clips"), read_table(src, "rejects")) if t is not None]
     return pa.concat_tables(tables) if tables else REJECT_SCHEMA.empty_table()
+
+
+def decision_rows(table: pa.Table, stages: list[Stage]) -> list[dict]:
+    """The rows of `table` (see `all_rows`) as dicts of what `redecide` reads."""
+    wanted = {"video_id", "clip_index", "start_s", "end_s", "stage", "reason", "detail"}
+    wanted.update(c for s in stages for c in s.DECIDES_ON)
+    return table.select(sorted(wanted)).to_pylist()
 
 
 def _as(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -143,9 +150,7 @@ def _decide(table: pa.Table, stages: list[Stage], stats: FilterStats) -> tuple[p
     """Every clip row decided again: the table with new stage/reason/detail, derived columns and the columns
     of stages a clip no longer reaches emptied; and the mask of kept rows. Only the columns the decisions
     read are turned into Python objects."""
-    wanted = {"video_id", "clip_index", "start_s", "end_s", "stage", "reason", "detail"}
-    wanted.update(c for s in stages for c in s.DECIDES_ON)
-    rows = table.select(sorted(wanted)).to_pylist()
+    rows = decision_rows(table, stages)
     decisions = [Decision(Reject(r["stage"], r["reason"], r["detail"] or ""), {}) if r["clip_index"] < 0
                  else redecide(r, stages) for r in rows]
     for r, d in zip(rows, decisions):

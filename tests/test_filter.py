@@ -9,6 +9,7 @@ from lafid.recipe import Recipe
 from lafid.registry import stage_class
 from lafid.report import read_table
 from lafid.runner import curate
+from lafid.sweep import sweeps
 
 from conftest import shard_rows
 
@@ -90,3 +91,13 @@ def test_every_parameter_is_a_threshold_or_a_measurement(name):
     cls = stage_class(name)
     assert cls.THRESHOLDS.isdisjoint(cls.MEASURE_PARAMS)
     assert cls.THRESHOLDS | cls.MEASURE_PARAMS == set(cls.Params.model_fields)
+
+
+def test_a_threshold_sweep_keeps_what_filtering_keeps(outputs):
+    """The report's sweep of min_blur over the loose run, against the stored sharpness of each clip."""
+    root, _ = outputs
+    sweep = next(s for s in sweeps(root / "loose") if s["param"] == "min_blur")
+    blur = [r["blur_median"] for r in read_table(root / "loose").to_pylist()]
+    print(sweep)
+    assert sweep["kept"] == [sum(b >= v for b in blur) for v in sweep["values"]]
+    assert len(set(sweep["kept"])) > 1  # control: the sweep moves across the stored values
