@@ -101,3 +101,31 @@ def test_a_threshold_sweep_keeps_what_filtering_keeps(outputs):
     print(sweep)
     assert sweep["kept"] == [sum(b >= v for b in blur) for v in sweep["values"]]
     assert len(set(sweep["kept"])) > 1  # control: the sweep moves across the stored values
+
+
+def test_reject_shards_without_measurements_read_beside_new_ones(outputs, tmp_path):
+    """Reject rows written before they carried clip columns read with those columns null; such an
+    output (no recipe parameters in its manifest) cannot be filtered, and says why."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lafid.schema import REJECT_SCHEMA
+
+    root, strict = outputs
+    old = tmp_path / "old"
+    shutil.copytree(root / "strict", old)
+    ledger = pa.schema([f for f in REJECT_SCHEMA if f.name in ("schema_version", "video_id", "clip_id", "source",
+                        "clip_index", "start_s", "end_s", "stage", "reason", "detail")])
+    rows = [{**r, "clip_id": "old-" + r["clip_id"], "schema_version": 1}
+            for r in read_table(root / "strict", "rejects").to_pylist()]
+    pq.write_table(pa.Table.from_pylist(rows, schema=ledger), old / "rejects-0000-v1.parquet")
+    both = read_table(old, "rejects").to_pylist()
+    assert len(both) == 2 * len(rows)
+    assert all(r["face_ratio"] is None for r in both if r["clip_id"].startswith("old-"))
+    assert any(r["face_ratio"] is not None for r in both if not r["clip_id"].startswith("old-"))  # control
+    manifest = old / "_manifest.jsonl"
+    manifest.write_text("".join(line.split(', "stages"')[0] + "}\n" for line in manifest.read_text().splitlines()))
+    with pytest.raises(FilterRefused, match="does not record its recipe"):
+        filter_output(old, strict, tmp_path / "out")
