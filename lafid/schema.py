@@ -140,11 +140,15 @@ SPEECH = [
     _field("asr_confidence", _f32, "mean word probability"),
     _field("lip_activity", _f32, "mean absolute change of mouth opening per second"),
     _field("av_sync", _f32, "lip/voice sync score: z-score of the best agreement within max_lag_s against "
-           "far lags (>= 2 in step, < 1.5 out of step); null when not measured"),
+           "far lags (in step at >= min_sync_score); null when not measured"),
     _field("av_lag_s", _f32, "lag of the best near agreement, seconds (positive = audio later)"),
+    _field("av_peak_z", _f32, "z-score of the lag curve's highest point against the rest of the curve (one "
+           "clear offset); null when not measured or when that point is at the end of the lags searched"),
+    _field("av_peak_lag_s", _f32, "lag of that highest point, seconds (out of step when far from 0)"),
     _field("visual_speaking", _f32, "speaking probability of the lips in speech (lip_detector vvad), else null"),
     _field("speaking_label", pa.string(),
-           "speaking / voice_over / uncertain (speech, moving lips, weak sync evidence) / silent / mouthing / no_audio"),
+           "speaking / voice_over (each only with positive evidence) / uncertain (speech, no clear evidence "
+           "either way) / silent / mouthing / no_audio"),
     _field("caption", pa.string(), "caption that agrees with the speaking label"),
     _field("caption_source", pa.string(),
            "who wrote the caption: source, template or vlm; '+disambiguated' when speech claims were rewritten"),

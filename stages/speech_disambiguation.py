@@ -8,15 +8,22 @@ inside the speech only, on the subject track's box (`lafid.speech.mouth`), and
 compared with the voice's articulation envelope (`lafid.speech.sync`). With
 `lip_detector: vvad` a learned lip model (`lafid.speech.vvad`) decides from the
 same pass whether the lips talk during speech, instead of lip activity.
-Label:
+Label (`decide`, a pure function of the clip's columns and the thresholds below):
 - `no_audio`   the file has no audio stream
 - `silent`     no speech, lips still
 - `mouthing`   no speech, lips move
-- `speaking`   speech, lips move, and they move with the voice (sync score >= min_sync_score)
-- `voice_over` speech, but lips still or clearly out of step with it (score < max_unsynced_score)
-- `uncertain`  speech and moving lips, but the evidence is weak either way (score
-               in between, or too few mouth frames to measure): the caption claims
-               neither an on-screen nor an off-camera speaker
+- `speaking`   speech, and the lips are in step with it: the sync score clears the
+               null distribution's operating point with its best lag strictly inside
+               +-max_lag_s (a best lag at the window's edge is no peak)
+- `voice_over` speech, and positive evidence that the visible face is not the voice:
+               the lips are still (or, with vvad, not talking) while it is heard, or
+               they move out of step with it, with one clear peak at a clear lag away
+               from 0; either way without in-step evidence
+- `uncertain`  anything else: missing or weak evidence is never the opposite label;
+               the caption claims neither an on-screen nor an off-camera speaker
+The thresholds come from a measured null distribution (the clip's own voice
+shifted by >= 1 s and other speakers' voices) and the spread of each score under
+re-encoding: benchmarks/speech_labels.py prints both and the operating point.
 The caption (the clip's own `caption` column if an upstream source set one,
 else the configured captioner's) is then rewritten to agree with the label.
 Corrupt audio rejects the clip (`corrupt_audio`); nothing else here rejects.
@@ -36,7 +43,7 @@ from lafid.speech.captions import Captioner, ClipFacts, TemplateCaptioner, VLMCa
 from lafid.schema import SPEECH, names
 from lafid.speech.lip import lip_activity, lip_series
 from lafid.speech.mouth import MouthTracker
-from lafid.speech.sync import av_sync
+from lafid.speech.sync import LAG_STEP_S, av_sync
 from lafid.speech.vvad import LipSpeakingModel
 from lafid.speech.vad import SileroVAD
 from lafid.stage import Resources, Stage, StageParams
@@ -49,10 +56,18 @@ class SpeechDisambiguationParams(StageParams):
     vad_min_silence_s: float = Field(0.3, ge=0, description="shorter pauses do not end a segment")
     vad_pad_s: float = Field(0.3, ge=0, description="padding on each side of a speech segment (Whisper needs onset context)")
     min_speech_s: float = Field(0.5, ge=0, description="less speech than this in a clip counts as no speech")
-    min_lip_activity: float = Field(0.1, ge=0, description="mouth-opening change per second above which lips move")
-    min_sync_score: float = Field(2.0, description="sync z-score at or above which moving lips are `speaking`")
-    max_unsynced_score: float = Field(1.5, description="sync z-score below which moving lips are `voice_over`")
-    max_lag_s: float = Field(0.15, ge=0, le=0.5, description="audio-video offset searched for the best agreement")
+    min_lip_activity: float = Field(0.1, ge=0, description="without speech: mouth-opening change per second "
+                                    "above which lips move (`mouthing`)")
+    max_still_lips: float = Field(0.09, ge=0, description="during speech: lip activity below which the lips are "
+                                  "still (evidence of `voice_over`)")
+    min_sync_score: float = Field(2.7, description="sync z-score at or above which the lips are in step (`speaking`)")
+    max_unsynced_score: float = Field(1.8, description="sync z-score below which there is no in-step evidence "
+                                      "(an out-of-step peak needs it to give `voice_over`)")
+    min_offset_score: float = Field(4.1, description="peak z-score of one clear out-of-step offset (`voice_over`)")
+    min_offset_s: float = Field(0.5, gt=0, le=2.5, description="an out-of-step peak lies at least this far from 0")
+    max_lag_s: float = Field(0.2, ge=0, le=0.5, description="audio-video offset searched for the in-step peak")
+    min_sync_speech_s: float = Field(3.0, ge=0, description="less speech than this: lip/voice sync is no evidence "
+                                     "either way (its chance peaks grow as clips shorten)")
     min_sync_frames: int = Field(25, ge=5, description="mouth frames inside speech needed to measure sync")
     mouth_min_fps: float = Field(25.0, gt=0, description="mouth pass rate: the video's own fps, at least this")
     lip_detector: Literal["mesh", "vvad"] = Field(
@@ -77,7 +92,31 @@ class SpeechDisambiguationParams(StageParams):
     def _scores_ordered(self):
         if self.max_unsynced_score > self.min_sync_score:
             raise ValueError("max_unsynced_score must not exceed min_sync_score")
+        if self.min_offset_s <= self.max_lag_s:
+            raise ValueError("min_offset_s must exceed max_lag_s (an out-of-step peak lies outside the in-step window)")
         return self
+
+
+def decide(c: dict, p: SpeechDisambiguationParams) -> str:
+    """The speaking label from a clip's measured columns (no `no_audio` here: that is
+    the absence of a stream, not a measurement)."""
+    lips = c.get("lip_activity")
+    speech_s = sum(e - s for s, e in c.get("speech_segments") or [])
+    if speech_s < p.min_speech_s:
+        return "mouthing" if lips is not None and lips >= p.min_lip_activity else "silent"
+    score, lag = (c.get("av_sync"), c.get("av_lag_s")) if speech_s >= p.min_sync_speech_s else (None, None)
+    if score is not None and score >= p.min_sync_score and abs(lag) < p.max_lag_s - LAG_STEP_S / 2:
+        return "speaking"
+    if p.lip_detector == "vvad":
+        still = c.get("visual_speaking") is not None and c["visual_speaking"] < p.min_visual_speaking
+    else:
+        still = lips is not None and lips < p.max_still_lips
+    if still:
+        return "voice_over"
+    peak, peak_lag = c.get("av_peak_z"), c.get("av_peak_lag_s")
+    out_of_step = (score is not None and score < p.max_unsynced_score  # no in-step evidence, re-encoding spread kept
+                   and peak is not None and peak >= p.min_offset_score and abs(peak_lag) >= p.min_offset_s)
+    return "voice_over" if out_of_step else "uncertain"
 
 
 class SpeechDisambiguation(Stage):
@@ -127,35 +166,20 @@ class SpeechDisambiguation(Stage):
         except AudioError as exc:
             return [item.drop(self.name, exc.reason, exc.detail)]
         t, mouth = lip_series(item.columns.get("frame_t"), item.columns.get("frame_mouth_open"))
-        lips = lip_activity(t, mouth)
-        moving = lips is not None and lips >= p.min_lip_activity
-        cols: dict = {"lip_activity": lips, "speech_segments": [], "speech_ratio": 0.0,
-                      "av_sync": None, "av_lag_s": None, "visual_speaking": None, **Transcript().as_columns()}
+        cols: dict = {"lip_activity": lip_activity(t, mouth), "speech_segments": [], "speech_ratio": 0.0,
+                      "av_sync": None, "av_lag_s": None, "av_peak_z": None, "av_peak_lag_s": None,
+                      "visual_speaking": None, **Transcript().as_columns()}
         if audio is None:
             label = "no_audio"
         else:
             segments = self.vad.segments(audio.samples)
-            speech_s = sum(e - s for s, e in segments)
             cols["speech_segments"] = [[s, e] for s, e in segments]
-            cols["speech_ratio"] = speech_s / audio.duration_s if audio.duration_s else 0.0
-            if speech_s < p.min_speech_s:
-                label = "mouthing" if moving else "silent"
-            else:
-                label = "voice_over"
-                series = None
-                if self.lip_model is not None:
-                    series = self._mouth(item, segments)
-                    cols["visual_speaking"] = self.lip_model.speaking(series.t, series.lips)
-                    moving = (cols["visual_speaking"] or 0.0) >= p.min_visual_speaking
-                if moving:
-                    series = series or self._mouth(item, segments)
-                    sync = av_sync(series.t, series.opening, audio.samples, p.max_lag_s,
-                                   min_frames=p.min_sync_frames)
-                    if sync is not None:
-                        cols["av_sync"], cols["av_lag_s"] = sync.score, sync.lag_s
-                    label = self._sync_label(sync)
+            cols["speech_ratio"] = sum(e - s for s, e in segments) / audio.duration_s if audio.duration_s else 0.0
+            if sum(e - s for s, e in segments) >= p.min_speech_s:
+                cols.update(self._sync_columns(item, segments, audio.samples))
                 if self.asr is not None:
                     cols.update(self.asr.transcribe(audio.samples, segments).as_columns())
+            label = decide(cols, p)
         cols["speaking_label"] = label
         cols["caption"], cols["caption_source"] = self._caption(item, label, cols["transcript"])
         item.columns.update(cols)
@@ -167,13 +191,18 @@ class SpeechDisambiguation(Stage):
         fps = max(float(c.get("fps") or 0.0), self.params.mouth_min_fps)
         return self.mouth.series(item.source, item.start_s, segments, c.get("frame_t"), c.get("frame_box"), fps)
 
-    def _sync_label(self, sync) -> str:
+    def _sync_columns(self, item: Item, segments: list[tuple[float, float]], samples: np.ndarray) -> dict:
+        """Lip/voice sync (and the learned lip model's verdict) from one mouth pass inside speech."""
         p: SpeechDisambiguationParams = self.params
-        if sync is None:
-            return "uncertain"
-        if sync.score >= p.min_sync_score:
-            return "speaking"
-        return "voice_over" if sync.score < p.max_unsynced_score else "uncertain"
+        series = self._mouth(item, segments)
+        cols: dict = {}
+        if self.lip_model is not None:
+            cols["visual_speaking"] = self.lip_model.speaking(series.t, series.lips)
+        sync = av_sync(series.t, series.lip_height, samples, p.max_lag_s, min_frames=p.min_sync_frames)
+        if sync is not None:
+            cols.update(av_sync=sync.score, av_lag_s=sync.lag_s, av_peak_z=sync.peak_score,
+                        av_peak_lag_s=sync.peak_lag_s)
+        return cols
 
     def _caption(self, item: Item, label: str, transcript: str) -> tuple[str, str]:
         """The source caption or the captioner's, made to agree with `label`."""

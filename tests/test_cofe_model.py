@@ -382,3 +382,41 @@ def test_load_cofe_attaches_adapter_and_lora_to_a_fresh_transformer(faces, tmp_p
 def inputs_for(model: CoFEModel):
     gen = torch.Generator().manual_seed(2)
     return torch.randn(1, 4, 2, 8, 8, generator=gen), torch.tensor([500.0]), model.text(["a woman talks"])
+
+
+def ablate(model: CoFEModel, **cofe) -> CoFEModel:
+    """`model` with a new adapter built with these CoFE options, moved off its zero init (a trained state)."""
+    r = model.recipe
+    recipe = r.model_copy(update={"cofe": r.cofe.model_copy(update=cofe)})
+    model.adapter.detach()
+    torch.manual_seed(0)
+    model.adapter = build_adapter(model.transformer.config, model.experts.dims, recipe).attach(model.transformer)
+    for p in model.adapter.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def test_a_dropped_expert_has_no_say_and_a_uniform_gate_is_even(faces):
+    """cofe.drop_experts: the dropped expert's features no longer reach the prediction (control: with every
+    expert kept, swapping that expert's features changes it); cofe.gate uniform: equal weights."""
+    model = tiny()
+    x, t, text = inputs(model, 1)
+    a, b = model.experts(faces[0]), model.experts(faces[1])
+
+    def change(expert):
+        with torch.no_grad():  # only the tested expert's features differ between the two calls
+            diff = model.denoise(x, t, text, a) - model.denoise(x, t, text, {**a, expert: b[expert]})
+        return diff.abs().max().item()
+
+    for injection, experts in (("fused", ("id", "sem", "det")), ("per_expert", ("id",))):
+        for expert in experts:
+            ablate(model, injection=injection)
+            assert change(expert) > 1e-4  # the control: every expert kept
+            ablate(model, injection=injection, drop_experts=[expert])
+            assert change(expert) == 0.0
+            gate = model.adapter.gates()[:, 0]
+            assert bool((gate[:, ("id", "sem", "det").index(expert)] == 0).all())
+            torch.testing.assert_close(gate.sum(-1), torch.ones(gate.shape[0]))
+    ablate(model, gate="uniform", drop_experts=["det"])
+    change("id")
+    torch.testing.assert_close(model.adapter.gates(), torch.tensor([0.5, 0.5, 0.0]).expand(2, 1, 3))

@@ -80,3 +80,19 @@ def test_plan_of_the_480p_recipes_before_anything_loads():
     assert f"{eight.params['trainable']:,}" in run.output and f"{eight.total / GiB:.2f}" in run.output
     assert "fits a 80 GiB GPU (" in run.output and "NOT" not in run.output
     assert f"{eight.cached_total / GiB:.2f}" in run.output
+
+
+def test_plan_of_the_i2v_14b_recipe_counts_its_image_encoder():
+    recipe = load_cofe_recipe("cofe_wan21_i2v_14b_480p")
+    assert recipe.mode == "i2v" and recipe.transformer.config["in_channels"] == 36
+    p = plan(recipe, 8)
+    counts = p.params
+    assert counts["image_encoder"] == counts["semantic"] > 6e8  # Wan's CLIP ViT-H/14, beside the semantic expert
+    assert p.bytes["experts"] == 2 * (counts["identity"] + counts["semantic"] + counts["detail"]
+                                      + counts["image_encoder"])
+    t2v = plan(load_cofe_recipe("cofe_wan21_14b_fsdp"), 8).params
+    assert counts["transformer"] > t2v["transformer"] and t2v["image_encoder"] == 0  # I2V adds the image path
+    print(f"\ni2v 14B: transformer {counts['transformer']:,}, trained {counts['trainable']:,}, "
+          f"{p.total / GiB:.1f} GiB per GPU on 8")
+    run = CliRunner().invoke(app, ["train", "--recipe", "cofe_wan21_i2v_14b_480p", "--plan", "--gpus", "8"])
+    assert run.exit_code == 0 and "fits a 80 GiB GPU (" in run.output, run.output

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from lafid.cli import app
 from lafid.cofe.data import ClipDataset, collate
 from lafid.cofe.train import Trainer, latest_checkpoint
-from cofe_fixtures import pipeline_shards, tiny_recipe  # noqa: F401  (fixture)
+from cofe_fixtures import pipeline_shards, pose_shards, tiny_recipe  # noqa: F401  (fixture)
 
 
 def eval_loss(trainer: Trainer, batch: dict, draws: int = 8) -> float:
@@ -138,3 +138,30 @@ def test_cli_trains_the_tiny_i2v_recipe_with_dropout_ema_and_decay(pipeline_shar
                                   return_dict=False)[0]
     torch.testing.assert_close(got, want)
     assert (plain - want).abs().max() > 1e-6  # the face did change the prediction
+
+
+def test_ema_follows_every_step_and_generation_loads_it(pose_shards, tmp_path):  # noqa: F811
+    """EMA_n = d EMA_(n-1) + (1 - d) W_n after each optimizer step; `lafid generate` (and load_cofe) read the
+    EMA by default. Controls: an EMA never updated stays at W_0; the raw weights are not the EMA."""
+    from lafid.bench.generate import load_model
+
+    d = 0.5
+    recipe = tiny_recipe(pose_shards[0], tmp_path / "run", steps=2, save_every=2, ema_decay=d, lr=5e-2)
+    trainer = Trainer(recipe)
+    want = trained_params(trainer)
+    for step in (1, 2):
+        trainer.fit(steps=step, progress=False)
+        now = trained_params(trainer)
+        want = {k: d * want[k] + (1 - d) * now[k] for k in want}
+        assert all(torch.allclose(trainer.ema[k], want[k], atol=1e-6) for k in want)
+        assert any(not torch.allclose(trainer.ema[k], now[k]) for k in want)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe_yaml(recipe))
+    ckpt = latest_checkpoint(tmp_path / "run")
+    model, _, weights = load_model(path, ckpt)
+    assert weights.name == "ema.safetensors"
+    got = model.state_dict()
+    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+    raw, _, weights = load_model(path, ckpt, ema=False)
+    assert weights.name == "trainable.safetensors"
+    assert all(torch.equal(raw.state_dict()[k], now[k]) for k in now)

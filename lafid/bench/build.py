@@ -12,9 +12,12 @@ first, one case per identity per bucket, at most `per_bucket` cases each, while 
 identities stay within `max_identity_share` of all identities (at least one identity
 always stays for training).
 
-Each case: the target clip (its source and time range), a reference face image (the
-identity stage's reference frame, near-frontal and sharp, cut square around the head
-and saved as PNG), the prompt (the clip's caption), pose bucket and yaw range.
+Each case: the target clip (its source and time range), a reference face image cut
+square around the head (PNG) from another clip of the same identity (`reference_clip`:
+another video first; the target clip itself only when the identity has no other clip,
+recorded as `ref_from`), taken at that clip's identity reference frame (near-frontal and
+sharp), the target's first frame (whole, PNG: an i2v model's given frame), the prompt
+(the clip's caption), pose bucket and yaw range.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from lafid.report import read_table
 from lafid.storage import write_atomic, write_text_atomic
 from lafid.video import sample_frames
 
-CASES, SPLIT, INFO, REFS = "cases.parquet", "split.parquet", "bench.json", "refs"
+CASES, SPLIT, INFO, REFS, FIRSTS = "cases.parquet", "split.parquet", "bench.json", "refs", "firsts"
 REF_MARGIN = 2.0  # reference image side = this x the face box's long side (the whole head)
 
 CLIP_COLUMNS = ["clip_id", "video_id", "source", "start_s", "end_s", "fps", "frame_t", "frame_yaw", "frame_pitch",
@@ -47,8 +50,10 @@ CASE_SCHEMA = pa.schema([
     ("source", pa.string()), ("start_s", pa.float64()), ("end_s", pa.float64()), ("fps", pa.float32()),
     ("pose_bucket", pa.string()), ("bucket_share", pa.float32()), ("yaw_min", pa.float32()),
     ("yaw_max", pa.float32()), ("yaw_range", pa.float32()), ("prompt", pa.string()), ("ref_image", pa.string()),
-    ("ref_t", pa.float32()), ("ref_yaw", pa.float32()), ("ref_pitch", pa.float32()),
+    ("ref_clip_id", pa.string()), ("ref_from", pa.string()),
+    ("ref_t", pa.float32()), ("ref_yaw", pa.float32()), ("ref_pitch", pa.float32()), ("first_image", pa.string()),
 ])
+REF_FROM = ("other video", "other clip", "target clip")  # where a case's reference face comes from, best first
 SPLIT_SCHEMA = pa.schema([
     ("clip_id", pa.string()), ("video_id", pa.string()), ("identity_id", pa.string()), ("split", pa.string()),
     ("id_backend", pa.string()), ("id_threshold", pa.float32()), ("id_ref_embedding", pa.list_(pa.float32())),
@@ -162,6 +167,28 @@ def frame_at(source: str, t: float, fps: float) -> np.ndarray:
     raise BenchError(f"{source}: no frame at {t:.3f}s")
 
 
+def reference_clip(case: dict, clips: list[dict]) -> tuple[dict, str]:
+    """(clip the reference face is cut from, `REF_FROM` label): another clip of the case's identity, from
+    another video when there is one, so the reference is not a frame of the target; the target clip itself
+    only when its identity has no other clip with a measured face."""
+    others = [c for c in clips if c.get("identity_id") == case["identity_id"] and c["clip_id"] != case["clip_id"]
+              and any(y is not None for y in c.get("frame_yaw") or [])]
+    for label, pool in (("other video", [c for c in others if c["video_id"] != case["video_id"]]),
+                        ("other clip", others)):
+        if pool:
+            return min(pool, key=lambda c: c["clip_id"]), label
+    return case, "target clip"
+
+
+def save_first_frame(c: dict, path: Path) -> None:
+    """The target clip's first frame, whole (an i2v model's given frame, as training gives the first frame of
+    its window: `lafid.cofe.data.fit` makes both the video size)."""
+    frame = frame_at(c["source"], c["start_s"], c["fps"] or 25.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)):
+        raise BenchError(f"could not write {path}")
+
+
 def save_reference(c: dict, path: Path, size: int) -> dict:
     t, box = reference_frame(c)
     frame = frame_at(c["source"], c["start_s"] + t, c["fps"] or 25.0)
@@ -187,8 +214,10 @@ def build(shards: list[str | Path], out: str | Path, per_bucket: int = 20, seed:
     cases = []
     for c in chosen:
         case_id = f"case-{c['clip_id']}"
-        rel = f"{REFS}/{case_id}.png"
-        ref = save_reference(c, out / rel, ref_size)
+        rel, first = f"{REFS}/{case_id}.png", f"{FIRSTS}/{case_id}.png"
+        ref_clip, ref_from = reference_clip(c, clips)
+        ref = save_reference(ref_clip, out / rel, ref_size)
+        save_first_frame(c, out / first)
         yaw = _floats(c.get("frame_yaw"))
         yaw = yaw[~np.isnan(yaw)]
         cases.append({"case_id": case_id, "clip_id": c["clip_id"], "video_id": c["video_id"],
@@ -196,7 +225,8 @@ def build(shards: list[str | Path], out: str | Path, per_bucket: int = 20, seed:
                       "end_s": c["end_s"], "fps": c["fps"], "pose_bucket": c["pose_bucket"],
                       "bucket_share": c["bucket_share"], "yaw_min": float(yaw.min()), "yaw_max": float(yaw.max()),
                       "yaw_range": float(yaw.max() - yaw.min()), "prompt": c.get("caption") or "",
-                      "ref_image": rel, **ref})
+                      "ref_image": rel, "ref_clip_id": ref_clip["clip_id"], "ref_from": ref_from,
+                      "first_image": first, **ref})
     split = [{"clip_id": c["clip_id"], "video_id": c["video_id"], "identity_id": c["identity_id"],
               "split": "bench" if c["identity_id"] in bench_ids else "train", "id_backend": c.get("id_backend"),
               "id_threshold": c.get("id_threshold"), "id_ref_embedding": c.get("id_ref_embedding")}
@@ -208,7 +238,8 @@ def build(shards: list[str | Path], out: str | Path, per_bucket: int = 20, seed:
             "cases": len(cases), "cases_per_bucket": {b: sum(c["pose_bucket"] == b for c in cases) for b in BUCKETS},
             "identities": len({s["identity_id"] for s in split}), "bench_identities": len(bench_ids),
             "bench_clips": sum(s["split"] == "bench" for s in split), "cases_without_prompt":
-            sum(not c["prompt"] for c in cases)}
+            sum(not c["prompt"] for c in cases), "reference_from": {k: sum(c["ref_from"] == k for c in cases)
+                                                                    for k in REF_FROM}}
     write_text_atomic(json.dumps(info, indent=2) + "\n", out / INFO)
     return info
 

@@ -6,15 +6,20 @@ Protocols:
   real clips, the whole video for generated ones). FaceSim per case = mean over frames with
   a face; a case with no face anywhere (or no video) scores 0 and is counted. FID is one set
   against another: every aligned face crop of the generated videos of a bucket against every
-  aligned face crop of that bucket's real target clips. CLIP sees RGB frames.
+  aligned face crop of that bucket's real target clips; null, with the reason, when either
+  side has fewer than `fid_min_crops` crops. CLIP sees RGB frames.
 - `consisid`: the public ConsisID/OpenS2V evaluation choices, for comparison with published
-  tables: FaceSim as above; "FID" is per frame against the single reference face (each side
-  one sample repeated, so it reduces to the squared distance of Inception features), averaged
-  over a case's face frames, then over cases; CLIP gets the frames in BGR order as OpenCV
-  decodes them, sampled at int(i x count / 16); SCRFD searches frames at 320 px.
+  tables: 16 frames at `np.linspace(0, count - 1, 16, dtype=int)`; FaceSim as above (their
+  bilinear 224 -> 112 resize for CurricularFace equals the area resize used here: an exact 2x,
+  both average 2x2 blocks, tested); "FID" is per frame against the single reference
+  face (each side one sample repeated, so it reduces to the squared distance of Inception
+  features), averaged over a case's face frames, then over cases; CLIP gets the frames in BGR
+  order as OpenCV decodes them, sampled at int(i x count / 16); SCRFD searches frames at 320 px.
 
 Also reported: FaceSim-Arc of each case against the reference of another identity's case
-(`facesim_arc_other`): the level two different people score, beside the real one.
+(`facesim_arc_other`): the level two different people score, beside the real one; and
+FaceSim-Arc per identity (`facesim_arc_per_identity`, and their mean), so that an identity
+with many cases does not weigh more.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from lafid.storage import write_text_atomic
 from lafid.video import MediaError, probe, sample_frames
 
 PROTOCOLS = ("lafid", "consisid")
+FID_MIN_CROPS = 500  # face crops on each side below which set-against-set FID is reported as null
 NOT_COMPUTED = "not computed"
 RESULTS_JSON, RESULTS_MD, CHART = "results.json", "results.md", "chart.png"
 
@@ -53,20 +59,28 @@ class Span:
     fps: float
 
 
-def frame_indices(count: int, n: int, at_ends: bool = True) -> list[int]:
-    """`n` of `count` frames: evenly spaced with first and last included (`at_ends`), else
-    frame int(i x count / n) as the ConsisID script takes them."""
+SPACINGS = ("even", "linspace_int", "stride")
+
+
+def frame_indices(count: int, n: int, spacing: str = "even") -> list[int]:
+    """`n` of `count` frames: `even` spaced with first and last included (rounded), `linspace_int`
+    as ConsisID's script takes its frames (`np.linspace(0, count - 1, n, dtype=int)`: truncated), or
+    `stride`: frame int(i x count / n), as its CLIP frames."""
     if not count:
         return []
-    return sample_indices(count, n).tolist() if at_ends else [int(i * count / n) for i in range(n)]
+    if spacing == "even":
+        return sample_indices(count, n).tolist()
+    if spacing == "linspace_int":
+        return np.linspace(0, count - 1, n, dtype=int).tolist()
+    return [int(i * count / n) for i in range(n)]
 
 
-def spread(span: Span, n: int, at_ends: bool = True, max_side: int = 1024) -> list:
+def spread(span: Span, n: int, spacing: str = "even", max_side: int = 1024) -> list:
     """`n` frames of a span (see `frame_indices`), decoded in one pass keeping only those; a second
     pass only when the frame count differs from duration x fps (variable frame rate)."""
     count = max(1, int(round((span.end_s - span.start_s) * span.fps)))
     for _ in range(2):
-        want, kept, seen = set(frame_indices(count, n, at_ends)), {}, 0
+        want, kept, seen = set(frame_indices(count, n, spacing)), {}, 0
         for _, frame in sample_frames(span.source, span.start_s, span.end_s, 1000.0, max_side=max_side):
             if seen in want:
                 kept[seen] = frame
@@ -74,7 +88,7 @@ def spread(span: Span, n: int, at_ends: bool = True, max_side: int = 1024) -> li
         if seen == count:
             break
         count = seen
-    return [kept[i] for i in frame_indices(count, n, at_ends) if i in kept]
+    return [kept[i] for i in frame_indices(count, n, spacing) if i in kept]
 
 
 def generated(path: Path) -> Span | None:
@@ -117,7 +131,7 @@ class Evaluator:
 
     def video(self, span: Span, prompt: str, features: bool = True) -> dict:
         """Measurements of a video's sampled frames (Inception features of its face crops if `features`)."""
-        chosen = spread(span, self.frames)
+        chosen = spread(span, self.frames, "linspace_int" if self.protocol == "consisid" else "even")
         found, crops, emb = self.faces.measure(chosen)
         crops = [c for c in crops if c is not None]
         out = {"frames": len(chosen), "faces": int(found.sum()), "arc": emb[found], "crops": crops,
@@ -126,7 +140,7 @@ class Evaluator:
         if self.clip is not None and prompt:
             clip_frames = chosen
             if self.protocol == "consisid":  # their CLIP frames: i x count / 16, reaching CLIP in BGR order
-                clip_frames = [f[..., ::-1].copy() for f in spread(span, self.frames, at_ends=False)]
+                clip_frames = [f[..., ::-1].copy() for f in spread(span, self.frames, "stride")]
             out["clip"] = float(np.mean(self.clip.score(clip_frames, prompt)))
         return out
 
@@ -146,7 +160,18 @@ def _case_scores(ev: Evaluator, case: dict, ref: dict, other: dict | None, m: di
     return row
 
 
-def _aggregate(rows: list[dict], gen: dict, real: dict, protocol: str, is_real: bool) -> dict:
+def _fid(rows: list[dict], gen: dict, real: dict, min_crops: int) -> dict:
+    """Set-against-set FID of the rows' generated vs real face crops, or None with the reason when either
+    side has fewer than `min_crops` (small sets bias FID upward and make it noise)."""
+    a, b = ([x[r["case_id"]] for r in rows if len(x[r["case_id"]])] for x in (gen, real))
+    a, b = (np.concatenate(x) if x else np.zeros((0, 2048)) for x in (a, b))
+    out = {"fid_crops": [len(a), len(b)], "fid_min_crops": min_crops}
+    if min(len(a), len(b)) < max(min_crops, 2):
+        return {**out, "fid": None, "fid_note": f"too few face crops ({min(len(a), len(b))} < {max(min_crops, 2)})"}
+    return {**out, "fid": frechet_distance(a, b)}
+
+
+def _aggregate(rows: list[dict], gen: dict, real: dict, protocol: str, is_real: bool, fid_min_crops: int) -> dict:
     out = {"cases": len(rows)}
     if not rows:
         return out
@@ -157,22 +182,22 @@ def _aggregate(rows: list[dict], gen: dict, real: dict, protocol: str, is_real: 
     out["clipscore"] = float(np.mean(clips)) if clips else NOT_COMPUTED
     out["detection_rate"] = sum(r["faces"] for r in rows) / max(1, sum(r["frames"] for r in rows))
     out["cases_without_face"] = sum(r["faces"] == 0 for r in rows)
+    people = sorted({r["identity_id"] for r in rows})
+    out["facesim_arc_per_identity"] = {p: _mean(r["facesim_arc"] for r in rows if r["identity_id"] == p)
+                                       for p in people}
+    out["facesim_arc_identity_mean"] = _mean(out["facesim_arc_per_identity"].values())
     if protocol == "consisid":
         out["fid"] = _mean(r["fid_consisid"] for r in rows)
     elif is_real:
-        out["fid"] = "not applicable (real clips are the reference set)"
+        out.update(fid=None, fid_note="not applicable (real clips are the reference set)")
     else:
-        a = [gen[r["case_id"]] for r in rows if len(gen[r["case_id"]])]
-        b = [real[r["case_id"]] for r in rows if len(real[r["case_id"]])]
-        a, b = (np.concatenate(x) if x else np.zeros((0, 2048)) for x in (a, b))
-        out["fid"] = frechet_distance(a, b) if len(a) >= 2 and len(b) >= 2 else "too few face crops (< 2)"
-        out["fid_crops"] = [len(a), len(b)]
+        out.update(_fid(rows, gen, real, fid_min_crops))
     return out
 
 
 def evaluate(bench: str | Path, out: str | Path, videos: str | Path | None = None, real: bool = False,
              protocol: str = "lafid", frames: int = 16, arcface_dir=None, curricular=None, clip_dir=None,
-             on_case: Callable[[dict], None] | None = None) -> dict:
+             on_case: Callable[[dict], None] | None = None, fid_min_crops: int = FID_MIN_CROPS) -> dict:
     """Score a bench; see the module docstring. Returns what results.json holds."""
     bench, out = Path(bench), Path(out)
     if real == (videos is not None):
@@ -203,11 +228,11 @@ def evaluate(bench: str | Path, out: str | Path, videos: str | Path | None = Non
         rows.append(row)
         if on_case:
             on_case(row)
-    buckets = {b: _aggregate([r for r in rows if r["pose_bucket"] == b], gen_feats, real_feats, protocol, real)
-               for b in BUCKETS}
+    buckets = {b: _aggregate([r for r in rows if r["pose_bucket"] == b], gen_feats, real_feats, protocol, real,
+                             fid_min_crops) for b in BUCKETS}
     result = {"bench": str(bench.resolve()), "videos": "real target clips" if real else str(Path(videos).resolve()),
               "protocol": protocol, "frames_per_video": ev.frames, "models": ev.models(),
-              "overall": _aggregate(rows, gen_feats, real_feats, protocol, real), "buckets": buckets,
+              "overall": _aggregate(rows, gen_feats, real_feats, protocol, real, fid_min_crops), "buckets": buckets,
               "missing_videos": [r["case_id"] for r in rows if r["missing"]], "cases": rows}
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(json.dumps(result, indent=2) + "\n", out / RESULTS_JSON)
@@ -226,12 +251,17 @@ def _cell(v) -> str:
 
 
 def markdown(result: dict) -> str:
+    notes = [f"- {name}: FID {agg['fid_note']}" for name, agg in [*result["buckets"].items(),
+                                                                   ("overall", result["overall"])]
+             if agg.get("fid_note")]
     lines = [f"# LaFID-Bench results ({result['protocol']} protocol)", "",
              f"Videos: {result['videos']}; {result['frames_per_video']} frames per video.", "",
              "| bucket | cases | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
     for name, agg in [*result["buckets"].items(), ("overall", result["overall"])]:
         lines.append(f"| {name} | {agg['cases']} | " + " | ".join(_cell(agg.get(k)) for k in METRICS) + " |")
     lines += ["", "Models:", *[f"- {k}: {v}" for k, v in result["models"].items()]]
+    if notes:
+        lines += ["", "FID not computed:", *notes]
     if result["missing_videos"]:
         lines += ["", f"Missing videos (scored 0, no face): {', '.join(result['missing_videos'])}"]
     return "\n".join(lines) + "\n"

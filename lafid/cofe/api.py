@@ -105,12 +105,27 @@ class CoFE:
         self.adapter.detach()
 
 
+WEIGHTS, EMA_WEIGHTS = "trainable.safetensors", "ema.safetensors"
+
+
+def checkpoint_weights(checkpoint: str | Path, ema: bool = True) -> tuple[dict[str, torch.Tensor], Path]:
+    """(trained CoFE + LoRA weights, the file read) of a `lafid train` checkpoint folder: its EMA
+    (`ema.safetensors`) when `ema` and the run kept one, else `trainable.safetensors`; a weights file
+    given directly is read as it is. What `load_cofe` and `lafid generate` both load."""
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / (EMA_WEIGHTS if ema and (path / EMA_WEIGHTS).is_file() else WEIGHTS)
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint}: no {WEIGHTS} (a `lafid train` checkpoint-N folder)")
+    return load_file(str(path)), path
+
+
 def load_cofe(checkpoint: str | Path, recipe: CoFERecipe | str | Path | None = None, ema: bool = True,
               device: str | torch.device = "cpu") -> CoFE:
     """CoFE from a training checkpoint folder (`checkpoint-N/`): its `recipe.json` unless `recipe` is given,
     the EMA weights when present and `ema`, else the trained weights."""
-    from safetensors.torch import load_file
-
     from lafid.cofe.model import build_adapter
 
     folder = Path(checkpoint)
@@ -118,9 +133,7 @@ def load_cofe(checkpoint: str | Path, recipe: CoFERecipe | str | Path | None = N
         recipe = CoFERecipe.model_validate_json((folder / "recipe.json").read_text())
     elif not isinstance(recipe, CoFERecipe):
         recipe = load_cofe_recipe(recipe)
-    weights_file = folder / ("ema.safetensors" if ema and (folder / "ema.safetensors").exists()
-                             else "trainable.safetensors")
-    weights = load_file(str(weights_file))
+    weights, _ = checkpoint_weights(folder, ema)
     experts = FaceExperts(recipe.identity, recipe.semantic, recipe.detail).to(device)
     adapter_weights = {k[len(ADAPTER_PREFIX):]: v for k, v in weights.items() if k.startswith(ADAPTER_PREFIX)}
     lora = {k[len(LORA_PREFIX):]: v for k, v in weights.items() if k.startswith(LORA_PREFIX)}

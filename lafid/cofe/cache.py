@@ -63,7 +63,7 @@ def fingerprint(recipe: CoFERecipe) -> dict:
         "data": {k: getattr(d, k) for k in ("num_frames", "frame_stride", "height", "width", "face_size",
                                             "face_margin", "id_backend", "id_model_sha256", "id_references",
                                             "seed")},
-        "models": {k: dump[k] for k in ("vae", "text", "identity", "semantic", "detail")},
+        "models": {k: dump[k] for k in ("vae", "text", "identity", "semantic", "detail", "image_encoder")},
         "image_dim": (recipe.transformer.config.get("image_dim") if recipe.transformer.config else
                       _read_config(recipe.transformer.path).get("image_dim")) if recipe.mode == "i2v" else None,
     }
@@ -107,6 +107,11 @@ class Encoders(nn.Module):
             self.experts.to(dtype)
         self.to(device=device)
         self.image_dim = fingerprint(recipe)["image_dim"]
+        from lafid.cofe.model import image_encoder
+
+        self.image_encoder = image_encoder(recipe, self.experts, self.image_dim, dtype)
+        if self.image_encoder is not None:
+            self.image_encoder.to(device)
         self.transformer = SimpleNamespace(device=torch.device(device))  # what CoFEModel's methods ask for
 
     @torch.no_grad()
@@ -125,8 +130,8 @@ class Encoders(nn.Module):
             out.update({f"feat.{k}": v for k, v in feats.items()})
             if self.recipe.mode == "i2v":
                 out["i2v_condition"] = CoFEModel.i2v_condition(self, batch["frames"])
-                if self.image_dim:
-                    out["image_embeds"] = self.experts.semantic(batch["frames"][:, 0].to(device), hidden_layer=-2)
+                if self.image_encoder is not None:
+                    out["image_embeds"] = CoFEModel.image_embeds(self, batch["frames"])
         return out
 
 

@@ -119,6 +119,11 @@ class CoFEConfig(StrictModel):
     null_key: bool = Field(False, description="one learned key with a zero value per face attention (an attention "
                                               "sink): a video token can take no face at all")
     balance_weight: float = Field(0.0, ge=0, description="weight of the gate load-balancing term (0 = off)")
+    drop_experts: list[Literal["id", "sem", "det"]] = Field(
+        [], description="ablation: experts whose gate weight is 0 (and gate input zeroed) in every block; the "
+                        "kept experts' weights renormalise")
+    gate: Literal["learned", "uniform"] = Field(
+        "learned", description="ablation: uniform gives every kept expert the same weight instead of the gate's")
     lora_rank: int = Field(0, ge=0, description="LoRA rank on the backbone's attention (0 = off)")
     lora_targets: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -173,6 +178,11 @@ class CoFERecipe(StrictModel):
     identity: IdentityConfig = IdentityConfig()
     semantic: ModelSource
     detail: ModelSource
+    image_encoder: ModelSource | None = Field(
+        None, description="i2v with an image_dim transformer (Wan2.1 I2V): the CLIP vision tower of the image "
+                          "embedding, a Wan pipeline's image_encoder/ folder (its image_processor/ beside it); "
+                          "None: the semantic expert's CLIP, which a pretrained Wan2.1 I2V transformer was not "
+                          "trained with unless it is Wan's encoder")
     cofe: CoFEConfig = CoFEConfig()
     train: TrainConfig = TrainConfig()
 

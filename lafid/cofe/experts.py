@@ -191,3 +191,53 @@ class FaceExperts(nn.Module):
         when several per sample; `faces` when not given."""
         return {"id": self.identity(faces if id_faces is None else id_faces, id_embedding, has_id, id_mask),
                 "sem": self.semantic(faces), "det": self.detail(faces)}
+
+
+class ImageEncoder(nn.Module):
+    """Wan2.1 I2V's image embedding of a clip's first frame: the penultimate hidden states of a CLIP vision
+    tower on the frame as `CLIPImageProcessor` prepares it (shortest side to its size, bicubic, centre
+    crop, CLIP normalisation), as diffusers' `WanImageToVideoPipeline.encode_image` does.
+
+    The tower is a pipeline folder's `image_encoder/` (`image_encoder.path`, its `image_processor/`
+    beside it), else the semantic expert's CLIP (`name` says which), given the same processing."""
+
+    def __init__(self, tower: nn.Module, processor, name: str):
+        super().__init__()
+        self.tower, self.processor, self.name = tower, processor, name
+        self.dim = tower.config.hidden_size
+        self.requires_grad_(False).eval()
+
+    @classmethod
+    def build(cls, source: ModelSource | None, semantic: "VisionExpert", image_dim: int) -> "ImageEncoder":
+        from transformers import CLIPImageProcessor, CLIPVisionModel
+
+        def processor_at(side: int):
+            return CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+
+        if source is None:
+            encoder = cls(semantic.model, processor_at(semantic.image_size), "the semantic expert's CLIP")
+        elif source.path is None:  # an architecture config: random weights (sizing, tests)
+            from transformers import CLIPVisionConfig
+
+            tower = CLIPVisionModel(CLIPVisionConfig(**source.config))
+            encoder = cls(tower, processor_at(tower.config.image_size), "image_encoder config")
+        else:
+            path = Path(source.path)
+            tower = CLIPVisionModel.from_pretrained(str(path), local_files_only=True)
+            beside = path.parent / "image_processor"
+            processor = CLIPImageProcessor.from_pretrained(str(beside if beside.is_dir() else path),
+                                                           local_files_only=True)
+            encoder = cls(tower, processor, str(path))
+        if encoder.dim != image_dim:
+            raise ValueError(f"i2v image encoder ({encoder.name}) gives {encoder.dim}-d embeddings but the "
+                             f"transformer's image_dim is {image_dim}: Wan2.1 I2V takes its pipeline's "
+                             "image_encoder/ (CLIP ViT-H/14, 1280-d); set image_encoder.path")
+        return encoder
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (B, H, W, 3) -> (B, tokens, dim) in the tower's dtype."""
+        pixels = self.processor(images=list(images.cpu().numpy()), return_tensors="pt").pixel_values
+        param = next(self.tower.parameters())
+        return self.tower(pixel_values=pixels.to(param.device, param.dtype),
+                          output_hidden_states=True).hidden_states[-2]

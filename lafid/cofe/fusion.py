@@ -84,9 +84,13 @@ class Expert(nn.Module):
 class FaceFusion(nn.Module):
     """Per-block gate g = softmax(W2 GELU(W1 [inputs])) over the three experts, and each expert's tokens."""
 
-    def __init__(self, dim: int, expert_hidden: int, gate_hidden: int, gate_inputs: Sequence[str]):
+    def __init__(self, dim: int, expert_hidden: int, gate_hidden: int, gate_inputs: Sequence[str],
+                 dropped: Sequence[str] = (), uniform: bool = False):
         super().__init__()
         self.gate_inputs = tuple(gate_inputs)
+        self.uniform = uniform  # ablation: equal weights over the kept experts instead of the learned gate
+        # ablation: dropped experts get gate weight 0 and a zero gate input (the others' weights renormalised)
+        self.register_buffer("kept", torch.tensor([k not in dropped for k in EXPERTS]), persistent=False)
         width = dim * (len(EXPERTS) + ("timestep" in self.gate_inputs) + ("hidden" in self.gate_inputs))
         self.gate = nn.Sequential(nn.Linear(width, gate_hidden), nn.GELU(), nn.Linear(gate_hidden, len(EXPERTS)))
         self.experts = nn.ModuleList(Expert(dim, expert_hidden) for _ in EXPERTS)
@@ -95,13 +99,16 @@ class FaceFusion(nn.Module):
                 hidden: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """([eps_k(P_k f_k) for each expert], gate (B, 3))."""
         feats = [projected[k] for k in EXPERTS]
-        parts = [f.mean(1) for f in feats]
+        parts = [f.mean(1) * keep for f, keep in zip(feats, self.kept)]
         if "timestep" in self.gate_inputs:
             # (B, 6, D) for Wan2.1, (B, S, 6, D) for Wan2.2 TI2V: pool to (B, D)
             parts.append(temb.float().flatten(1, -2).mean(1).to(parts[0].dtype))
         if "hidden" in self.gate_inputs:
             parts.append(hidden.mean(1).to(parts[0].dtype))
-        gate = self.gate(torch.cat(parts, dim=-1)).softmax(-1)
+        logits = self.gate(torch.cat(parts, dim=-1))
+        if self.uniform:
+            logits = torch.zeros_like(logits)
+        gate = logits.masked_fill(~self.kept, float("-inf")).softmax(-1)
         return [expert(f) for expert, f in zip(self.experts, feats)], gate
 
 
@@ -181,10 +188,11 @@ class CoFELayer(nn.Module):
     """Everything CoFE adds to one DiT block; `gate` keeps the block's last fusion weights for logging."""
 
     def __init__(self, dim: int, expert_hidden: int, gate_hidden: int, gate_inputs: Sequence[str],
-                 injection: str = "fused", null_key: bool = False):
+                 injection: str = "fused", null_key: bool = False, dropped: Sequence[str] = (),
+                 uniform: bool = False):
         super().__init__()
         self.injection = injection
-        self.fusion = FaceFusion(dim, expert_hidden, gate_hidden, gate_inputs)
+        self.fusion = FaceFusion(dim, expert_hidden, gate_hidden, gate_inputs, dropped, uniform)
         self.cross = FaceCrossAttention(dim, 1 if injection == "fused" else len(EXPERTS), null_key=null_key)
         self.faces: list[torch.Tensor] | None = None
         self.gate: torch.Tensor | None = None        # detached, for logging
@@ -204,8 +212,10 @@ class CoFEAdapter(nn.Module):
     def __init__(self, dim: int, num_blocks: int, expert_dims: dict[str, int], *, face_tokens: int = 4,
                  heads: int = 8, expert_hidden: int | None = None, gate_hidden: int = 256,
                  gate_inputs: Sequence[str] = ("face",), injection: str = "fused", id_projection: str = "resample",
-                 null_key: bool = False):
+                 null_key: bool = False, dropped: Sequence[str] = (), uniform_gate: bool = False):
         super().__init__()
+        if set(dropped) - set(EXPERTS) or len(set(dropped)) >= len(EXPERTS):
+            raise ValueError(f"drop_experts must name fewer than all of {EXPERTS}, got {list(dropped)}")
         unknown = set(gate_inputs) - set(GATE_INPUTS)
         if unknown or "face" not in gate_inputs:
             raise ValueError(f"gate_inputs must include 'face' and be among {GATE_INPUTS}, got {list(gate_inputs)}")
@@ -218,7 +228,8 @@ class CoFEAdapter(nn.Module):
         elif id_projection != "resample":
             raise ValueError(f"id_projection must be resample or expand, got {id_projection!r}")
         self.layers = nn.ModuleList(
-            CoFELayer(dim, expert_hidden or dim // 4, gate_hidden, gate_inputs, injection, null_key)
+            CoFELayer(dim, expert_hidden or dim // 4, gate_hidden, gate_inputs, injection, null_key, dropped,
+                      uniform_gate)
             for _ in range(num_blocks))
         self._projected: dict[str, torch.Tensor] | None = None
         self._keep: torch.Tensor | None = None

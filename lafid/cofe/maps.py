@@ -96,9 +96,7 @@ def write_maps(maps: dict[str, np.ndarray], frames: np.ndarray, out: Path, prefi
 
 
 def main(argv: list[str] | None = None) -> None:
-    from safetensors.torch import load_file
-
-    from lafid.cofe.api import reference_faces
+    from lafid.cofe.api import checkpoint_weights, reference_faces
     from lafid.cofe.config import CoFERecipe
     from lafid.cofe.data import decode_frames, fit
     from lafid.video import probe
@@ -110,12 +108,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--caption", default="a person talks")
     ap.add_argument("--noise", type=float, default=0.5, help="noise level s in [0, 1]")
     ap.add_argument("--out", type=Path, default=Path("cofe_maps"))
+    ap.add_argument("--no-ema", action="store_true", help="the last trained weights, not their EMA")
     args = ap.parse_args(argv)
 
     recipe = CoFERecipe.model_validate_json((args.checkpoint / "recipe.json").read_text())
     torch.manual_seed(recipe.train.seed)  # as the trainer: parts built from a config get the same weights
     model = CoFEModel(recipe).eval()
-    model.load_state_dict(load_file(str(args.checkpoint / "trainable.safetensors")), strict=False)
+    model.load_state_dict(checkpoint_weights(args.checkpoint, ema=not args.no_ema)[0], strict=False)
     d = recipe.data
     raw = decode_frames(args.video, args.start, probe(args.video).fps, d.num_frames, d.frame_stride)
     face, id_face = reference_faces(raw[0], d.face_size, d.face_margin)

@@ -10,7 +10,8 @@ as diffusers' `WanImageToVideoPipeline` builds it: the VAE latent of the clip's
 first frame followed by zero frames, behind 4 mask channels that mark the given
 frame, concatenated to the noisy latents on the channel axis (16 + 4 + 16 = 36
 channels for Wan); and, when the transformer has `image_dim` (Wan2.1 I2V), the
-penultimate hidden states of the CLIP vision tower on that frame.
+penultimate hidden states of a CLIP vision tower on that frame (`ImageEncoder`:
+the pipeline's image_encoder/ or the semantic expert's CLIP, processed as diffusers does).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lafid.cofe.config import CoFERecipe, TextConfig, ModelSource
-from lafid.cofe.experts import FaceExperts
+from lafid.cofe.experts import FaceExperts, ImageEncoder
 from lafid.cofe.fusion import CoFEAdapter
 
 
@@ -64,7 +65,24 @@ def build_adapter(transformer_config, expert_dims: dict[str, int], recipe: CoFER
     dim = transformer_config.num_attention_heads * transformer_config.attention_head_dim
     return CoFEAdapter(dim, transformer_config.num_layers, expert_dims, face_tokens=c.face_tokens, heads=c.heads,
                        expert_hidden=c.expert_hidden, gate_hidden=c.gate_hidden, gate_inputs=c.gate_inputs,
-                       injection=c.injection, id_projection=c.id_projection, null_key=c.null_key)
+                       injection=c.injection, id_projection=c.id_projection, null_key=c.null_key,
+                       dropped=c.drop_experts, uniform_gate=c.gate == "uniform")
+
+
+def image_encoder(recipe: CoFERecipe, experts: FaceExperts, image_dim: int | None,
+                  dtype: torch.dtype | None = None) -> ImageEncoder | None:
+    """The i2v image encoder (`ImageEncoder.build`) when the transformer takes an image embedding; warns
+    when a pretrained transformer gets the semantic expert's CLIP instead of its pipeline's encoder."""
+    if recipe.mode != "i2v" or not image_dim:
+        return None
+    if recipe.image_encoder is None and recipe.transformer.path:
+        import warnings
+
+        warnings.warn("i2v image embedding from the semantic expert's CLIP, not the Wan pipeline's image_encoder/ "
+                      "the pretrained transformer was trained with: set image_encoder.path (lafid generate "
+                      "--model-dir takes it from the pipeline folder)", stacklevel=2)
+    encoder = ImageEncoder.build(recipe.image_encoder, experts.semantic, image_dim)
+    return encoder if dtype is None else encoder.to(dtype)
 
 
 class TextEncoder(nn.Module):
@@ -116,6 +134,7 @@ class CoFEModel(nn.Module):
                              f"model file ({sha})")
         if dtype is not None:
             self.experts.to(dtype)
+        self.image_encoder = image_encoder(recipe, self.experts, self.transformer.config.image_dim, dtype)
         if recipe.cofe.lora_rank:
             from peft import LoraConfig
 
@@ -136,7 +155,7 @@ class CoFEModel(nn.Module):
     def train(self, mode: bool = True) -> "CoFEModel":
         """Frozen parts stay in inference mode (IResNet BatchNorm, dropout) while CoFE trains."""
         super().train(mode)
-        for frozen in (self.vae, self.text, self.experts):
+        for frozen in (self.vae, self.text, self.experts, self.image_encoder):
             if frozen is not None:  # None: freed by drop_encoders
                 frozen.eval()
         return self
@@ -146,7 +165,7 @@ class CoFEModel(nn.Module):
         """Free the frozen VAE, text encoder and experts: every input comes precomputed (`lafid cache`).
         The empty caption's embedding (text dropout) is kept."""
         self.register_buffer("empty_embedding", self.text([""]), persistent=False)
-        self.vae = self.text = self.experts = None
+        self.vae = self.text = self.experts = self.image_encoder = None
 
     @torch.no_grad()
     def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
@@ -180,12 +199,11 @@ class CoFEModel(nn.Module):
 
     @torch.no_grad()
     def image_embeds(self, frames: torch.Tensor) -> torch.Tensor | None:
-        """CLIP image embedding of each clip's first frame (penultimate hidden states, as Wan2.1 I2V uses),
-        from the semantic expert's vision tower; None when the transformer takes no image embedding."""
-        if not self.transformer.config.image_dim:
+        """CLIP image embedding of each uint8 clip's first frame (`ImageEncoder`, as Wan2.1 I2V uses it);
+        None when the transformer takes no image embedding."""
+        if self.image_encoder is None:
             return None
-        tower = self.experts.semantic
-        return tower(frames[:, 0].to(self.transformer.device), hidden_layer=-2)
+        return self.image_encoder(frames[:, 0]).to(self.transformer.device)
 
     def face_features(self, batch: dict) -> dict[str, torch.Tensor]:
         device = self.transformer.device

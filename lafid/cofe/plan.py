@@ -6,7 +6,7 @@ and the bytes per GPU computed for a number of GPUs:
 
 - frozen transformer weights in `train.frozen_dtype` (sharded over the GPUs under
   `train.distributed: fsdp`, whole on every GPU under ddp);
-- frozen encoders (VAE, text encoder, experts) in the same dtype, whole on every
+- frozen encoders (VAE, text encoder, experts, an i2v image encoder of its own) in the same dtype, whole on every
   GPU; none when training reads a cache (`lafid cache`: the trainer frees them),
   the second total;
 - trained weights (CoFE + LoRA) float32, their gradients float32 and AdamW's two
@@ -127,7 +127,8 @@ class Plan:
                  f"{'part':<34}{'parameters':>16}{'GiB per GPU':>14}"]
         rows = [("transformer (frozen)", p["transformer"], "transformer"),
                 ("VAE (frozen)", p["vae"], "vae"), ("text encoder (frozen)", p["text"], "text"),
-                ("experts id/sem/det (frozen)", p["identity"] + p["semantic"] + p["detail"], "experts"),
+                ("experts id/sem/det (+ i2v image)", p["identity"] + p["semantic"] + p["detail"] + p["image_encoder"],
+                 "experts"),
                 ("trained: CoFE + LoRA (fp32)", p["trainable"], "trainable"),
                 ("gradients (fp32)", p["trainable"], "gradients"),
                 ("AdamW moments (2 x fp32)", 2 * p["trainable"], "optimizer"),
@@ -161,6 +162,7 @@ def count_params(recipe: CoFERecipe) -> dict[str, int]:
             transformer.add_adapter(LoraConfig(r=r, lora_alpha=r, target_modules=recipe.cofe.lora_targets))
         lora = count(transformer) - frozen
     semantic, detail = meta_vision("clip", recipe.semantic), meta_vision("dinov2", recipe.detail)
+    image = recipe.image_encoder if recipe.mode == "i2v" else None  # None: the semantic expert's tower
     dims = {"id": recipe.identity.dim, "sem": semantic.config.hidden_size, "det": detail.config.hidden_size}
     with torch.device("meta"):
         adapter = build_adapter(transformer.config, dims, recipe)
@@ -169,6 +171,7 @@ def count_params(recipe: CoFERecipe) -> dict[str, int]:
     return {"transformer": frozen, "lora": lora, "adapter": count(adapter), "trainable": count(adapter) + lora,
             "vae": count(meta_vae(recipe.vae)), "text": count(meta_text(recipe.text)),
             "identity": identity_params(recipe.identity), "semantic": count(semantic), "detail": count(detail),
+            "image_encoder": 0 if image is None else count(meta_vision("clip", image)),
             "largest_block": max(per_layer, default=0), "blocks": len(blocks),
             "dim": transformer.config.num_attention_heads * transformer.config.attention_head_dim,
             "ffn_dim": transformer.config.ffn_dim, "patch": list(transformer.config.patch_size)}
@@ -201,7 +204,7 @@ def plan(recipe: CoFERecipe, gpus: int = 1) -> Plan:
     out.bytes = {
         "transformer": p["transformer"] * width / shard,
         "vae": p["vae"] * width, "text": p["text"] * width,
-        "experts": (p["identity"] + p["semantic"] + p["detail"]) * width,
+        "experts": (p["identity"] + p["semantic"] + p["detail"] + p["image_encoder"]) * width,
         "trainable": p["trainable"] * 4 / shard, "gradients": p["trainable"] * 4 / shard,
         "optimizer": p["trainable"] * 8 / shard,
         "activations": float(activations),

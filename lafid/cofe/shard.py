@@ -6,7 +6,7 @@ FSDP plugin turns itself on only for accelerator devices, and applying FSDP2 her
 lets the same code run, and be tested, on CPU. Units, each gathered only while it
 computes: every Wan transformer block, every CoFE fusion gate + experts
 (`FaceFusion`), every face cross-attention, every shared projection; the root
-holds the rest of the transformer. The frozen VAE, text encoder and face experts
+holds the rest of the transformer. The frozen VAE, text encoder, face experts (and i2v image encoder)
 are left out (`ignored_params`): they run without gradients, through methods
 other than `forward`, and are whole on every rank (unused when training reads a
 cache). Gradients are reduce-scattered, so AdamW's moments exist only for each
@@ -15,8 +15,9 @@ rank's shard.
 A sharded checkpoint holds, per rank, `shard-rank<r>.safetensors`: that rank's
 shard of every trained parameter and of AdamW's state (+ EMA), with
 `shard-rank<r>.json` (optimizer param groups, which state tensors are sharded);
-and `trainable.safetensors`, the whole trained weights gathered once (what
-`lafid.cofe.api.load_cofe` and `lafid generate` read). Resuming needs the same
+and `trainable.safetensors` / `ema.safetensors`, the whole trained weights and their
+EMA gathered once (what `lafid.cofe.api.checkpoint_weights` reads for `load_cofe` and
+`lafid generate`). Resuming needs the same
 number of ranks.
 """
 
@@ -37,7 +38,7 @@ def fully_shard_cofe(model: nn.Module, mixed_precision: str = "no", device: torc
     shards to this rank's device, the frozen encoders it leaves out go to `device` whole."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    encoders = [m for m in (model.vae, model.text, model.experts) if m is not None]
+    encoders = [m for m in (model.vae, model.text, model.experts, model.image_encoder) if m is not None]
     for m in encoders:
         m.to(device)
     ignored = {p for m in encoders for p in m.parameters()}
@@ -69,12 +70,13 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return (t.to_local() if isinstance(t, DTensor) else t).detach().cpu().contiguous().clone()
 
 
-def gathered_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Whole trained weights (every rank must call: it all-gathers), float32 on CPU."""
+def gathered_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole tensors of sharded ones (a model's `trainable_state()`, the EMA), float32 on CPU; every rank
+    must call: it all-gathers."""
     from torch.distributed.tensor import DTensor
 
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().float().cpu().contiguous()
-            for k, v in model.trainable_state().items()}
+            for k, v in state.items()}
 
 
 def save_sharded(trainer, folder: Path) -> None:
@@ -102,9 +104,12 @@ def save_sharded(trainer, folder: Path) -> None:
               for g in opt["param_groups"]]
     (folder / f"shard-rank{rank}.json").write_text(json.dumps(
         {"world_size": trainer.acc.num_processes, "param_groups": groups, "sharded": sharded}))
-    whole = gathered_state(trainer.core)
+    whole = gathered_state(trainer.core.trainable_state())
+    ema = None if trainer.ema is None else gathered_state(trainer.ema)
     if trainer.acc.is_main_process:
         save_file(whole, str(folder / "trainable.safetensors"))
+        if ema is not None:
+            save_file(ema, str(folder / "ema.safetensors"))
         (folder / "recipe.json").write_text(trainer.recipe.model_dump_json(indent=1))
 
 

@@ -5,6 +5,9 @@ The face stage samples a few frames per second for pose; syllables come at
 only the frames inside the speech segments, crops the subject's face where the
 face stage tracked it (its `frame_box`, interpolated in time, so no detector
 runs and no other face is picked up), and fits the face mesh on that small crop.
+Two openings are kept: the inner-lip gap over face height (the face stage's
+measure) and the outer-lip height over mouth width, which the sync measure
+uses because the outer contour survives compression better than the thin gap.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from lafid.video import sample_frames
 # The 20 lip points of the dlib 68-point layout (48..67: outer lip from the image-left
 # corner, then inner lip) in the face mesh; learned lip models take them in this order.
 LIP_POINTS = (61, 40, 37, 0, 267, 270, 291, 321, 314, 17, 84, 91, 78, 81, 13, 311, 308, 402, 14, 178)
+_OUTER_TOP, _OUTER_BOTTOM, _LEFT, _RIGHT = 3, 9, 0, 6  # positions in LIP_POINTS: mesh 0, 17, 61, 291
 CROP_SIZE = 192  # the face mesh's own input size
 CROP_MARGIN = 1.5  # crop side over the face box's long side
 MAX_BOX_GAP_S = 0.3  # no crop where the tracked box is further than this from a measured frame
@@ -45,6 +49,17 @@ class MouthSeries:
     t: np.ndarray  # seconds from clip start
     opening: np.ndarray  # inner-lip gap over face height, NaN where no mesh was fitted
     lips: list  # (20, 2) lip points in crop pixels (LIP_POINTS order), None where no mesh
+
+    @property
+    def lip_height(self) -> np.ndarray:
+        """Outer-lip height over mouth width per frame, NaN where no mesh was fitted."""
+        return np.array([np.nan if p is None else outer_lip_height(p) for p in self.lips], dtype=np.float64)
+
+
+def outer_lip_height(lips: np.ndarray) -> float:
+    """Outer-lip height over mouth width of (20, 2) lip points: scale-free, no face box needed."""
+    width = float(np.linalg.norm(lips[_RIGHT] - lips[_LEFT]))
+    return float(np.linalg.norm(lips[_OUTER_BOTTOM] - lips[_OUTER_TOP])) / width if width > 0 else float("nan")
 
 
 class MouthTracker:

@@ -2,20 +2,27 @@
 
 Two signals, both high-passed (1 s moving average removed, so slow changes such
 as a smile or a louder room do not count) and differentiated (so what is
-compared is movement: the mouth opening or closing, the voice starting or
+compared is movement: the lips opening or closing, the voice starting or
 stopping a syllable):
-- the mouth opening measured at the video's own frame rate inside speech;
+- the outer-lip height over mouth width (`lafid.speech.mouth`), measured at the
+  video's own frame rate inside speech: the outer lip contour survives
+  compression better than the thin inner-lip gap;
 - the articulation envelope: log energy of the 300-3000 Hz band (where vowel
   formants and consonant bursts live), in 40 ms windows every 10 ms.
 
-Their correlation is computed at every lag from -2 s to +2 s. A raw correlation
-means little on its own (short clips and rhythmic speech make large chance
-values), so, in the spirit of SyncNet's offset confidence, the score is how far
-the best correlation within `max_lag_s` stands above the correlations at far
-lags (0.6-2 s) of the same clip, in units of their spread: a z-score that means
-the same on every face, microphone and clip length. A speaker's own voice peaks
-near lag 0; someone else's voice, or the same voice shifted by a second, does
-not stand out there.
+Their correlation is computed at every lag from -3 s to +3 s (the lag curve).
+A raw correlation means little on its own (short clips and rhythmic speech make
+large chance values), so, in the spirit of SyncNet's offset confidence, two
+z-scores are read off the curve of the same clip:
+- `score`: the best correlation within `max_lag_s` against the far lags
+  (0.6-3 s): evidence that the lips are in step with the voice;
+- `peak_score`: the curve's highest point against the rest of the curve (lags
+  more than PEAK_WIDTH_S away from it): evidence of one clear offset; reported
+  only when that point is not at the end of the lags the clip allows, where
+  the true peak may lie outside.
+A speaker's own voice peaks near lag 0; the same voice shifted by a second peaks
+at that second; someone else's voice peaks nowhere. How high chance goes is
+measured, not assumed (benchmarks/speech_labels.py builds the null).
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ HOP_S = 0.01  # envelope step
 WINDOW_S = 0.04  # envelope window
 HIGHPASS_S = 1.0  # moving-average length removed from both signals
 SMOOTH_S = 0.05  # smoothing before differentiating
-FAR_LAGS_S = (0.6, 2.0)  # lags whose correlations form the chance baseline
+FAR_LAGS_S = (0.6, 3.0)  # lags whose correlations form the chance baseline; the curve spans +-FAR_LAGS_S[1]
+PEAK_WIDTH_S = 0.3  # lags this close to a peak belong to it, not to the baseline
 LAG_STEP_S = 0.02
 _BAND = butter(4, BAND_HZ, btype="band", fs=RATE, output="sos")
 
@@ -44,6 +52,8 @@ class SyncResult:
     lag_s: float  # lag of that correlation; positive = audio later than the lips
     r: float  # the correlation itself
     frames: int  # mouth measurements that entered the correlation
+    peak_score: float | None = None  # z-score of the curve's highest point against the rest; None at the edge
+    peak_lag_s: float | None = None  # lag of that point
 
 
 def articulation_envelope(audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -112,10 +122,10 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / d) if d > 0 else float("nan")
 
 
-def av_sync(t: np.ndarray, mouth: np.ndarray, audio: np.ndarray, max_lag_s: float = 0.15,
-            min_frames: int = 25) -> SyncResult | None:
-    """Sync of the mouth series (times from clip start) with the clip's audio, or None
-    when fewer than `min_frames` usable mouth measurements exist or a signal is flat."""
+def lag_curve(t: np.ndarray, mouth: np.ndarray, audio: np.ndarray,
+              min_frames: int = 25) -> tuple[np.ndarray, np.ndarray] | None:
+    """(lags, correlations) of mouth movement against the voice's, or None when fewer than
+    `min_frames` usable mouth measurements exist or a signal is flat."""
     mt, mv = mouth_movement(np.asarray(t, np.float64), np.asarray(mouth, np.float64))
     if len(mt) < min_frames or not np.any(mv):
         return None
@@ -131,14 +141,35 @@ def av_sync(t: np.ndarray, mouth: np.ndarray, audio: np.ndarray, max_lag_s: floa
             continue  # too little overlap at this lag to compare
         r = _corr(mv[inside], np.interp(shifted[inside], et, ev))
         if not np.isnan(r):
-            lags.append(lag)
+            lags.append(round(float(lag), 3))
             rs.append(r)
-    lags_a, rs_a = np.array(lags), np.array(rs)
-    near = np.abs(lags_a) <= max_lag_s + 1e-9
-    far = np.abs(lags_a) >= FAR_LAGS_S[0] - 1e-9
+    return np.array(lags), np.array(rs)
+
+
+def score_curve(lags: np.ndarray, rs: np.ndarray, max_lag_s: float, frames: int = 0) -> SyncResult | None:
+    """Both z-scores of a lag curve (module docstring); None when it has too few far lags."""
+    near = np.abs(lags) <= max_lag_s + 1e-9
+    far = np.abs(lags) >= FAR_LAGS_S[0] - 1e-9
     if not near.any() or far.sum() < 5:
         return None
-    best = int(np.argmax(np.where(near, rs_a, -np.inf)))
-    baseline = rs_a[far]
-    score = (rs_a[best] - baseline.mean()) / max(baseline.std(), 1e-6)
-    return SyncResult(score=float(score), lag_s=float(round(lags_a[best], 3)), r=float(rs_a[best]), frames=len(mt))
+    best = int(np.argmax(np.where(near, rs, -np.inf)))
+    baseline = rs[far]
+    score = (rs[best] - baseline.mean()) / max(baseline.std(), 1e-6)
+    top = int(np.argmax(rs))
+    rest = rs[np.abs(lags - lags[top]) > PEAK_WIDTH_S]
+    peak_score = peak_lag = None
+    if 0 < top < len(lags) - 1 and len(rest) >= 5:  # a maximum at the curve's end is no peak
+        peak_score = float((rs[top] - rest.mean()) / max(rest.std(), 1e-6))
+        peak_lag = float(lags[top])
+    return SyncResult(score=float(score), lag_s=float(lags[best]), r=float(rs[best]), frames=frames,
+                      peak_score=peak_score, peak_lag_s=peak_lag)
+
+
+def av_sync(t: np.ndarray, mouth: np.ndarray, audio: np.ndarray, max_lag_s: float = 0.2,
+            min_frames: int = 25) -> SyncResult | None:
+    """Sync of the mouth series (times from clip start) with the clip's audio, or None
+    when it cannot be measured (too few mouth frames, a flat signal, too short a clip)."""
+    curve = lag_curve(t, mouth, audio, min_frames)
+    if curve is None:
+        return None
+    return score_curve(*curve, max_lag_s, frames=int(np.isfinite(np.asarray(mouth, float)).sum()))
