@@ -189,13 +189,20 @@ MEASURED_COLUMNS = frozenset(f.name for f in MEASURED)
 ITEM_COLUMNS = ("schema_version", "clip_id", "video_id", "source", "source_bytes", "clip_index", "start_s", "end_s")
 
 
-_FLOAT32 = frozenset(f.name for f in CLIP_SCHEMA if f.type == _f32)
+_FLOAT32 = {f.name: depth for f in CLIP_SCHEMA for depth, t in enumerate((_f32, _f32s, pa.list_(_f32s)))
+            if f.type == t}  # float32 columns and how deep their lists nest
 
 
 def stored(columns: dict[str, Any]) -> dict[str, Any]:
-    """The float32 scalar columns of `columns` as a shard gives them back, so a decision made on a
-    fresh measurement is the one `lafid filter` makes on the stored row."""
-    return {k: float(np.float32(v)) for k, v in columns.items() if k in _FLOAT32 and v is not None}
+    """The float32 columns (scalars, lists, lists of lists) of `columns` as a shard gives them back, so a
+    decision made on a fresh measurement is the one `lafid filter` makes on the stored row."""
+    return {k: _as_float32(v, _FLOAT32[k]) for k, v in columns.items() if k in _FLOAT32}
+
+
+def _as_float32(value: Any, depth: int) -> Any:
+    if value is None:
+        return None
+    return float(np.float32(value)) if depth == 0 else [_as_float32(v, depth - 1) for v in value]
 
 
 def names(fields: list[pa.Field]) -> tuple[str, ...]:

@@ -3,6 +3,7 @@
 import pytest
 from typer.testing import CliRunner
 
+from lafid import devset
 from lafid.cli import app
 from lafid.filter import FilterRefused, filter_output
 from lafid.recipe import Recipe
@@ -15,12 +16,15 @@ from conftest import shard_rows
 
 FAST = {"cpus": 0.5}
 # loose: every threshold let through; strict: what a dataset would ask for
+SPEECH = {"asr_backend": "none"}  # labels and template captions need no transcript
 LOOSE = {"shot_split": {"min_clip_s": 0.5},
          "face_constraints": {"sample_fps": 4.0, "min_face_ratio": 0.0, "min_single_face_ratio": 0.0,
-                              "min_face_area": 0.0, "min_blur": 0.0, "min_yaw_range": 0.0}}
+                              "min_face_area": 0.0, "min_blur": 0.0, "min_yaw_range": 0.0},
+         "speech_disambiguation": {**SPEECH, "min_sync_speech_s": 1.0}}
 STRICT = {"shot_split": {"min_clip_s": 3.0},
           "face_constraints": {"sample_fps": 4.0, "min_face_ratio": 0.95, "min_single_face_ratio": 0.9,
-                               "min_face_area": 0.05, "min_blur": 35.0, "min_yaw_range": 4.0}}
+                               "min_face_area": 0.05, "min_blur": 35.0, "min_yaw_range": 4.0},
+          "speech_disambiguation": {**SPEECH, "min_sync_speech_s": 5.0}}  # jwpIntro has ~3.5 s of speech
 
 
 def _recipe(name: str, params: dict) -> Recipe:
@@ -30,10 +34,12 @@ def _recipe(name: str, params: dict) -> Recipe:
 
 @pytest.fixture(scope="module")
 def outputs(distinct_videos, tmp_path_factory):
+    """The session's silent test videos and a real talking clip (devset), curated loosely and strictly."""
     root = tmp_path_factory.mktemp("filter")
+    inputs = distinct_videos + [str(devset.ensure() / "jwpIntro.mp4")]
     loose, strict = _recipe("loose", LOOSE), _recipe("strict", STRICT)
-    curate(loose, distinct_videos, root / "loose", executor="sequential")
-    curate(strict, distinct_videos, root / "strict", executor="sequential")
+    curate(loose, inputs, root / "loose", executor="sequential")
+    curate(strict, inputs, root / "strict", executor="sequential")
     return root, strict
 
 
@@ -45,6 +51,10 @@ def test_filtering_a_loose_run_strictly_equals_curating_strictly(outputs):
     loose = {r["clip_id"] for r in read_table(root / "loose").to_pylist()}
     print(f"loose kept {len(loose)}, strict kept {len(direct)}, filtered kept {len(kept)}; {stats}")
     assert kept == direct and loose != direct and stats.changed > 0  # control: the loose run keeps more
+    labels = {r["clip_id"]: (r["speaking_label"], r["caption"]) for r in read_table(root / "filtered").to_pylist()}
+    was = {r["clip_id"]: (r["speaking_label"], r["caption"]) for r in read_table(root / "loose").to_pylist()}
+    print({k: (was[k], v) for k, v in labels.items() if was[k] != v})
+    assert any(was[k] != v for k, v in labels.items())  # control: a label and its caption changed
     assert shard_rows(root / "filtered") == shard_rows(root / "strict")
     assert shard_rows(root / "filtered", "rejects") == shard_rows(root / "strict", "rejects")
 
@@ -65,28 +75,31 @@ def test_a_recipe_that_changes_what_is_measured_is_refused(outputs, tmp_path):
 
 
 def test_clips_a_stricter_run_never_measured_stay_rejected(outputs, tmp_path):
+    """Filtering the strict run loosely: clips strict rejected before speech measured them stay rejected."""
     root, _ = outputs
     stats = filter_output(root / "strict", _recipe("loose", LOOSE), tmp_path / "back")
-    short = [r for r in read_table(root / "strict", "rejects").to_pylist() if r["reason"] == "too_short"]
-    back = read_table(tmp_path / "back", "rejects").to_pylist()
-    print(stats, [(r["clip_id"], r["reason"]) for r in back])
-    assert short and stats.unmeasured == len(short) == len(back)
-    assert {r["clip_id"] for r in back} == {r["clip_id"] for r in short}  # still rejected, with their reason
-    loose_rows = {r["clip_id"]: r for r in read_table(root / "loose").to_pylist()}
-    assert set(loose_rows) - {r["clip_id"] for r in back} == {r["clip_id"] for r in read_table(tmp_path / "back").to_pylist()}
+    before = {r["clip_id"]: (r["stage"], r["reason"]) for r in read_table(root / "strict", "rejects").to_pylist()}
+    after = {r["clip_id"]: (r["stage"], r["reason"]) for r in read_table(tmp_path / "back", "rejects").to_pylist()}
+    print(stats, after)
+    assert after == before and stats.unmeasured == len(before) > 0
+    kept = {r["clip_id"] for r in read_table(tmp_path / "back").to_pylist()}
+    assert kept == {r["clip_id"] for r in read_table(root / "strict").to_pylist()}
+    loose = {r["clip_id"] for r in read_table(root / "loose").to_pylist()}
+    assert kept < loose  # control: a fresh loose run keeps them
 
 
 def test_the_command_names_the_parameter(outputs, tmp_path):
     root, _ = outputs
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: r\nstages:\n  - stage: shot_split\n    params: {min_clip_s: 2.0, max_clip_s: 5.0}\n"
-                      "  - stage: face_constraints\n    params: {sample_fps: 4.0}\n")
+                      "  - stage: face_constraints\n    params: {sample_fps: 4.0}\n"
+                      "  - stage: speech_disambiguation\n    params: {asr_backend: none}\n")
     result = CliRunner().invoke(app, ["filter", str(root / "loose"), "--recipe", str(recipe), "--out",
                                       str(tmp_path / "out")])
     assert result.exit_code == 2 and "shot_split.max_clip_s" in result.output
 
 
-@pytest.mark.parametrize("name", ["shot_split", "face_constraints"])
+@pytest.mark.parametrize("name", ["shot_split", "face_constraints", "speech_disambiguation"])
 def test_every_parameter_is_a_threshold_or_a_measurement(name):
     cls = stage_class(name)
     assert cls.THRESHOLDS.isdisjoint(cls.MEASURE_PARAMS)
