@@ -147,6 +147,27 @@ def inspect(out: Path = typer.Argument(..., help="a curate output folder")) -> N
 
 
 @app.command()
+def export(
+    out: Path = typer.Argument(..., help="a curate output folder"),
+    to: str = typer.Option(..., "--to", help="export folder (created; resumable), or s3://bucket/prefix, gs://..."),
+    fmt: str = typer.Option("mp4", "--format", help="'mp4' (one file per clip) or 'webdataset' (tar shards)"),
+    max_side: int = typer.Option(720, help="downscale so the longer side is at most this (0: source size)"),
+    crop: str = typer.Option("none", help="'none' or 'face' (a square around the clip's face boxes)"),
+    samples_per_shard: int = typer.Option(100, help="webdataset: samples per tar (closed at a video boundary)"),
+    jobs: int = typer.Option(1, help="clips cut at once (FFmpeg processes)"),
+) -> None:
+    """Cut every kept clip to an H.264 MP4 with its audio, plus the clip rows as Parquet; see docs/export.md."""
+    from lafid.export import export as run
+    from lafid.storage import OutputError
+
+    with _exit_on(FileNotFoundError, OutputError, ValueError):
+        stats = run(out, to, fmt=fmt, max_side=max_side, crop=crop, samples_per_shard=samples_per_shard,
+                    jobs=jobs)
+    console.print(f"exported {stats.clips} clips of {stats.videos} videos ({stats.failed} failed, "
+                  f"{stats.skipped_videos} videos already done) to {to}")
+
+
+@app.command()
 def report(
     outputs: List[Path] = typer.Argument(..., help="a curate output folder; two or more are compared side by side"),
     html: Path = typer.Option(Path("report.html"), "--out", "-o", help="the HTML file to write"),

@@ -11,6 +11,7 @@ STAGES: dict[str, str] = {
     "face_constraints": "stages.face_constraints:FaceConstraints",
     "identity_consistency": "stages.identity_consistency:IdentityConsistency",
     "speech_disambiguation": "stages.speech_disambiguation:SpeechDisambiguation",
+    "clip_quality": "stages.clip_quality:ClipQuality",
 }
 
 

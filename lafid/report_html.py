@@ -47,6 +47,14 @@ PITCH_EDGES = np.arange(-90, 91, 10)
 YAW_RANGE_EDGES = np.arange(0, 181, 10)
 CROP_PX = 112
 CROP_MARGIN = 1.4
+# clip_quality columns (null when the stage did not run), as in the paper's Fig. 5 comparison.
+QUALITY_PLOTS = (("motion", "motion per clip (optical flow)", "frame lengths per second"),
+                 ("motion_camera", "camera motion per clip", "frame lengths per second"),
+                 ("motion_subject", "subject motion per clip", "frame lengths per second"),
+                 ("text_area", "burned-in text area per clip", "share of the frame"),
+                 ("text_frames", "frames with text per clip", "share of sampled frames"),
+                 ("aesthetic", "aesthetic score per clip", "score"))
+QUALITY_KEYS = tuple(k for k, _, _ in QUALITY_PLOTS)
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")
 
 
@@ -219,7 +227,7 @@ def collect(out_dir: str | Path, label: str | None = None) -> Run:
     manifest = read_manifest(out_dir)
     files = [p for p in out_dir.glob("clips-*.parquet")]
     names = set(pq.read_schema(files[0]).names) if files else set()
-    clips = read_table(out_dir, "clips", [c for c in CLIP_COLUMNS if c in names]) if files else None
+    clips = read_table(out_dir, "clips", [c for c in (*CLIP_COLUMNS, *QUALITY_KEYS) if c in names]) if files else None
     rejects = read_table(out_dir, "rejects")
     n = clips.num_rows if clips is not None else 0
     videos = len({v for e in manifest for v in e["videos"]})
@@ -270,6 +278,7 @@ def collect(out_dir: str | Path, label: str | None = None) -> Run:
             "av_sync_by_label": {k: _summary(v) for k, v in sync_by.items()},
             "speech_ratio": _summary(_column(clips, "speech_ratio")),
         },
+        "quality": {k: _summary(_column(clips, k)) for k in QUALITY_KEYS},
         "rejects": _counts(f"{s}/{r}" for s, r in zip(rejects["stage"].to_pylist(), rejects["reason"].to_pylist()))
         if rejects is not None else {},
         "funnel": funnel(videos, n, rejects),
@@ -280,7 +289,8 @@ def collect(out_dir: str | Path, label: str | None = None) -> Run:
     values = {"duration_s": duration, "yaw": yaw[ok], "pitch": pitch[ok],
               "yaw_range": _column(clips, "yaw_range"), "face_area_median": _column(clips, "face_area_median"),
               "blur_median": _column(clips, "blur_median"), "speech_ratio": _column(clips, "speech_ratio"),
-              "clips_per_video": np.array([per_video.get(v, 0) for v in sorted(done_ids)], dtype=np.float64)}
+              "clips_per_video": np.array([per_video.get(v, 0) for v in sorted(done_ids)], dtype=np.float64),
+              **{k: _column(clips, k) for k in QUALITY_KEYS}}
     return Run(out_dir, stats["label"], stats, values, sync_by, clips)
 
 
@@ -324,6 +334,8 @@ def _pick_frames(clips: pa.Table, per_bucket: int) -> list[dict[str, Any]]:
                           "yaw": float(yaw[i]), "pitch": float(pitch[i])})
             if len(seen) == per_bucket:
                 break
+    if not picks:  # no face measured (a recipe without face_constraints)
+        return []
     rows = clips.select(["clip_id", "source", "start_s", "frame_t", "frame_box"]).take([p["row"] for p in picks])
     for pick, rec in zip(picks, rows.to_pylist()):
         pick.update(clip_id=rec["clip_id"], source=rec["source"], t=float(rec["frame_t"][pick["frame"]]),
@@ -521,6 +533,9 @@ def figures(runs: list[Run]) -> dict[str, bytes]:
         "speech_ratio": _hists(runs, "speech_ratio", "speech ratio per clip", "share of the clip with speech",
                                np.linspace(0, 1, 21)),
     }
+    for key, title, xlabel in QUALITY_PLOTS:
+        if any(r.stats["quality"][key] for r in runs):
+            figs[key] = _hists(runs, key, title, xlabel, log=key.startswith("motion"))
     figs.update(_sweep_plots(runs))
     if any(r.stats["identity"] for r in runs):
         sizes = sorted({int(k) for r in runs for k in (r.stats["identity"] or {}).get("identities_by_size", {})})
@@ -658,7 +673,7 @@ def render(runs: list[Run], figs: dict[str, bytes], sheets: list[list[dict[str, 
     counts = [(k, [r.stats["counts"][k] for r in runs]) for k in runs[0].stats["counts"]]
     nav = " · ".join(f'<a href="#{k}">{v}</a>' for k, v in (
         ("faces", "faces"), ("funnel", "funnel"), ("pose", "pose"), ("clips", "clips"), ("identity", "identity"),
-        ("speech", "speech"), ("sweeps", "threshold sweeps"), ("run", "run facts")))
+        ("speech", "speech"), ("quality", "quality"), ("sweeps", "threshold sweeps"), ("run", "run facts")))
     parts = [f"<h1>{_e(title)}</h1>",
              "<p>" + "<br>".join(f"<b>{_e(r.label)}</b>: <code>{_e(r.out_dir)}</code>" for r in runs) + "</p>",
              f"<p>{nav}</p>",
@@ -700,6 +715,11 @@ def render(runs: list[Run], figs: dict[str, bytes], sheets: list[list[dict[str, 
               _table(runs, [(lab, [r.stats["speech"]["labels"].get(lab, 0) for r in runs]) for lab in labels]
                      + _summary_rows(runs, "speech", ["speech_ratio"]), "speech."),
               _figs(figs, ["speaking", "av_sync", "speech_ratio"])]
+    parts.append("<h2 id=quality>Quality</h2>")
+    measured = [k for k in QUALITY_KEYS if any(r.stats["quality"][k] for r in runs)]
+    parts.append(_table(runs, _summary_rows(runs, "quality", measured), "quality.") + _figs(figs, measured)
+                 if measured else '<p class="note">No quality columns: add the <code>clip_quality</code> stage '
+                 "to the recipe to measure motion, burned-in text and (with a model) aesthetics.</p>")
     parts.append("<h2 id=sweeps>Threshold sweeps</h2>"
                  '<p class="note">Clips each threshold would keep at other values, the others as recorded, '
                  "decided again from the stored measurements (what <code>lafid filter</code> gives).</p>")

@@ -154,7 +154,25 @@ SPEECH = [
            "who wrote the caption: source, template or vlm; '+disambiguated' when speech claims were rewritten"),
 ]
 
-CLIP_SCHEMA = pa.schema(CORE + FACE + IDENTITY + SPEECH, metadata={"lafid_schema_version": str(SCHEMA_VERSION)})
+# Clip Quality stage (optional). Motion is Farneback optical flow on small grey frames,
+# in pixels per second relative to the frame's longer side (so resolution does not change it).
+QUALITY = [
+    _field("motion", _f32, "mean optical-flow magnitude between neighbouring frames, in frame lengths (longer side) "
+           "per second (0 = still)"),
+    _field("motion_camera", _f32, "median flow magnitude over the frame: the global (camera) part of motion"),
+    _field("motion_subject", _f32, "mean flow magnitude left after removing the median flow (subject motion)"),
+    _field("text_area", _f32, "share of the frame covered by text lines found in at least half the sampled "
+           "frames (burned-in captions, watermarks)"),
+    _field("text_frames", _f32, "share of sampled frames with any detected text line"),
+    _field("aesthetic", _f32, "aesthetic score from the model directory given to the stage; null when none"),
+]
+
+# `lafid export`: where the clip's own MP4 lies (its first frame is the frame at start_s).
+EXPORT = [
+    _field("clip_file", pa.string(), "exported clip file, relative to the export folder (null in curate output)"),
+]
+
+CLIP_SCHEMA = pa.schema(CORE + FACE + IDENTITY + SPEECH + QUALITY + EXPORT, metadata={"lafid_schema_version": str(SCHEMA_VERSION)})
 
 _REJECT_FIELDS = [
     _field("schema_version", pa.int16(), "version of this schema"),

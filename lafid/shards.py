@@ -79,6 +79,9 @@ class ShardWriter:
         self.retrying: set[str] = set()  # finished videos this run redoes (see retry_failed)
         self.counts: Counter[str] = Counter()
         self.on_flush: Callable[[], None] | None = None  # called after each flush is recorded
+        # Called with a flush's kept rows once its shards are written; returns more files
+        # (written atomically) for the same manifest line, e.g. an export's tar shard.
+        self.extra_files: Callable[[list[dict]], list[str]] | None = None
 
     def _remove_orphans(self, recorded: set[str]) -> None:
         for path in self.out_dir.iterdir():  # only shards: identities.parquet and user files stay
@@ -103,6 +106,8 @@ class ShardWriter:
         dropped = [reject_row(i) for i in items if i.rejected]
         files = [self._write_shard(prefix, pa.Table.from_pylist(rows, schema=schema))
                  for prefix, rows, schema in (("clips", kept, CLIP_SCHEMA), ("rejects", dropped, REJECT_SCHEMA)) if rows]
+        if self.extra_files:
+            files += self.extra_files(kept)
         self._record(videos, files, len(kept), len(dropped), entries if redone else None, stale if redone else set())
         self._ready = []
 
@@ -123,6 +128,8 @@ class ShardWriter:
             na, nb = sum(kept_at[v] for v in chunk), sum(dropped_at[v] for v in chunk)
             files = [self._write_shard(prefix, t.slice(at, count)) for prefix, t, at, count
                      in (("clips", clips, a, na), ("rejects", rejects, b, nb)) if count]
+            if self.extra_files:
+                files += self.extra_files(clips.slice(a, na).to_pylist())
             self._record(chunk, files, na, nb)
             start, n, a, b = i + 1, 0, a + na, b + nb
 

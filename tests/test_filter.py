@@ -99,7 +99,7 @@ def test_the_command_names_the_parameter(outputs, tmp_path):
     assert result.exit_code == 2 and "shot_split.max_clip_s" in result.output
 
 
-@pytest.mark.parametrize("name", ["shot_split", "face_constraints", "speech_disambiguation"])
+@pytest.mark.parametrize("name", ["shot_split", "face_constraints", "speech_disambiguation", "clip_quality"])
 def test_every_parameter_is_a_threshold_or_a_measurement(name):
     cls = stage_class(name)
     assert cls.THRESHOLDS.isdisjoint(cls.MEASURE_PARAMS)

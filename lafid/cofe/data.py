@@ -11,6 +11,7 @@ randomness is seeded by the sample's place in the epoch, not by the worker.
 
 from __future__ import annotations
 
+import posixpath
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -33,7 +34,7 @@ from lafid.video import sample_frames
 SHARD_GLOB = "clips-*.parquet"
 COLUMNS = ["clip_id", "source", "source_bytes", "start_s", "end_s", "fps", "frame_t", "frame_yaw", "frame_pitch",
            "frame_box", "frame_kps", "pose_buckets", "caption", "id_backend", "id_ref_embedding", "id_ref_t",
-           "id_rep_embeddings", "id_rep_t", "id_rep_yaw", "id_model_sha256"]
+           "id_rep_embeddings", "id_rep_t", "id_rep_yaw", "id_model_sha256", "clip_file"]
 
 
 def resolve_shards(sources: Sequence[str]) -> tuple[Any, list[str]]:
@@ -52,6 +53,15 @@ def resolve_shards(sources: Sequence[str]) -> tuple[Any, list[str]]:
     if not files:
         raise FileNotFoundError(f"no {SHARD_GLOB} under {list(sources)}")
     return PyFileSystem(FSSpecHandler(fs)), files
+
+
+def exported_clip(row: dict, shard_path: str) -> dict:
+    """A row of `lafid export` (`clip_file` set) reads its own MP4 beside the shard, whose time 0
+    is the clip's `start_s`: no source video is needed. Curate rows come back unchanged."""
+    if not row.get("clip_file"):
+        return row
+    return dict(row, source=posixpath.join(posixpath.dirname(shard_path), row["clip_file"]), source_bytes=None,
+                start_s=0.0, end_s=row["end_s"] - row["start_s"])
 
 
 @dataclass(frozen=True)
@@ -271,7 +281,7 @@ class ClipDataset(IterableDataset):
         if f not in self._tables:
             names = pq.read_schema(self.files[f], filesystem=self.fs).names
             table = pq.read_table(self.files[f], columns=[c for c in COLUMNS if c in names], filesystem=self.fs)
-            self._tables[f] = table.to_pylist()
+            self._tables[f] = [exported_clip(row, self.files[f]) for row in table.to_pylist()]
             while len(self._tables) > self.cache_shards:
                 self._tables.popitem(last=False)
         self._tables.move_to_end(f)
