@@ -44,6 +44,11 @@ def _digest(keys: list[str]) -> str:
     return hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:16]
 
 
+def _shard_name(prefix: str, rows: list[dict]) -> str:
+    keys = [f"{r['video_id']}:{r['clip_index']}" for r in rows]
+    return f"{prefix}-{_digest(keys)}.parquet"
+
+
 def read_manifest(out_dir: Path) -> list[dict]:
     path = Path(out_dir) / MANIFEST
     if not path.exists():
@@ -134,8 +139,7 @@ class ShardWriter:
             start, n, a, b = i + 1, 0, a + na, b + nb
 
     def _write_shard(self, prefix: str, table: pa.Table) -> str:
-        keys = [f"{v}:{c}" for v, c in zip(table["video_id"].to_pylist(), table["clip_index"].to_pylist())]
-        name = f"{prefix}-{_digest(keys)}.parquet"
+        name = _shard_name(prefix, table.select(["video_id", "clip_index"]).to_pylist())
         write_atomic(table, self.out_dir / name)
         return name
 
