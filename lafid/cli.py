@@ -269,7 +269,7 @@ def schema() -> None:
 def identities(
     out: Path = typer.Argument(..., help="a curate output folder (clips-*.parquet)"),
     threshold: Optional[float] = typer.Option(None, help="same-person distance; default: the backend's own"),
-    cell_size: int = typer.Option(2048, help="clips per k-means blocking cell"),
+    cell_size: int = typer.Option(1024, help="clips per k-means blocking cell"),
     probes: int = typer.Option(2, help="nearest cells each clip joins"),
 ) -> None:
     """Cluster clips by the identity of their reference face; writes identities.parquet."""

@@ -65,10 +65,12 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 log = logging.getLogger("lafid.run")
 
 IDLE_S = 5.0  # an actor idle this long leaves a pool that is above its minimum
-# `auto` pools: CPU requests are scaled down only as far as one actor per auto stage fits. More actors than
-# CPUs do not run faster, and each costs ~2.5 CPU-s to start (benchmarks/curate_throughput.py, 2 CPUs: room for
-# 2x as many actors started 13 and took 105 CPU-s for the 62 CPU-s of stage work; 1x started 4: 68-88 CPU-s).
-HEADROOM = 1.0
+# `auto` pools: CPU requests are scaled down only as far as one actor per auto stage plus one SPARE actor of
+# the largest fit. More actors than CPUs do not run faster, and each costs ~2.5 CPU-s to start
+# (benchmarks/curate_throughput.py, 2 CPUs: room for 2x as many actors started 13 and took 105 CPU-s for the
+# 62 CPU-s of stage work; 1x started 4: 68-88 CPU-s). Without the spare, a stage that dominates (speech on
+# talking footage) keeps one actor, and one of two cores, while the other stages' actors sit idle.
+SPARE = 1
 TICK_S = 0.5  # how often the driver looks at queues and free resources
 SETUP_RETRIES = 3  # actors of one stage that may die in a row while setting up before the run stops
 
@@ -85,6 +87,7 @@ class RunInfo:
     peak_actors: dict[str, int] = field(default_factory=dict)
     retired: dict[str, int] = field(default_factory=dict)  # actors given back for being idle, per stage
     requests: dict[str, float] = field(default_factory=dict)  # CPUs per actor, as asked of Ray
+    sizes: list[tuple[float, dict[str, int]]] = field(default_factory=list)  # (seconds into the run, actors per pool)
 
 
 last_run = RunInfo()
@@ -306,16 +309,17 @@ def _plan(recipe: Recipe, stages: list[Stage]) -> list[_Plan]:
 
     Fixed and {min, max} pools ask for what the recipe says, and their minimum must fit. `auto` pools
     start at one actor; their CPU request is the stage's, scaled down (fractional CPUs) when the
-    cluster cannot hold HEADROOM times one actor of every auto stage beside the fixed minimums, and
-    never above the largest node."""
+    cluster cannot hold one actor of every auto stage and SPARE more of the largest beside the fixed
+    minimums (so the slowest stage can grow by one), and never above the largest node."""
     have = ray.cluster_resources()
     cpus, gpus = have.get("CPU", 0.0), have.get("GPU", 0.0)
     node_cpus = max((n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=cpus)
     specs = list(zip(recipe.stages, stages))
     fixed = sum(spec.worker_range[0] * st.resources.cpus for spec, st in specs if spec.workers != "auto")
-    auto = sum(st.resources.cpus for spec, st in specs if spec.workers == "auto")
+    auto_cpus = [st.resources.cpus for spec, st in specs if spec.workers == "auto"]
+    auto = sum(auto_cpus) + SPARE * max(auto_cpus, default=0.0)
     room = cpus - fixed
-    scale = 1.0 if auto == 0 else min(1.0, room / (HEADROOM * auto))
+    scale = 1.0 if auto == 0 else min(1.0, room / auto)
     if fixed > cpus + 1e-9 or (auto and scale <= 0.01):
         detail = ", ".join(f"{s.stage}: {s.workers if s.workers != 'auto' else 'auto (at least 1)'} x "
                            f"{st.resources.cpus:g}" for s, st in specs)
@@ -580,6 +584,7 @@ class _Stream:
         self.epoch: Counter = Counter()  # video -> times it went back to the first stage
         self.running: dict = {}  # summary ref -> (stage index, actor, batch, items ref, epochs)
         self.next_tick = 0.0
+        self.started = time.monotonic()
 
     def run(self, source) -> None:
         pools, router = self.pools, self.router
@@ -690,6 +695,7 @@ class _Stream:
         if now < self.next_tick:
             return
         self.next_tick = now + TICK_S
+        last_run.sizes.append((now - self.started, {p.name: p.size for p in self.pools}))
         for pool in self.pools:
             pool.shrink(now, IDLE_S)
         growing = sorted((p for p in self.pools if p.can_grow()), key=lambda p: -p.waiting_batches / max(1, p.size))

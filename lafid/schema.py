@@ -124,7 +124,8 @@ IDENTITY = [
     _field("id_dist_ref_max", _f32, "largest frame-to-reference distance on the track"),
     _field("id_dist_ref_median", _f32, "median frame-to-reference distance on the track"),
     _field("id_dist_centroid_max", _f32, "largest frame-to-centroid distance on the track"),
-    _field("id_far_ratio", _f32, "share of face frames beyond id_threshold or showing someone else"),
+    _field("id_far_ratio", _f32, "share of face frames beyond id_threshold from the subject at their pose "
+           "(pose-nearest representatives, or recent faces at a pose none covers), takeovers included"),
     _field("id_dist_frontal_median", _f32, "median distance to the reference on frontal frames (|yaw| < large)"),
     _field("id_dist_large_pose_median", _f32, "median distance to the reference on large-yaw frames"),
     _field("id_track_breaks", pa.int32(), "times another person took over the identity track"),

@@ -135,13 +135,15 @@ class BatchStats:
     items_in: int = 0
     items_out: int = 0
     rejected: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the calls
+    cpu_seconds: float = 0.0  # CPU time of the worker's process during the calls (all its threads)
 
     def add(self, other: "BatchStats") -> None:
         self.items_in += other.items_in
         self.items_out += other.items_out
         self.rejected += other.rejected
         self.seconds += other.seconds
+        self.cpu_seconds += other.cpu_seconds
 
 
 def _localize(items: list[Item]) -> dict[str, str]:
@@ -175,7 +177,7 @@ class StageWorker:
         stage.setup()
 
     def run(self, items: list[Item]) -> tuple[list[Item], BatchStats]:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         urls = _localize(items)  # sources in object storage are read from a local copy
         live = [i for i in items if not i.rejected]
         passed = [i for i in items if i.rejected]
@@ -193,6 +195,7 @@ class StageWorker:
             items_out=sum(1 for i in out if not i.rejected),
             rejected=sum(1 for i in out if i.rejected),
             seconds=time.perf_counter() - start,
+            cpu_seconds=time.process_time() - cpu_start,
         )
         return passed + out, stats
 

@@ -7,9 +7,11 @@ backend (ArcFace: a model pack under `model_dir`, else the embedded MobileFaceNe
 dlib as the fallback), batched across the clips of a batch. Per clip it stores the
 reference face (most frontal, sharpest), pose-diverse representative embeddings,
 and distances of every frame to the reference and to the track centroid, split by
-frontal vs large yaw. Clips where another person takes over the track (a missed
-cut, a cross-fade, a second person the track jumped to) or whose identity drifts
-are rejected with a reason.
+frontal vs large yaw. Verification is pose-aware (`lafid.face.track.verify`): each
+face against the subject's representatives near its yaw, or the track's recent
+faces where the person turned beyond them. Clips where another person takes over
+the track (a missed cut, a cross-dissolve, a second person the track jumped to) or
+with too many faces far from the subject at their pose are rejected with a reason.
 """
 
 from __future__ import annotations
@@ -40,7 +42,12 @@ class IdentityConsistencyParams(StageParams):
     track_slack: float = Field(1.1, ge=1, description="a face overlapping the last box may be this much farther")
     track_min_iou: float = Field(0.5, ge=0, le=1, description="box overlap that earns the slack")
     max_track_breaks: int = Field(0, ge=0, description="keep: times another person may take over the subject track")
-    max_far_ratio: float = Field(0.1, ge=0, le=1, description="keep: share of face frames beyond max_distance")
+    max_far_ratio: float = Field(0.1, ge=0, le=1, description="keep: share of face frames beyond max_distance "
+                                 "from the subject at their pose (takeovers included)")
+    rep_yaw_window: float = Field(15.0, ge=0, description="a face is judged against the representatives within "
+                                  "this many degrees of its yaw; a face farther from all of them (the person "
+                                  "turned) may match the track's recent faces instead")
+    recent_frames: int = Field(3, ge=1, description="recent verified faces a turned face may match")
     large_pose_yaw: float = Field(45.0, ge=0, le=90, description="|yaw| counted as large pose")
     rep_count: int = Field(4, ge=1, description="representative embeddings kept, reference included")
     rep_min_yaw_gap: float = Field(10.0, ge=0, description="degrees a new representative must add")
@@ -85,7 +92,10 @@ class IdentityConsistency(Stage):
         faces_all = subject(frames)
         boxes = [None if f is None else np.asarray(f["box"], np.float32) for f in faces_all]
         track = verify([embedded[i][1] if i in embedded else None for i in range(len(frames))], boxes,
-                       metric, thr, p.track_slack, p.track_min_iou)
+                       [np.nan if f is None else f["yaw"] for f in faces_all],
+                       [0.0 if f is None else f["blur"] for f in faces_all],
+                       metric, thr, p.track_slack, p.track_min_iou, p.rep_count, p.rep_min_yaw_gap,
+                       p.rep_yaw_window, p.recent_frames)
         matched = np.flatnonzero(track.same).tolist()
         if not matched:
             return item.drop(self.name, "no_identity", "no face of the subject could be embedded")
@@ -99,7 +109,7 @@ class IdentityConsistency(Stage):
         d_ref = frame_dist[matched]
         d_centroid = pairwise(metric, centroid(metric, emb), emb)[0]
         n_other = int(track.other.sum())
-        far_ratio = (n_other + int(np.sum(d_ref > thr))) / (len(matched) + n_other)
+        far_ratio = float(np.mean(track.dist[np.isfinite(track.dist)] > thr))  # takeovers and slack-held faces
         large, frontal = np.abs(yaw) >= p.large_pose_yaw, np.abs(yaw) < p.large_pose_yaw  # NaN yaw: neither
         reps = representatives(yaw, ref, p.rep_count, p.rep_min_yaw_gap)
         t = [frames[i]["t"] for i in matched]
@@ -133,8 +143,8 @@ class IdentityConsistency(Stage):
                              f"{n_other} of {len(matched) + n_other} face frames, {track.breaks} break(s)")
         if far_ratio > p.max_far_ratio:
             return item.drop(self.name, "inconsistent_identity",
-                             f"{far_ratio:.0%} of face frames farther than {thr} from the reference "
-                             f"(> {p.max_far_ratio:.0%}; max {d_ref.max():.2f})")
+                             f"{far_ratio:.0%} of face frames farther than {thr} from the subject at their pose "
+                             f"(> {p.max_far_ratio:.0%}; max {np.nanmax(track.dist):.2f})")
         return item
 
 

@@ -80,9 +80,11 @@ def test_a_head_that_never_turns_is_static(recipe_stages, make_video):
 
 
 def test_identity_stage_keeps_the_turning_head(recipe_stages, turned_clip):
-    """ArcFace aligned on SCRFD's points of the face crop: the profiles stay the same person
-    (measured: at most 0.72 from the track's anchor, bound 0.75; docs/pose.md)."""
+    """ArcFace aligned on SCRFD's points of the face crop, each face judged against the subject's
+    views near its own yaw: the profiles stay the same person, although the most turned faces
+    lie beyond the calibrated bound from the frontal reference (measured up to 0.72 vs 0.67;
+    docs/pose.md), which is why verification is pose-aware."""
     _, _, identity = recipe_stages
     (item,) = run_stage(identity, [turned_clip])
     assert not item.rejected, item.reject
-    assert np.nanmax(item.columns["id_frame_dist"]) <= item.columns["id_threshold"]
+    assert item.columns["id_far_ratio"] <= identity.params.max_far_ratio

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import runtime_stages
@@ -39,6 +40,20 @@ def carry_recipe(workers="auto", delay_s=0.0, pid_dir="", megabytes=1.0, rows_pe
     return Recipe(name="carry", max_videos_in_flight=6, output={"rows_per_shard": rows_per_shard}, stages=[
         SPLIT, {"stage": "carry", "workers": workers, "params": {"megabytes": megabytes}},
         {"stage": "weigh", "workers": workers, "params": {"delay_s": delay_s, "pid_dir": pid_dir}}])
+
+
+def test_stage_workers_measure_their_own_cpu_time_apart_from_wall_time():
+    """BatchStats.cpu_seconds is the process's CPU time during the call (the benchmark's CPU-s per
+    video-second): a stage that waits costs wall time and no CPU; one that fills 256 MB costs CPU."""
+    from lafid.item import Item
+    from lafid.stage import StageWorker
+
+    item = Item(source="x.mp4", video_id="v", clip_index=0, clip_count=1, start_s=0.0, end_s=1.0)
+    item.work["blob"] = np.zeros(1, np.uint8)
+    _, waited = StageWorker(runtime_stages.Weigh({"delay_s": 0.5})).run([item])
+    _, worked = StageWorker(runtime_stages.Carry({"megabytes": 256})).run([item])
+    assert waited.seconds >= 0.5 and waited.cpu_seconds < 0.1
+    assert worked.cpu_seconds > 0.02 and worked.cpu_seconds > waited.cpu_seconds
 
 
 def test_workers_may_be_a_number_auto_or_a_range():
@@ -75,12 +90,15 @@ def test_setting_up_the_default_stages_does_not_import_torch(pre, loaded):
 
 
 @pytest.mark.ray
-def test_default_recipe_fits_two_cpus_and_explicit_requests_that_cannot_fit_fail(ray_cluster):
+def test_default_recipe_fits_two_cpus_and_explicit_requests_that_cannot_fit_fail(ray_cluster, monkeypatch):
     recipe = load_recipe("lafid180k")
     plans = ray_executor._plan(recipe, recipe.build_stages())
     assert len(plans) == 4 and all(p.low == 1 and p.high is None for p in plans)
-    # one actor per stage fits the 2 CPUs: each asks for half a CPU (more actors than CPUs would not run faster)
-    assert sum(p.cpus for p in plans) * ray_executor.HEADROOM == pytest.approx(2.0)
+    # one actor per stage and one spare fit the 2 CPUs: each asks for 0.4 CPU, so the slowest stage can add
+    # one actor (more actors than CPUs would not run faster). Control: without the spare, 0.5 each
+    assert [p.cpus for p in plans] == [pytest.approx(0.4)] * 4
+    monkeypatch.setattr(ray_executor, "SPARE", 0)
+    assert [p.cpus for p in ray_executor._plan(recipe, recipe.build_stages())] == [pytest.approx(0.5)] * 4
     fixed = recipe.model_copy(deep=True)
     for spec in fixed.stages:  # the same stages asking for one whole-CPU actor each cannot all be placed
         spec.workers = 1

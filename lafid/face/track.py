@@ -6,12 +6,17 @@ that overlaps the subject's last box, else the largest face. That choice is the
 column it writes (`frame_box`, `frame_kps`, pose, `frame_mouth_open`): later
 stages read this one track and never choose again.
 
-Identity Consistency `verify`s it: the subject's faces are embedded, the track's
-identity is the densest same-person group of them (its centroid is the anchor, so
-a slow cross-fade cannot drag it along), and each subject face farther than the
-backend's threshold from the anchor (`slack` more allowed while the box still
-overlaps the last verified one) is a frame where someone else holds the track.
-Each run of such frames is a takeover (a track break).
+Identity Consistency `verify`s it, pose-aware: the track's person is the densest
+same-person group of its faces (so a slow cross-fade cannot drag it along), seen
+through pose-spread representatives of that group (`representatives`, the same
+choice as the stored `id_rep_embeddings`). Each face is compared with the
+representatives within `yaw_window` of its yaw; a face at a pose none covers (the
+person turned away) is compared with the nearest in yaw and may instead match the
+track's recent verified faces, so a turn is followed step by step, while a face at
+a covered pose (a cross-dissolve, a missed cut to someone facing the same way)
+must match that view of the person itself. A face farther than the threshold
+(`slack` more allowed while the box overlaps the last verified one) is a frame
+where someone else holds the track; each run of such frames is a takeover.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lafid.face.detect import iou
-from lafid.face.embed import centroid, pairwise
+from lafid.face.embed import pairwise
 
 FOLLOW_MIN_IOU = 0.3  # overlap with the subject's last box that keeps following it
 
@@ -48,8 +53,10 @@ def subject(frames: list[dict]) -> list[dict | None]:
 class Verification:
     same: np.ndarray   # per frame: the subject's face is the track's person
     other: np.ndarray  # per frame: the subject's face is someone else
-    dist: np.ndarray   # per frame: distance of the subject's face to the anchor (NaN: not embedded)
+    dist: np.ndarray   # per frame: distance to the pose-nearest representative, or the recent faces where
+                       # the pose is not covered (NaN: not embedded)
     breaks: int        # runs of `other` frames: takeovers
+    reps: list[int]    # frame indices of the representatives every face was compared with
 
     @property
     def first_other(self) -> int | None:
@@ -57,34 +64,53 @@ class Verification:
         return int(hits[0]) if hits.size else None
 
 
-def anchor(embeddings: np.ndarray, metric: str, threshold: float) -> np.ndarray:
-    """Centroid of the largest same-person group (the first of the densest on ties)."""
+def densest_group(embeddings: np.ndarray, metric: str, threshold: float) -> np.ndarray:
+    """Indices of the largest same-person group: the faces within `threshold` of the face with most such
+    neighbours (the first of the densest on ties)."""
     close = pairwise(metric, embeddings, embeddings) <= threshold
-    seed = int(np.argmax(close.sum(1)))
-    return centroid(metric, embeddings[close[seed]])
+    return np.flatnonzero(close[int(np.argmax(close.sum(1)))])
 
 
-def verify(embeddings: list[np.ndarray | None], boxes: list, metric: str, threshold: float,
-           slack: float = 1.1, min_iou: float = 0.5) -> Verification:
-    """Check that one person holds the subject track; `embeddings[i]` is the subject's face in frame i."""
+def verify(embeddings: list[np.ndarray | None], boxes: list, yaw, blur, metric: str, threshold: float,
+           slack: float = 1.1, min_iou: float = 0.5, rep_count: int = 4, rep_min_yaw_gap: float = 10.0,
+           yaw_window: float = 15.0, recent: int = 3) -> Verification:
+    """Check that one person holds the subject track; `embeddings[i]` is the subject's face in frame i,
+    `yaw[i]` / `blur[i]` its head yaw (NaN: unknown) and sharpness."""
     n = len(embeddings)
     dist = np.full(n, np.nan, np.float32)
     same, other = np.zeros(n, bool), np.zeros(n, bool)
-    known = [i for i, e in enumerate(embeddings) if e is not None]
-    if known:
-        ref = anchor(np.stack([embeddings[i] for i in known]), metric, threshold)
-        dist[known] = pairwise(metric, ref, np.stack([embeddings[i] for i in known]))[0]
-    last_box = None
-    for i in known:
-        near = dist[i] <= threshold
-        held = last_box is not None and dist[i] <= threshold * slack and iou(boxes[i], last_box) >= min_iou
-        if near or held:
+    known = np.array([i for i, e in enumerate(embeddings) if e is not None], int)
+    if not known.size:
+        return Verification(same, other, dist, 0, [])
+    emb = np.stack([embeddings[i] for i in known])
+    yaw = np.asarray(yaw, np.float32)
+    group = known[densest_group(emb, metric, threshold)]
+    reps = [int(group[k]) for k in representatives(yaw[group], reference(yaw[group], np.asarray(blur)[group]),
+                                                   rep_count, rep_min_yaw_gap)]
+    rep_yaw = yaw[reps]
+    d_reps = pairwise(metric, emb, np.stack([embeddings[r] for r in reps]))  # (known, reps)
+    last_box, verified = None, []
+    for row, i in enumerate(known):
+        gap = np.abs(rep_yaw - yaw[i])
+        near = gap <= yaw_window
+        if np.isnan(gap).all():  # pose unknown: any view of the person
+            d, covered = float(d_reps[row].min()), True
+        elif near.any():  # the views of the person at this pose
+            d, covered = float(d_reps[row, near].min()), True
+        else:
+            d, covered = float(d_reps[row, int(np.nanargmin(gap))]), False
+        if not covered and verified:
+            d = min(d, float(pairwise(metric, embeddings[i], np.stack([embeddings[j] for j in verified[-recent:]])).min()))
+        dist[i] = d
+        held = last_box is not None and d <= threshold * slack and iou(boxes[i], last_box) >= min_iou
+        if d <= threshold or held:
             same[i], last_box = True, boxes[i]
+            verified.append(i)
         else:
             other[i] = True
     flags = other[known]
-    breaks = int(np.sum(flags[1:] & ~flags[:-1]) + flags[0]) if known else 0
-    return Verification(same, other, dist, breaks)
+    breaks = int(np.sum(flags[1:] & ~flags[:-1]) + flags[0])
+    return Verification(same, other, dist, breaks, reps)
 
 
 def representatives(yaw: np.ndarray, first: int, count: int, min_gap: float) -> list[int]:

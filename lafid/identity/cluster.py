@@ -1,15 +1,26 @@
 """Cross-clip identity clusters for `lafid identities DIR`.
 
-Method (scales to millions of clips on one machine): blocking with an IVF-style
-coarse quantiser. k-means (scipy's `kmeans2`, trained on a sample) splits the reference
-embeddings into cells of about `cell_size`; every embedding joins its `probes`
-nearest cells, so two close embeddings near a cell border still share one. Inside
-each cell all pairs are compared exactly, in row chunks, and pairs within the
-same-person distance are linked; connected components of those links over the
-whole output are the identities (single linkage). Cost is about
-N x cell_size x probes^2 distance evaluations instead of N^2, memory about
-chunk x cell size. Single linkage can chain two people through look-alikes in
-very large outputs: lower `threshold` to trade recall for purity.
+Method: average linkage, merged by reciprocal nearest neighbours, blocked so it
+scales to millions of clips on one machine. Two clusters merge only when the mean
+squared distance over all their cross pairs is within the same-person radius
+(cosine: exactly average linkage, since for unit vectors it is 2 x the mean cosine
+distance; L2: root-mean-square linkage), so one look-alike pair cannot join two
+people: A~B~C with A and C far apart ends as {A, B}, {C}. The mean over cross pairs
+follows from each cluster's sum and mean squared norm, so a cluster costs one
+vector. Rounds: every active cluster finds its nearest cluster; pairs that are each
+other's nearest and within the radius merge. This linkage is reducible (a merged
+cluster is never closer to a third than the nearer of its parts), so a cluster
+whose nearest neighbour is beyond the radius never merges again and leaves the
+rounds; with one cell this is exact average linkage (scipy's, checked in the
+benchmark).
+
+Candidates are blocked by an IVF-style coarse quantiser: k-means (Lloyd, trained
+on a sample) splits the cluster means into cells of about `cell_size`; every
+cluster joins its `probes` nearest cells and meets the clusters there. Further
+passes (`passes`, 4 by default) re-block the surviving clusters with fresh
+quantisers, so pairs split by a cell border meet. Cost is about N x cell_size x
+probes^2 distance evaluations per round instead of N^2; memory is the embeddings
+plus one cell's block (benchmarks/identity_cluster.py).
 """
 
 from __future__ import annotations
@@ -19,11 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from scipy.cluster.vq import kmeans2
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
-from lafid.face.embed import pairwise, unit
+from lafid.face.embed import pairwise
 from lafid.report import read_table
 from lafid.schema import IDENTITY_SCHEMA
 from lafid.shards import write_atomic
@@ -31,61 +39,112 @@ from lafid.shards import write_atomic
 OUTPUT = "identities.parquet"
 
 
-def kmeans(x: np.ndarray, k: int, iters: int = 10, sample: int = 256, seed: int = 0) -> np.ndarray:
-    """k-means++ seeded Lloyd (scipy) on at most `sample` points per centroid; returns (k, D) centroids."""
+def kmeans(points: np.ndarray, k: int, iters: int = 10, seed: int = 0) -> np.ndarray:
+    """Lloyd's k-means from k random points, assignments by one matrix product per iteration; (k, D)."""
     rng = np.random.default_rng(seed)
-    train = x[rng.choice(len(x), min(len(x), k * sample), replace=False)]
-    cent, _ = kmeans2(train.astype(np.float64), k, iter=iters, minit="++", seed=seed)
-    return cent.astype(np.float32)
+    cent = points[rng.choice(len(points), k, replace=False)].copy()
+    for _ in range(iters):
+        near = np.argmin((cent * cent).sum(1)[None, :] - 2 * points @ cent.T, axis=1)
+        sums = np.zeros_like(cent)
+        np.add.at(sums, near, points)
+        size = np.bincount(near, minlength=k)
+        filled = size > 0  # an empty cell keeps its centroid
+        cent[filled] = sums[filled] / size[filled, None]
+    return cent
 
 
-def nearest_cells(x: np.ndarray, cent: np.ndarray, probes: int, chunk: int = 65536) -> np.ndarray:
-    """Indices (N, probes) of each row's nearest centroids."""
+def nearest_cells(mean, n: int, cent: np.ndarray, probes: int, chunk: int = 16384) -> np.ndarray:
+    """Indices (n, probes) of each row's nearest centroids; `mean(rows)` gives the rows' vectors."""
     out = []
-    for s in range(0, len(x), chunk):
-        d = pairwise("l2", x[s:s + chunk], cent)
-        out.append(np.argsort(d, axis=1)[:, :probes])
+    for s in range(0, n, chunk):
+        d = pairwise("l2", mean(np.arange(s, min(s + chunk, n))), cent)
+        near = np.argpartition(d, probes - 1, axis=1) if probes < d.shape[1] else np.argsort(d, axis=1)
+        out.append(near[:, :probes].copy())  # a copy: a view would keep the whole chunk x cells block alive
     return np.concatenate(out)
 
 
-def _roots(n: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """For each node, the smallest node index of its connected component."""
-    _, comp = connected_components(coo_matrix((np.ones(len(rows), bool), (rows, cols)), shape=(n, n)),
-                                   directed=False)
-    first = np.full(comp.max() + 1, n)
-    np.minimum.at(first, comp, np.arange(n))
-    return first[comp]
-
-
-def _cell_links(x: np.ndarray, members: np.ndarray, radius: float, chunk: int) -> np.ndarray:
-    """Component root (global index) of each member within one cell, found chunk by chunk."""
-    m = len(members)
-    root = np.arange(m)
-    for s in range(0, m, chunk):
-        r, c = np.nonzero(pairwise("l2", x[members[s:s + chunk]], x[members]) <= radius)
-        root = _roots(m, np.concatenate([r + s, np.arange(m)]), np.concatenate([c, root]))
-    return members[root]
-
-
-def cluster(embeddings: np.ndarray, metric: str, threshold: float, cell_size: int = 2048,
-            probes: int = 2, chunk: int = 1024) -> np.ndarray:
-    """Identity label per embedding: smallest row index of its same-person component."""
-    x = np.asarray(embeddings, np.float32)
-    # Work in L2 either way: for unit vectors cosine distance t equals L2 sqrt(2t).
-    x, radius = (unit(x), float(np.sqrt(2 * threshold))) if metric == "cosine" else (x, threshold)
-    n = len(x)
-    k = max(1, int(np.ceil(n / cell_size)))
-    cells = nearest_cells(x, kmeans(x, k), min(probes, k)) if k > 1 else np.zeros((n, 1), int)
-    rows, cols = [np.arange(n)], [np.arange(n)]
+def _nearest(mean, sqnorm: np.ndarray, cells: np.ndarray, k: int, chunk: int):
+    """Each row's nearest other row (index, squared average-linkage distance) among rows sharing a cell;
+    `mean(rows)` gives the rows' mean vectors (gathered per cell, never all at once)."""
+    n = len(sqnorm)
+    best_d, best_j = np.full(n, np.inf, np.float32), np.full(n, -1, np.int64)
+    order = np.argsort(cells.ravel(), kind="stable")
+    bounds = np.searchsorted(cells.ravel()[order], np.arange(k + 1))
     for c in range(k):
-        members = np.flatnonzero((cells == c).any(1))
-        if len(members) > 1:
-            rows.append(members)
-            cols.append(_cell_links(x, members, radius, chunk))
-    return _roots(n, np.concatenate(rows), np.concatenate(cols))
+        members = np.unique(order[bounds[c]:bounds[c + 1]] // cells.shape[1])
+        if len(members) < 2:
+            continue
+        cols = mean(members)
+        for s in range(0, len(members), chunk):
+            rows = members[s:s + chunk]
+            d = sqnorm[rows, None] + sqnorm[None, members] - 2 * (cols[s:s + chunk] @ cols.T)
+            d[np.arange(len(rows)), np.arange(s, s + len(rows))] = np.inf
+            arg = np.argmin(d, axis=1)
+            dist = d[np.arange(len(rows)), arg]
+            better = dist < best_d[rows]
+            best_d[rows[better]], best_j[rows[better]] = dist[better], members[arg[better]]
+    return best_j, best_d
 
 
-def identities(out_dir: str | Path, threshold: float | None = None, cell_size: int = 2048,
+def cluster(embeddings: np.ndarray, metric: str, threshold: float, cell_size: int = 1024,
+            probes: int = 2, passes: int = 4, chunk: int = 1024) -> np.ndarray:
+    """Identity label per embedding: smallest row index of its average-linkage cluster."""
+    x = np.array(embeddings, np.float32)  # a copy (its rows become cluster sums); a caller's temporary
+    del embeddings                        # is freed here, so only one N x D array stays resident
+    sq = np.einsum("ij,ij->i", x, x)  # per cluster: sum of squared norms of its members
+    if metric == "cosine":  # unit vectors, in place; cosine distance t is squared L2 2t
+        x /= np.maximum(np.sqrt(sq), 1e-12)[:, None]
+        sq = np.einsum("ij,ij->i", x, x)
+    radius2 = 2.0 * threshold if metric == "cosine" else float(threshold) ** 2
+    n = len(x)
+    count = np.ones(n, np.float32)
+    parent = np.arange(n)
+    for seed in range(passes):  # each pass blocks the surviving clusters with a fresh quantiser
+        active = np.flatnonzero(parent == np.arange(n))
+        k = max(1, int(np.ceil(len(active) / cell_size)))
+        cent = None
+        while len(active) > 1:
+            def mean(rows, active=active):
+                return x[active[rows]] / count[active[rows], None]
+
+            def direction(rows):  # where a cluster is blocked: its mean, on the sphere for cosine
+                m = mean(rows)
+                return m / np.linalg.norm(m, axis=1, keepdims=True) if metric == "cosine" else m
+
+            if cent is None and k > 1:  # trained on a sample of at most 64 clusters per cell
+                sample = np.sort(np.random.default_rng(seed).choice(len(active), min(len(active), 64 * k), False))
+                cent = kmeans(direction(sample), k, seed=seed)
+
+            sqnorm = sq[active] / count[active]  # mean squared norm: D2(A,B) = QA + QB - 2 muA.muB
+            cells = (np.zeros((len(active), 1), int) if k == 1
+                     else nearest_cells(direction, len(active), cent, min(probes, k)))
+            best_j, best_d = _nearest(mean, sqnorm, cells, k, chunk)
+            mutual = (best_j >= 0) & (best_d <= radius2)
+            mutual &= best_j[np.maximum(best_j, 0)] == np.arange(len(active))
+            a = np.flatnonzero(mutual & (np.arange(len(active)) < best_j))
+            if not len(a):
+                break
+            keep, gone = active[a], active[best_j[a]]
+            x[keep] += x[gone]
+            count[keep] += count[gone]
+            sq[keep] += sq[gone]
+            parent[gone] = keep
+            still = best_d <= radius2  # beyond the radius now: beyond it for good (reducible linkage)
+            still[best_j[a]] = False
+            active = active[still]
+        if k == 1:
+            break  # unblocked: exact already
+    while True:  # follow merges to each cluster's surviving row
+        up = parent[parent]
+        if np.array_equal(up, parent):
+            break
+        parent = up
+    first = np.full(n, n)
+    np.minimum.at(first, parent, np.arange(n))
+    return first[parent]
+
+
+def identities(out_dir: str | Path, threshold: float | None = None, cell_size: int = 1024,
                probes: int = 2) -> dict:
     """Cluster the reference embeddings of every clip in `out_dir`; write identities.parquet.
 
