@@ -129,6 +129,13 @@ IDENTITY = [
     _field("id_dist_frontal_median", _f32, "median distance to the reference on frontal frames (|yaw| < large)"),
     _field("id_dist_large_pose_median", _f32, "median distance to the reference on large-yaw frames"),
     _field("id_track_breaks", pa.int32(), "times another person took over the identity track"),
+    _field("id_other_frames", pa.int32(), "face frames where another person holds the subject track"),
+    _field("id_same_frames", pa.int32(), "face frames verified as the clip's subject"),
+    _field("id_switch_t", _f32, "time of the first frame another person holds the track, seconds from clip start "
+           "(null: never)"),
+    _field("id_switch_dist", _f32, "that face's distance from the subject at its pose"),
+    _field("id_track_dist_max", _f32, "largest distance of a face frame from the subject at its pose (what "
+           "id_far_ratio counts against id_threshold)"),
 ]
 
 # Speech Disambiguation stage.

@@ -7,7 +7,7 @@ from lafid import devset
 from lafid.cli import app
 from lafid.filter import FilterRefused, filter_output
 from lafid.recipe import Recipe
-from lafid.registry import stage_class
+from lafid.registry import STAGES, stage_class
 from lafid.report import read_table
 from lafid.runner import curate
 from lafid.sweep import sweeps
@@ -20,10 +20,12 @@ SPEECH = {"asr_backend": "none"}  # labels and template captions need no transcr
 LOOSE = {"shot_split": {"min_clip_s": 0.5},
          "face_constraints": {"sample_fps": 4.0, "min_face_ratio": 0.0, "min_single_face_ratio": 0.0,
                               "min_face_area": 0.0, "min_blur": 0.0, "min_yaw_range": 0.0},
+         "identity_consistency": {"max_far_ratio": 1.0, "max_track_breaks": 5},
          "speech_disambiguation": {**SPEECH, "min_sync_speech_s": 1.0}}
 STRICT = {"shot_split": {"min_clip_s": 3.0},
           "face_constraints": {"sample_fps": 4.0, "min_face_ratio": 0.95, "min_single_face_ratio": 0.9,
                                "min_face_area": 0.05, "min_blur": 35.0, "min_yaw_range": 4.0},
+          "identity_consistency": {"max_far_ratio": 0.1, "max_track_breaks": 0},
           "speech_disambiguation": {**SPEECH, "min_sync_speech_s": 5.0}}  # jwpIntro has ~3.5 s of speech
 
 
@@ -93,13 +95,14 @@ def test_the_command_names_the_parameter(outputs, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: r\nstages:\n  - stage: shot_split\n    params: {min_clip_s: 2.0, max_clip_s: 5.0}\n"
                       "  - stage: face_constraints\n    params: {sample_fps: 4.0}\n"
+                      "  - stage: identity_consistency\n"
                       "  - stage: speech_disambiguation\n    params: {asr_backend: none}\n")
     result = CliRunner().invoke(app, ["filter", str(root / "loose"), "--recipe", str(recipe), "--out",
                                       str(tmp_path / "out")])
     assert result.exit_code == 2 and "shot_split.max_clip_s" in result.output
 
 
-@pytest.mark.parametrize("name", ["shot_split", "face_constraints", "speech_disambiguation", "clip_quality"])
+@pytest.mark.parametrize("name", sorted(STAGES))
 def test_every_parameter_is_a_threshold_or_a_measurement(name):
     cls = stage_class(name)
     assert cls.THRESHOLDS.isdisjoint(cls.MEASURE_PARAMS)
