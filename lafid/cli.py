@@ -187,6 +187,29 @@ def report(
     console.print(f"report: {html}")
 
 
+@app.command("filter")
+def filter_(
+    output: Path = typer.Argument(..., help="a curate output folder"),
+    recipe: str = typer.Option(..., "--recipe", "-r", help="recipe path or bundled name: thresholds may differ"),
+    out: Path = typer.Option(..., "--out", "-o", help="the new output folder"),
+) -> None:
+    """Decide every clip again with another recipe's thresholds, from the stored measurements (no decoding)."""
+    from lafid.filter import filter_output
+    from lafid.storage import OutputError
+
+    with _exit_on(RecipeError, OutputError, FileNotFoundError):
+        parsed = load_recipe(recipe)
+        stats = filter_output(output, parsed, out)
+    console.print(f"{stats.videos} videos: {stats.kept} clips kept, {stats.rejected} rejects "
+                  f"({stats.changed} decided differently)")
+    if stats.unmeasured:
+        console.print(f"{stats.unmeasured} clips stay rejected: an earlier recipe rejected them before a stage "
+                      "they would now reach measured them (curate again to measure them)")
+    if stats.skipped:
+        console.print(f"{stats.skipped} videos were already in {out}")
+    console.print(f"output: {out}")
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("out/demo"), "--out", "-o", help="output folder"),

@@ -32,6 +32,7 @@ from lafid.face.pose import BUCKET_PITCH, BUCKET_YAW, BUCKETS
 from lafid.report import read_table, require_output, shard_files
 from lafid.runner import LOG
 from lafid.shards import STATS, read_manifest
+from lafid.sweep import sweeps
 
 # Columns the report reads; older or newer shards may lack some, and the report shows what is there.
 CLIP_COLUMNS = [
@@ -281,6 +282,7 @@ def collect(out_dir: str | Path, label: str | None = None) -> Run:
         "rejects": _counts(f"{s}/{r}" for s, r in zip(rejects["stage"].to_pylist(), rejects["reason"].to_pylist()))
         if rejects is not None else {},
         "funnel": funnel(videos, n, rejects),
+        "sweeps": sweeps(out_dir),
         "run": facts,
         "recipe_params": params,
     }
@@ -534,12 +536,34 @@ def figures(runs: list[Run]) -> dict[str, bytes]:
     for key, title, xlabel in QUALITY_PLOTS:
         if any(r.stats["quality"][key] for r in runs):
             figs[key] = _hists(runs, key, title, xlabel, log=key.startswith("motion"))
+    figs.update(_sweep_plots(runs))
     if any(r.stats["identity"] for r in runs):
         sizes = sorted({int(k) for r in runs for k in (r.stats["identity"] or {}).get("identities_by_size", {})})
         figs["identities"] = _bars(runs, "identity clusters by size (clips per identity)",
                                    [str(s) for s in sizes],
                                    lambda run, k: (run.stats["identity"] or {}).get("identities_by_size", {})
                                    .get(k, 0), "identities")
+    return figs
+
+
+def _sweep_plots(runs: list[Run]) -> dict[str, bytes]:
+    """One small plot per threshold: clips kept at each value, the recipe's value marked."""
+    figs = {}
+    keys = dict.fromkeys((s["stage"], s["param"]) for r in runs for s in r.stats["sweeps"])
+    for stage, param in keys:
+        fig, ax = _figure(3.4, 2.4)
+        for k, run in enumerate(runs):
+            for s in run.stats["sweeps"]:
+                if (s["stage"], s["param"]) == (stage, param):
+                    ax.plot(s["values"], s["kept"], "o-", color=COLOURS[k % 4], label=run.label, markersize=3)
+                    ax.axvline(s["current"], color=COLOURS[k % 4], linestyle=":", linewidth=1)
+        ax.set_title(f"{stage}.{param}", fontsize=9)
+        ax.set_xlabel("threshold (dotted: the recipe's)", fontsize=8)
+        ax.set_ylabel("clips kept", fontsize=8)
+        ax.set_ylim(bottom=0)
+        if len(runs) > 1:
+            ax.legend(fontsize=6)
+        figs[f"sweep-{stage}.{param}"] = _save(fig)
     return figs
 
 
@@ -649,7 +673,7 @@ def render(runs: list[Run], figs: dict[str, bytes], sheets: list[list[dict[str, 
     counts = [(k, [r.stats["counts"][k] for r in runs]) for k in runs[0].stats["counts"]]
     nav = " · ".join(f'<a href="#{k}">{v}</a>' for k, v in (
         ("faces", "faces"), ("funnel", "funnel"), ("pose", "pose"), ("clips", "clips"), ("identity", "identity"),
-        ("speech", "speech"), ("quality", "quality"), ("run", "run facts")))
+        ("speech", "speech"), ("quality", "quality"), ("sweeps", "threshold sweeps"), ("run", "run facts")))
     parts = [f"<h1>{_e(title)}</h1>",
              "<p>" + "<br>".join(f"<b>{_e(r.label)}</b>: <code>{_e(r.out_dir)}</code>" for r in runs) + "</p>",
              f"<p>{nav}</p>",
@@ -696,6 +720,12 @@ def render(runs: list[Run], figs: dict[str, bytes], sheets: list[list[dict[str, 
     parts.append(_table(runs, _summary_rows(runs, "quality", measured), "quality.") + _figs(figs, measured)
                  if measured else '<p class="note">No quality columns: add the <code>clip_quality</code> stage '
                  "to the recipe to measure motion, burned-in text and (with a model) aesthetics.</p>")
+    parts.append("<h2 id=sweeps>Threshold sweeps</h2>"
+                 '<p class="note">Clips each threshold would keep at other values, the others as recorded, '
+                 "decided again from the stored measurements (what <code>lafid filter</code> gives).</p>")
+    sweep_names = sorted(k for k in figs if k.startswith("sweep-"))
+    parts.append(_figs(figs, sweep_names) if sweep_names else
+                 '<p class="note">This output does not record its recipe\'s parameters: no sweeps.</p>')
     parts.append("<h2 id=run>Run facts</h2>"
                  '<p class="note">What the output folder records about the run that made it. Keys under '
                  "<i>not_recorded</i> are not written by the run.</p>")

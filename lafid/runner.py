@@ -131,9 +131,13 @@ def recipe_fingerprint(recipe: Recipe) -> str:
     """Hash of what decides the rows: the stages in order and every parameter (defaults included).
 
     Workers, batch sizes and output sizes change how a run is scheduled, not its rows."""
-    stages = [[spec.stage, stage_class(spec.stage).Params(**spec.params).model_dump(mode="json")]
-              for spec in recipe.stages]
-    return hashlib.sha256(json.dumps(stages, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(recipe_stages(recipe), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def recipe_stages(recipe: Recipe) -> list[list]:
+    """[stage, every parameter (defaults included)] in order, as JSON data."""
+    return [[spec.stage, stage_class(spec.stage).Params(**spec.params).model_dump(mode="json")]
+            for spec in recipe.stages]
 
 
 def run_sequential(recipe: Recipe, items: Iterable[Item], router: Router) -> None:
@@ -252,7 +256,7 @@ def _curate_locked(recipe, inputs, out, executor, address, num_cpus, on_update, 
     stale = remove_stale_temporaries(out)
     if stale:
         log.info("removed %d temporary files left by an interrupted run", len(stale))
-    writer = ShardWriter(out, recipe.output.rows_per_shard, fingerprint, allow_recipe_change)
+    writer = ShardWriter(out, recipe.output.rows_per_shard, fingerprint, allow_recipe_change, recipe_stages(recipe))
     if remote:
         writer.on_flush = remote.push  # each flush's shards, then its manifest, go to the store
     if retry_failed:

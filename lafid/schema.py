@@ -5,8 +5,9 @@ into rows here (`clip_row`, `reject_row`) and rows into tables with
 `pa.Table.from_pylist(rows, schema=...)`. Bump `SCHEMA_VERSION` when a column
 changes meaning or type; adding a nullable column is backward compatible.
 Version 1 shards read as version 2 (`lafid.report.read_table` reads every shard with
-the current schema): they lack only `source_bytes`, which is null there as it is for
-every path that is valid UTF-8.
+the current schema): they lack `source_bytes`, which is null there as it is for
+every path that is valid UTF-8, and their reject rows lack the clip columns (`MEASURED`)
+that version 2 reject rows carry, read as null as for a clip no stage measured.
 
 Paths are bytes on POSIX and need not be UTF-8, but Parquet strings must be.
 `source` is the path for display (exact whenever the path is UTF-8; otherwise each
@@ -23,6 +24,7 @@ import hashlib
 import os
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from lafid.item import Item
@@ -127,6 +129,13 @@ IDENTITY = [
     _field("id_dist_frontal_median", _f32, "median distance to the reference on frontal frames (|yaw| < large)"),
     _field("id_dist_large_pose_median", _f32, "median distance to the reference on large-yaw frames"),
     _field("id_track_breaks", pa.int32(), "times another person took over the identity track"),
+    _field("id_other_frames", pa.int32(), "face frames where another person holds the subject track"),
+    _field("id_same_frames", pa.int32(), "face frames verified as the clip's subject"),
+    _field("id_switch_t", _f32, "time of the first frame another person holds the track, seconds from clip start "
+           "(null: never)"),
+    _field("id_switch_dist", _f32, "that face's distance from the subject at its pose"),
+    _field("id_track_dist_max", _f32, "largest distance of a face frame from the subject at its pose (what "
+           "id_far_ratio counts against id_threshold)"),
 ]
 
 # Speech Disambiguation stage.
@@ -173,22 +182,23 @@ EXPORT = [
 
 CLIP_SCHEMA = pa.schema(CORE + FACE + IDENTITY + SPEECH + QUALITY + EXPORT, metadata={"lafid_schema_version": str(SCHEMA_VERSION)})
 
-REJECT_SCHEMA = pa.schema(
-    [
-        _field("schema_version", pa.int16(), "version of this schema"),
-        _field("video_id", pa.string(), "hash of the source file's content (or path if unreadable)"),
-        _field("clip_id", pa.string(), "clip id, null when the whole video was rejected"),
-        _field("source", pa.string(), _SOURCE_DOC),
-        _field("source_bytes", pa.binary(), _SOURCE_BYTES_DOC),
-        _field("clip_index", pa.int32(), "clip index, -1 for a whole video"),
-        _field("start_s", pa.float64(), "clip start, seconds"),
-        _field("end_s", pa.float64(), "clip end, seconds"),
-        _field("stage", pa.string(), "stage that rejected the item"),
-        _field("reason", pa.string(), "stable reason code"),
-        _field("detail", pa.string(), "human-readable detail"),
-    ],
-    metadata={"lafid_schema_version": str(SCHEMA_VERSION)},
-)
+_REJECT_FIELDS = [
+    _field("schema_version", pa.int16(), "version of this schema"),
+    _field("video_id", pa.string(), "hash of the source file's content (or path if unreadable)"),
+    _field("clip_id", pa.string(), "clip id, null when the whole video was rejected"),
+    _field("source", pa.string(), _SOURCE_DOC),
+    _field("source_bytes", pa.binary(), _SOURCE_BYTES_DOC),
+    _field("clip_index", pa.int32(), "clip index, -1 for a whole video"),
+    _field("start_s", pa.float64(), "clip start, seconds"),
+    _field("end_s", pa.float64(), "clip end, seconds"),
+    _field("stage", pa.string(), "stage that rejected the item"),
+    _field("reason", pa.string(), "stable reason code"),
+    _field("detail", pa.string(), "human-readable detail"),
+]
+# A rejected clip keeps every measurement made before it was rejected (schema 2): the clip columns of the
+# stages it passed and of the stage that rejected it; null for stages it never reached.
+MEASURED = [f for f in CLIP_SCHEMA if f.name not in {r.name for r in _REJECT_FIELDS}]
+REJECT_SCHEMA = pa.schema(_REJECT_FIELDS + MEASURED, metadata={"lafid_schema_version": str(SCHEMA_VERSION)})
 
 IDENTITY_SCHEMA = pa.schema(
     [
@@ -200,8 +210,25 @@ IDENTITY_SCHEMA = pa.schema(
 )
 
 CLIP_COLUMNS = frozenset(CLIP_SCHEMA.names)
+MEASURED_COLUMNS = frozenset(f.name for f in MEASURED)
 # Clip columns the writer fills from the item itself (no stage writes them).
 ITEM_COLUMNS = ("schema_version", "clip_id", "video_id", "source", "source_bytes", "clip_index", "start_s", "end_s")
+
+
+_FLOAT32 = {f.name: depth for f in CLIP_SCHEMA for depth, t in enumerate((_f32, _f32s, pa.list_(_f32s)))
+            if f.type == t}  # float32 columns and how deep their lists nest
+
+
+def stored(columns: dict[str, Any]) -> dict[str, Any]:
+    """The float32 columns (scalars, lists, lists of lists) of `columns` as a shard gives them back, so a
+    decision made on a fresh measurement is the one `lafid filter` makes on the stored row."""
+    return {k: _as_float32(v, _FLOAT32[k]) for k, v in columns.items() if k in _FLOAT32}
+
+
+def _as_float32(value: Any, depth: int) -> Any:
+    if value is None:
+        return None
+    return float(np.float32(value)) if depth == 0 else [_as_float32(v, depth - 1) for v in value]
 
 
 def names(fields: list[pa.Field]) -> tuple[str, ...]:
@@ -273,4 +300,5 @@ def reject_row(item: Item) -> dict[str, Any]:
         "stage": item.reject.stage,
         "reason": item.reject.reason,
         "detail": display(item.reject.detail),  # details quote paths
+        **{k: v for k, v in item.columns.items() if k in MEASURED_COLUMNS},
     }

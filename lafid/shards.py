@@ -6,7 +6,8 @@ and a flush writes a clips shard and a rejects shard atomically (see
 videos to `_manifest.jsonl`. A rerun reads the manifest, deletes shards no
 manifest line names (left by a crash between write and record) and skips
 finished videos, so every video ends in the output exactly once. Each manifest
-line records the fingerprint of the recipe that wrote it. Redoing a finished
+line records the fingerprint of the recipe that wrote it and its stages with every
+parameter (what `lafid filter` checks a new recipe against). Redoing a finished
 video (`retry_failed`) replaces its rows: the manifest is then rewritten as a
 whole (temp file, rename) with the old rows out and the new ones in.
 """
@@ -65,8 +66,9 @@ class ShardWriter:
     """Collects finished videos and writes them as shards; see the module docstring."""
 
     def __init__(self, out_dir: str | Path, rows_per_shard: int = 1000, recipe: str | None = None,
-                 allow_recipe_change: bool = False):
+                 allow_recipe_change: bool = False, stages: list | None = None):
         self.out_dir = Path(out_dir)
+        self.stages = stages  # the recipe's [stage, params] in order, kept with each entry for `lafid filter`
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.rows_per_shard = rows_per_shard
         self.recipe = recipe
@@ -107,17 +109,47 @@ class ShardWriter:
             entries, stale = self._without(redone)
         kept = [clip_row(i) for i in items if not i.rejected]
         dropped = [reject_row(i) for i in items if i.rejected]
-        files = []
-        for prefix, rows, schema in (("clips", kept, CLIP_SCHEMA), ("rejects", dropped, REJECT_SCHEMA)):
-            if rows:
-                name = _shard_name(prefix, rows)
-                write_atomic(pa.Table.from_pylist(rows, schema=schema), self.out_dir / name)
-                files.append(name)
+        files = [self._write_shard(prefix, pa.Table.from_pylist(rows, schema=schema))
+                 for prefix, rows, schema in (("clips", kept, CLIP_SCHEMA), ("rejects", dropped, REJECT_SCHEMA)) if rows]
         if self.extra_files:
             files += self.extra_files(kept)
-        entry = {"videos": videos, "files": files, "clips": len(kept), "rejects": len(dropped),
-                 "recipe": self.recipe}
-        if redone:  # one atomic manifest replacement: old rows out, new rows in
+        self._record(videos, files, len(kept), len(dropped), entries if redone else None, stale if redone else set())
+        self._ready = []
+
+    def add_tables(self, clips: pa.Table, rejects: pa.Table) -> None:
+        """Write whole videos given as tables in the shard schemas (`lafid filter`), sorted by video and
+        clip and cut into shards of about `rows_per_shard` clips at video boundaries."""
+        self.flush()
+        clips, rejects = (t.sort_by([("video_id", "ascending"), ("clip_index", "ascending")]) for t in (clips, rejects))
+        kept_ids, dropped_ids = clips["video_id"].to_pylist(), rejects["video_id"].to_pylist()
+        videos = sorted(set(kept_ids) | set(dropped_ids))
+        kept_at, dropped_at = Counter(kept_ids), Counter(dropped_ids)
+        start, n, a, b = 0, 0, 0, 0
+        for i, video in enumerate(videos):
+            n += kept_at[video]
+            if n < self.rows_per_shard and i + 1 < len(videos):
+                continue
+            chunk = videos[start:i + 1]
+            na, nb = sum(kept_at[v] for v in chunk), sum(dropped_at[v] for v in chunk)
+            files = [self._write_shard(prefix, t.slice(at, count)) for prefix, t, at, count
+                     in (("clips", clips, a, na), ("rejects", rejects, b, nb)) if count]
+            if self.extra_files:
+                files += self.extra_files(clips.slice(a, na).to_pylist())
+            self._record(chunk, files, na, nb)
+            start, n, a, b = i + 1, 0, a + na, b + nb
+
+    def _write_shard(self, prefix: str, table: pa.Table) -> str:
+        name = _shard_name(prefix, table.select(["video_id", "clip_index"]).to_pylist())
+        write_atomic(table, self.out_dir / name)
+        return name
+
+    def _record(self, videos: list[str], files: list[str], clips: int, rejects: int,
+                entries: list[dict] | None = None, stale: set[str] = frozenset()) -> None:
+        """Append the flush to the manifest, or with `entries` (a redo) replace the manifest."""
+        redone = self.retrying.intersection(videos)
+        entry = {"videos": videos, "files": files, "clips": clips, "rejects": rejects,
+                 "recipe": self.recipe, **({"stages": self.stages} if self.stages else {})}
+        if entries is not None:  # one atomic manifest replacement: old rows out, new rows in
             entries.append(entry)
             write_text_atomic("".join(json.dumps(e) + "\n" for e in entries), self.out_dir / MANIFEST)
             recorded = {f for e in entries for f in e["files"]}
@@ -127,8 +159,7 @@ class ShardWriter:
         else:
             append_line(json.dumps(entry), self.out_dir / MANIFEST)
         self.completed.update(videos)
-        self.counts.update(clips=len(kept), rejects=len(dropped), videos=len(videos))
-        self._ready = []
+        self.counts.update(clips=clips, rejects=rejects, videos=len(videos))
         if self.on_flush:
             self.on_flush()
 
@@ -173,9 +204,7 @@ class ShardWriter:
                 counts[prefix] = len(rows)
                 stale.add(name)
                 if rows:
-                    new = _shard_name(prefix, rows)
-                    write_atomic(pa.Table.from_pylist(rows, schema=table.schema), self.out_dir / new)
-                    files.append(new)
+                    files.append(self._write_shard(prefix, pa.Table.from_pylist(rows, schema=table.schema)))
             left = [v for v in entry["videos"] if v not in videos]
             if left:
                 out.append({**entry, "videos": left, "files": files,

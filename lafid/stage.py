@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from threadpoolctl import threadpool_limits
 
 from lafid.item import Item
+from lafid.schema import stored
 
 _THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -61,6 +62,14 @@ class Stage:
     writes: ClassVar[tuple[str, ...]] = ()
     reads_work: ClassVar[tuple[str, ...]] = ()
     writes_work: ClassVar[tuple[str, ...]] = ()
+    # Measure, then decide: `decide` (and `derive`) read only the clip's stored columns and the
+    # THRESHOLDS params, so `lafid filter` replays them without decoding. MEASURE_PARAMS change what is
+    # measured: a new value needs a new run. DECISIONS are the reason codes `decide` returns; any
+    # other reject of the stage (decode errors, ...) means the clip was never fully measured.
+    THRESHOLDS: ClassVar[frozenset[str]] = frozenset()
+    MEASURE_PARAMS: ClassVar[frozenset[str]] = frozenset()
+    DECISIONS: ClassVar[frozenset[str]] = frozenset()
+    DECIDES_ON: ClassVar[tuple[str, ...]] = ()  # the columns `derive` and `decide` read
 
     def __init__(self, params: StageParams | dict[str, Any] | None = None,
                  resources: Resources | None = None):
@@ -78,6 +87,28 @@ class Stage:
 
     def process_item(self, item: Item) -> list[Item]:
         raise NotImplementedError
+
+    def derive(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Columns that follow from the measured ones and the thresholds (a label, its caption)."""
+        return {}
+
+    def decide(self, row: dict[str, Any]) -> tuple[str, str] | None:
+        """(reason code, detail) to reject a measured clip, or None to keep it; `row` is the clip's
+        columns plus `start_s` / `end_s`, as stored."""
+        return None
+
+    def conclude(self, item: Item) -> list[Item]:
+        """Derive and decide on the item's columns as they will be stored (float32 rounding
+        included), exactly as `lafid filter` does from the stored row."""
+        item.columns.update(self.derive(self._stored_row(item)))
+        verdict = self.decide(self._stored_row(item))
+        return [item.drop(self.name, *verdict) if verdict else item]
+
+    def _stored_row(self, item: Item) -> dict[str, Any]:
+        """The DECIDES_ON columns only (a decision that reads another fails here, in every run)."""
+        row = {k: item.columns[k] for k in self.DECIDES_ON if k in item.columns}
+        row.update(start_s=item.start_s, end_s=item.end_s)
+        return {**row, **stored(row)}
 
     def teardown(self) -> None:
         """Release models and file handles."""

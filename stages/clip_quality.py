@@ -154,6 +154,11 @@ class ClipQuality(Stage):
     Params = ClipQualityParams
     default_resources = Resources(cpus=1)
     writes = names(QUALITY)
+    THRESHOLDS = frozenset({"min_motion", "max_motion", "max_text_area"})
+    MEASURE_PARAMS = frozenset({"motion_fps", "motion_side", "text_samples", "text_side", "text_box_score",
+                                "aesthetic_model"})
+    DECISIONS = frozenset({"too_still", "too_much_motion", "text_overlay"})
+    DECIDES_ON = ("motion", "text_area")
 
     def setup(self) -> None:
         p: ClipQualityParams = self.params
@@ -172,9 +177,14 @@ class ClipQuality(Stage):
         item.columns.update(motion=motion, motion_camera=camera, motion_subject=subject,
                             text_area=text_area, text_frames=text_frames,
                             aesthetic=self.aesthetic.score(big[len(big) // 2]) if self.aesthetic else None)
+        return self.conclude(item)
+
+    def decide(self, c: dict) -> tuple[str, str] | None:
+        p: ClipQualityParams = self.params
+        motion, text_area = c["motion"], c["text_area"]
         for bad, reason in ((p.min_motion is not None and motion < p.min_motion, "too_still"),
                             (p.max_motion is not None and motion > p.max_motion, "too_much_motion"),
                             (p.max_text_area is not None and text_area > p.max_text_area, "text_overlay")):
             if bad:
-                return [item.drop(self.name, reason, f"motion {motion:.3f}/s, text area {text_area:.3f}")]
-        return [item]
+                return reason, f"motion {motion:.3f}/s, text area {text_area:.3f}"
+        return None

@@ -57,6 +57,13 @@ class FaceConstraints(Stage):
     default_resources = Resources(cpus=1)
     writes = names(FACE)
     writes_work = ("frames",)  # per sampled frame: every face and which one is the subject (lafid.handoff)
+    THRESHOLDS = frozenset({"min_face_ratio", "min_single_face_ratio", "min_face_area", "min_blur", "min_yaw_range"})
+    MEASURE_PARAMS = frozenset({"sample_fps", "max_side", "min_side", "detector", "det_size", "detector_range",
+                                "min_det_score", "max_faces", "minor_face_ratio", "large_pose_yaw"})
+    DECIDES_ON = ("face_ratio", "single_face_ratio", "frame_face_count", "face_area_median", "blur_median",
+                  "yaw_range")
+    DECISIONS = frozenset({"no_face", "multiple_faces", "face_missing", "small_face", "blurry_face", "no_pose",
+                           "static_face"})
 
     def setup(self) -> None:
         p: FaceConstraintsParams = self.params
@@ -87,11 +94,7 @@ class FaceConstraints(Stage):
             return [item.drop(self.name, "no_frames", "no frames could be decoded in the clip's range")]
         item.columns.update(self._columns(times, counts, tracked))
         item.work["frames"] = frames
-        reason = self._verdict(item.columns)
-        if reason:
-            code, detail = reason
-            return [item.drop(self.name, code, detail)]
-        return [item]
+        return self.conclude(item)
 
     def _at_least_min_side(self, frame: np.ndarray) -> np.ndarray:
         short = min(frame.shape[:2])
@@ -176,7 +179,7 @@ class FaceConstraints(Stage):
             "pose_buckets": sorted(set(buckets)),
         }
 
-    def _verdict(self, c: dict) -> tuple[str, str] | None:
+    def decide(self, c: dict) -> tuple[str, str] | None:
         """First failed constraint as (reason code, detail), or None to keep."""
         p: FaceConstraintsParams = self.params
         if c["face_ratio"] == 0:

@@ -60,6 +60,15 @@ class IdentityConsistency(Stage):
 
     reads_work = ("frames",)
     writes = names(IDENTITY)
+    # The same-person distance drives track verification (which face is the subject's), so it is measured;
+    # batch_size changes no result but is not a threshold either.
+    THRESHOLDS = frozenset({"max_track_breaks", "max_far_ratio"})
+    MEASURE_PARAMS = frozenset({"backend", "model_dir", "batch_size", "embed_every", "max_distance", "track_slack",
+                                "track_min_iou", "rep_yaw_window", "recent_frames", "large_pose_yaw", "rep_count",
+                                "rep_min_yaw_gap"})
+    DECISIONS = frozenset({"identity_switch", "inconsistent_identity"})
+    DECIDES_ON = ("id_threshold", "id_track_breaks", "id_far_ratio", "id_switch_t", "id_switch_dist",
+                  "id_other_frames", "id_same_frames", "id_track_dist_max")
 
     def setup(self) -> None:
         p: IdentityConsistencyParams = self.params
@@ -134,18 +143,27 @@ class IdentityConsistency(Stage):
             "id_dist_frontal_median": float(np.median(d_ref[frontal])) if frontal.any() else None,
             "id_dist_large_pose_median": float(np.median(d_ref[large])) if large.any() else None,
             "id_track_breaks": track.breaks,
+            "id_other_frames": n_other,
+            "id_same_frames": len(matched),
+            "id_switch_t": float(frames[track.first_other]["t"]) if track.first_other is not None else None,
+            "id_switch_dist": float(track.dist[track.first_other]) if track.first_other is not None else None,
+            "id_track_dist_max": float(np.nanmax(track.dist)) if np.isfinite(track.dist).any() else None,
         })
-        if track.breaks > p.max_track_breaks:
-            k = track.first_other
-            return item.drop(self.name, "identity_switch",
-                             f"a person other than the clip's subject holds the track at t={frames[k]['t']:.2f}s "
-                             f"(distance {track.dist[k]:.2f} > {thr}); "
-                             f"{n_other} of {len(matched) + n_other} face frames, {track.breaks} break(s)")
-        if far_ratio > p.max_far_ratio:
-            return item.drop(self.name, "inconsistent_identity",
-                             f"{far_ratio:.0%} of face frames farther than {thr} from the subject at their pose "
-                             f"(> {p.max_far_ratio:.0%}; max {np.nanmax(track.dist):.2f})")
-        return item
+        return self.conclude(item)[0]
+
+    def decide(self, c: dict) -> tuple[str, str] | None:
+        p: IdentityConsistencyParams = self.params
+        thr = f"{c['id_threshold']:.4g}"
+        if c["id_track_breaks"] > p.max_track_breaks:
+            return ("identity_switch",
+                    f"a person other than the clip's subject holds the track at t={c['id_switch_t']:.2f}s "
+                    f"(distance {c['id_switch_dist']:.2f} > {thr}); {c['id_other_frames']} of "
+                    f"{c['id_same_frames'] + c['id_other_frames']} face frames, {c['id_track_breaks']} break(s)")
+        if c["id_far_ratio"] > p.max_far_ratio:
+            return ("inconsistent_identity",
+                    f"{c['id_far_ratio']:.0%} of face frames farther than {thr} from the subject at their pose "
+                    f"(> {p.max_far_ratio:.0%}; max {c['id_track_dist_max']:.2f})")
+        return None
 
 
 def _png(rgb: np.ndarray) -> bytes:

@@ -52,6 +52,11 @@ class ShotSplit(Stage):
     Params = ShotSplitParams
     default_resources = Resources(cpus=1)
     writes = ("fps", "width", "height", "has_audio", "start_frame", "end_frame")
+    THRESHOLDS = frozenset({"min_clip_s"})
+    MEASURE_PARAMS = frozenset({"detector", "threshold", "min_scene_frames", "max_clip_s", "dark_luma",
+                                "min_frames_ratio"})
+    DECISIONS = frozenset({"too_short"})
+    DECIDES_ON = ("start_s", "end_s", "start_frame", "end_frame")
 
     def process_item(self, item: Item) -> list[Item]:
         p: ShotSplitParams = self.params
@@ -63,15 +68,13 @@ class ShotSplit(Stage):
         decoded = len(luma)
         if info.frame_count and decoded < p.min_frames_ratio * info.frame_count:
             return [item.drop(self.name, "truncated", f"decoded {decoded} of {info.frame_count} declared frames")]
-        clips: list[tuple[int, int, str | None]] = []
+        clips: list[tuple[int, int, bool]] = []  # first frame, frame after the last, all dark
         for start, end in shots:
             start, end = self._trim_dark(luma, start, end)
             if end - start <= 0:
-                clips.append((start, max(end, start), "dark_shot"))
+                clips.append((start, max(end, start), True))
                 continue
-            for a, b in self._split_long(times, start, end):
-                short = times[b] - times[a] < p.min_clip_s
-                clips.append((a, b, "too_short" if short else None))
+            clips.extend((a, b, False) for a, b in self._split_long(times, start, end))
         base = {
             "fps": info.fps,
             "width": info.width,
@@ -79,7 +82,7 @@ class ShotSplit(Stage):
             "has_audio": info.has_audio,
         }
         out = []
-        for index, (a, b, reason) in enumerate(clips):
+        for index, (a, b, dark) in enumerate(clips):
             clip = Item(
                 source=item.source,
                 video_id=item.video_id,
@@ -89,12 +92,19 @@ class ShotSplit(Stage):
                 end_s=float(times[b]),
                 columns={**base, "start_frame": a, "end_frame": b},
             )
-            if reason:
-                clip.drop(self.name, reason, f"frames {a}-{b} ({times[b] - times[a]:.2f}s)")
-            out.append(clip)
+            if dark:
+                out.append(clip.drop(self.name, "dark_shot", f"frames {a}-{b} ({times[b] - times[a]:.2f}s)"))
+            else:
+                out.extend(self.conclude(clip))
         if not out:
             return [item.drop(self.name, "no_shots", "no frames left after trimming")]
         return out
+
+    def decide(self, c: dict) -> tuple[str, str] | None:
+        duration = c["end_s"] - c["start_s"]
+        if duration < self.params.min_clip_s:
+            return "too_short", f"frames {c['start_frame']}-{c['end_frame']} ({duration:.2f}s)"
+        return None
 
     def _detect(self, path: str, info: VideoInfo) -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray]:
         """Shots as (first frame, frame after the last) in decode order; each frame's

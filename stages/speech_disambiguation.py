@@ -125,6 +125,18 @@ class SpeechDisambiguation(Stage):
     default_resources = Resources(cpus=1)
     reads = ("fps", "frame_t", "frame_box", "frame_mouth_open")
     writes = names(SPEECH)
+    # Nothing here rejects by a threshold (corrupt_audio is a failed measurement); the label and caption
+    # follow from the thresholds (`derive`), so `lafid filter` re-labels and re-captions.
+    THRESHOLDS = frozenset({"min_lip_activity", "max_still_lips", "min_sync_score", "max_unsynced_score",
+                            "min_offset_score", "min_offset_s", "min_sync_speech_s", "min_visual_speaking"})
+    MEASURE_PARAMS = frozenset({"vad_threshold", "vad_min_speech_s", "vad_min_silence_s", "vad_pad_s",
+                                "min_speech_s", "max_lag_s", "min_sync_frames", "mouth_min_fps", "lip_detector",
+                                "max_bad_audio_ratio", "asr_backend", "asr_model_dir", "asr_compute_type", "device",
+                                "asr_beam_size", "asr_language", "whisperx_python", "whisperx_model", "captioner",
+                                "vlm_model_dir", "vlm_frames"})
+    DECIDES_ON = ("lip_activity", "speech_segments", "av_sync", "av_lag_s", "av_peak_z", "av_peak_lag_s",
+                  "visual_speaking", "speaking_label", "caption", "caption_source", "transcript", "pose_buckets",
+                  "yaw_min", "yaw_max")
 
     def setup(self) -> None:
         p: SpeechDisambiguationParams = self.params
@@ -170,7 +182,7 @@ class SpeechDisambiguation(Stage):
                       "av_sync": None, "av_lag_s": None, "av_peak_z": None, "av_peak_lag_s": None,
                       "visual_speaking": None, **Transcript().as_columns()}
         if audio is None:
-            label = "no_audio"
+            cols["speaking_label"] = "no_audio"  # measured: no stream (derive keeps it)
         else:
             segments = self.vad.segments(audio.samples)
             cols["speech_segments"] = [[s, e] for s, e in segments]
@@ -179,11 +191,31 @@ class SpeechDisambiguation(Stage):
                 cols.update(self._sync_columns(item, segments, audio.samples))
                 if self.asr is not None:
                     cols.update(self.asr.transcribe(audio.samples, segments).as_columns())
-            label = decide(cols, p)
-        cols["speaking_label"] = label
-        cols["caption"], cols["caption_source"] = self._caption(item, label, cols["transcript"])
         item.columns.update(cols)
-        return [item]
+        self._first_caption(item)
+        return self.conclude(item)
+
+    def derive(self, c: dict) -> dict:
+        """The label (`decide`) and the caption made to agree with it: a template caption is written again
+        from the clip's facts; a source or VLM caption (kept as written, see `_first_caption`) is rewritten."""
+        label = "no_audio" if c.get("speaking_label") == "no_audio" else decide(c, self.params)
+        source = (c.get("caption_source") or TemplateCaptioner.name).split("+")[0]
+        original = TemplateCaptioner().caption(_facts(c, label)) if source == TemplateCaptioner.name else c["caption"]
+        caption = disambiguate(original, label, c.get("transcript") or "")
+        return {"speaking_label": label, "caption": caption,
+                "caption_source": source if caption == original else f"{source}+disambiguated"}
+
+    def _first_caption(self, item: Item) -> None:
+        """An upstream caption (`source`) or the VLM's, before `derive` makes it agree with the label."""
+        c = item.columns
+        if c.get("caption"):
+            c["caption_source"] = "source"
+        elif self.captioner.name != TemplateCaptioner.name:
+            label = self.derive({**c, "caption_source": TemplateCaptioner.name})["speaking_label"]
+            frames = self._frames(item) if self.captioner.needs_frames else None
+            c["caption"], c["caption_source"] = self.captioner.caption(_facts(c, label), frames), self.captioner.name
+        else:
+            c["caption_source"] = TemplateCaptioner.name
 
     def _mouth(self, item: Item, segments: list[tuple[float, float]]):
         """The subject's mouth at the source frame rate inside speech."""
@@ -204,20 +236,13 @@ class SpeechDisambiguation(Stage):
                         av_peak_lag_s=sync.peak_lag_s)
         return cols
 
-    def _caption(self, item: Item, label: str, transcript: str) -> tuple[str, str]:
-        """The source caption or the captioner's, made to agree with `label`."""
-        c = item.columns
-        original = c.get("caption")
-        source = "source" if original else self.captioner.name
-        if not original:
-            facts = ClipFacts(label=label, pose_buckets=list(c.get("pose_buckets") or []),
-                              yaw_min=c.get("yaw_min"), yaw_max=c.get("yaw_max"))
-            original = self.captioner.caption(facts, self._frames(item) if self.captioner.needs_frames else None)
-        caption = disambiguate(original, label, transcript)
-        return caption, source if caption == original else f"{source}+disambiguated"
-
     def _frames(self, item: Item) -> list[np.ndarray]:
         """A few frames spread over the clip, for captioners that look."""
         n = self.params.vlm_frames
         fps = n / max(item.end_s - item.start_s, 1e-3)
         return [f for _, f in sample_frames(item.source, item.start_s, item.end_s, fps, max_side=448)][:n]
+
+
+def _facts(c: dict, label: str) -> ClipFacts:
+    return ClipFacts(label=label, pose_buckets=list(c.get("pose_buckets") or []), yaw_min=c.get("yaw_min"),
+                     yaw_max=c.get("yaw_max"))

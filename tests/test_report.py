@@ -232,6 +232,8 @@ def test_report_renders_in_headless_chromium(made):
     seen = _rendered(exe, page)
     plots = html.count('<img src="data:image/png;base64,')
     assert len(seen["images"]) == plots >= 15 + len(stats["contact_sheet"])
+    sweeps = [alt for _, _, alt in seen["images"] if alt.startswith("sweep-")]
+    assert "sweep-face_constraints.min_blur" in sweeps and len(sweeps) == len(stats["sweeps"]), sweeps
     assert all(complete and width > 0 for complete, width, _ in seen["images"]), seen["images"]
     assert seen["errors"] == []
     shot = folder / "report.png"
