@@ -55,7 +55,7 @@ class Verification:
     other: np.ndarray  # per frame: the subject's face is someone else
     dist: np.ndarray   # per frame: distance to the pose-nearest representative, or the recent faces where
                        # the pose is not covered (NaN: not embedded)
-    breaks: int        # runs of `other` frames: takeovers
+    breaks: int        # runs of two or more `other` faces: takeovers
     reps: list[int]    # frame indices of the representatives every face was compared with
 
     @property
@@ -108,9 +108,15 @@ def verify(embeddings: list[np.ndarray | None], boxes: list, yaw, blur, metric: 
             verified.append(i)
         else:
             other[i] = True
-    flags = other[known]
-    breaks = int(np.sum(flags[1:] & ~flags[:-1]) + flags[0])
-    return Verification(same, other, dist, breaks, reps)
+    return Verification(same, other, dist, takeovers(other[known]), reps)
+
+
+def takeovers(flags: np.ndarray, min_run: int = 2) -> int:
+    """Runs of at least `min_run` consecutive faces of someone else: one odd face between faces of
+    the subject (a bad crop or alignment at a large pose) is no takeover; it counts as a far frame."""
+    edges = np.diff(np.concatenate([[0], flags.astype(np.int8), [0]]))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    return int(np.sum(ends - starts >= min_run))
 
 
 def representatives(yaw: np.ndarray, first: int, count: int, min_gap: float) -> list[int]:
