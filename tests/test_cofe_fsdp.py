@@ -1,5 +1,5 @@
 """CoFE at scale on CPU: bf16 frozen models, FSDP over 2 gloo processes with sharded checkpoints (and the
-same losses as DDP), one DataLoader across epochs."""
+same losses as DDP, and as one process with the same global batch), one DataLoader across epochs."""
 
 from __future__ import annotations
 
@@ -50,9 +50,30 @@ def test_bf16_frozen_models_train_with_float32_cofe(pose_shards, tmp_path, fresh
     assert {p.dtype for p in plain.core.transformer.parameters()} == {torch.float32}
 
 
+def _join(rank: int, world: int, port: int) -> None:
+    """Make this spawned process rank `rank` of a gloo group on CPU."""
+    import os
+
+    os.environ.update(ACCELERATE_USE_CPU="true",  # what `accelerate launch --cpu` sets: gloo over CPU processes
+                      RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+
+
+def _spawn(job, *args) -> None:
+    """Run `job(rank, 2, port, *args)` in 2 spawned processes on a free localhost port."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(job, args=(2, port, *args), nprocs=2, start_method="spawn")
+
+
 def _fsdp_job(rank: int, world: int, port: int, shards: str, root: str) -> None:
     """One of 2 gloo ranks: straight 2n steps; n steps, stop, resume n more; both with FSDP."""
-    import os
     from pathlib import Path
 
     from safetensors.torch import save_file
@@ -60,10 +81,7 @@ def _fsdp_job(rank: int, world: int, port: int, shards: str, root: str) -> None:
     from lafid.cofe.shard import gathered_state
     from lafid.cofe.train import latest_checkpoint
 
-    os.environ.update(ACCELERATE_USE_CPU="true",  # what `accelerate launch --cpu` sets: gloo over CPU processes
-                      RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    _join(rank, world, port)
     root = Path(root)
     n = 2
     # as the 14B recipe runs: bf16 frozen models and autocast, gradient checkpointing, EMA
@@ -80,7 +98,7 @@ def _fsdp_job(rank: int, world: int, port: int, shards: str, root: str) -> None:
     resumed = Trainer(tiny_recipe(shards, root / "split", **settings))
     resumed.load(latest_checkpoint(root / "split"))
     again = resumed.fit(progress=False).losses
-    # the same run unsharded (DDP: every rank the whole model), same data and draws per rank
+    # the same run unsharded (DDP: every rank the whole model), same data and draws per sample
     ddp = Trainer(tiny_recipe(shards, root / "ddp", **{**settings, "distributed": "ddp", "save_every": 100}))
     assert not ddp.sharded
     ddp_losses = ddp.fit(progress=False).losses
@@ -94,16 +112,10 @@ def _fsdp_job(rank: int, world: int, port: int, shards: str, root: str) -> None:
 
 
 def test_fsdp_two_processes_save_sharded_and_resume_to_identical_parameters(pose_shards, tmp_path):  # noqa: F811
-    import socket
-
-    import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
     shards, _ = pose_shards
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_fsdp_job, args=(2, port, str(shards), str(tmp_path)), nprocs=2, start_method="spawn")
+    _spawn(_fsdp_job, str(shards), str(tmp_path))
 
     straight = load_file(str(tmp_path / "straight.safetensors"))
     resumed = load_file(str(tmp_path / "resumed.safetensors"))
@@ -113,7 +125,7 @@ def test_fsdp_two_processes_save_sharded_and_resume_to_identical_parameters(pose
     assert any(not torch.equal(straight[k], after_n[k]) for k in straight)  # steps n+1..2n changed them
     losses = json.loads((tmp_path / "losses.json").read_text())
     assert losses["straight"][2:] == losses["resumed"]
-    # FSDP trains as DDP does, step by step (measured within 0.4 %: in bf16 FSDP casts the weights, DDP
+    # FSDP trains as DDP does, step by step (measured within 0.5 %: in bf16 FSDP casts the weights, DDP
     # autocasts ops, and AdamW at lr 5e-2 turns rounding noise in near-zero gradients into whole steps)
     print(f"\nlosses FSDP {losses['straight']}, DDP {losses['ddp']}")
     assert np.allclose(losses["straight"], losses["ddp"], rtol=0.01)
@@ -132,6 +144,77 @@ def test_fsdp_two_processes_save_sharded_and_resume_to_identical_parameters(pose
     assert ema.keys() == whole.keys()
     assert all(torch.equal(torch.cat([r0[f"ema.{k}"], r1[f"ema.{k}"]]), v) for k, v in ema.items())
     assert any(not torch.equal(ema[k], whole[k]) for k in whole)
+
+
+def _split_recipe(shards, out, batch_size: int, **train):
+    """The float32 recipe of the FSDP-against-one-process comparison, at a per-process batch size."""
+    r = tiny_recipe(shards, out, steps=3, save_every=100, warmup_steps=0, lr=1e-3, face_drop=0.5, text_drop=0.5,
+                    **train)
+    return r.model_copy(update={"data": r.data.model_copy(update={"batch_size": batch_size})})
+
+
+def _fsdp_half_batch_job(rank: int, world: int, port: int, shards: str, root: str) -> None:
+    """One of 2 gloo ranks training with FSDP at half the global batch each."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from lafid.cofe.shard import gathered_state
+
+    _join(rank, world, port)
+    trainer = Trainer(_split_recipe(shards, Path(root) / "fsdp", 1, distributed="fsdp"))
+    assert trainer.sharded
+    losses = trainer.fit(progress=False).losses
+    state = gathered_state(trainer.core.trainable_state())
+    if rank == 0:
+        save_file(state, str(Path(root) / "fsdp.safetensors"))
+        (Path(root) / "fsdp.json").write_text(json.dumps(losses))
+
+
+def test_fsdp_on_two_ranks_matches_one_process_with_the_same_global_batch(pose_shards, tmp_path, monkeypatch,
+                                                                          fresh_accelerate):  # noqa: F811
+    """2 ranks x batch 1 with FSDP = 1 process x batch 2 (float32, face and text dropout on): same samples in
+    the same steps, same noise, timestep and dropout per sample (seeded by its place in the epoch).
+
+    Losses after 3 steps agree to rtol 1e-5 and parameters to atol 1e-5 (measured: losses within 2.4e-7,
+    parameters within 6.3e-7, all-reduce rounding; an AdamW step at lr 1e-3 moves them ~1e-3). Control: the
+    single process drawing every sample's randomness from one generator per process, as the trainer did
+    before, is far off. With that former seeding (a generator per rank, data draws per (rank, position))
+    the two runs measured a loss gap of 9.8e-2 and a parameter gap of 5.9e-3."""
+    from safetensors.torch import load_file
+
+    import lafid.cofe.train as train_module
+
+    shards, rows = pose_shards
+    assert len(rows) >= 6  # 3 steps of 2 samples within epoch 0
+    _spawn(_fsdp_half_batch_job, str(shards), str(tmp_path))
+    fsdp, fsdp_losses = load_file(str(tmp_path / "fsdp.safetensors")), json.loads((tmp_path / "fsdp.json").read_text())
+
+    def one_process(out):
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        trainer = Trainer(_split_recipe(shards, tmp_path / out, 2))
+        assert trainer.acc.num_processes == 1 and not trainer.sharded
+        losses = trainer.fit(progress=False).losses
+        return losses, {k: v.detach() for k, v in trainer.core.trainable_state().items()}
+
+    losses, state = one_process("single")
+    gap = max(abs(a - b) for a, b in zip(losses, fsdp_losses))
+    far = max((state[k] - fsdp[k]).abs().max().item() for k in state)
+    print(f"\nlosses FSDP 2x1 {fsdp_losses}, 1 process x2 {losses}; max |loss gap| {gap:.2e}, |param gap| {far:.2e}")
+    assert state.keys() == fsdp.keys() and state
+    assert np.allclose(losses, fsdp_losses, rtol=1e-5, atol=0)
+    assert all(torch.allclose(state[k], fsdp[k], rtol=0, atol=1e-5) for k in state)
+
+    # control: draws from one generator per process (the former seeding) lose the match
+    per_process = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(train_module, "sample_generators", lambda seed, places: [per_process] * len(places))
+    control, control_state = one_process("control")
+    off = max(abs(a - b) for a, b in zip(control, fsdp_losses))
+    print(f"control (one generator per process) {control}; max |loss gap| {off:.2e}")
+    assert not np.allclose(control[1:], fsdp_losses[1:], rtol=1e-3, atol=0)
+    assert any(not torch.allclose(control_state[k], fsdp[k], rtol=0, atol=1e-4) for k in state)
 
 
 def test_one_loader_spans_epochs_and_the_position_follows(pose_shards, tmp_path, monkeypatch):  # noqa: F811

@@ -298,6 +298,8 @@ class ClipCache:
 def collate_cached(samples: list[dict]) -> dict:
     """Stack cached samples into the batch CoFEModel reads (`latents`, `text_embeds`, `features`, ...)."""
     batch = {k: [s[k] for s in samples] for k in ("clip_id", *LABELS)}
+    if "place" in samples[0]:  # the sample's place in its epoch (`ClipDataset`), which seeds its noise
+        batch["place"] = [s["place"] for s in samples]
     for key in TENSORS:
         if key in samples[0]:
             batch[key] = torch.stack([s[key] for s in samples])

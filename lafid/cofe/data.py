@@ -6,7 +6,9 @@ repeated by its pose-bucket weight. Ranks take every world_size-th entry (cut to
 equal length so they stay in step), DataLoader workers every num_workers-th of
 those: no clip is seen twice in an epoch unless its weight asks for it. Position =
 (epoch, samples this rank consumed), enough to resume exactly; per-sample
-randomness is seeded by the sample's place in the epoch, not by the worker.
+randomness is seeded by the sample's place in the epoch's global order (`place`,
+also handed to the trainer for its noise), not by the rank or the worker: 2 ranks
+x batch b see the samples and draws of 1 process x batch 2b.
 """
 
 from __future__ import annotations
@@ -269,9 +271,11 @@ class ClipDataset(IterableDataset):
             for k in range(start, len(mine)):
                 if j % workers == worker:
                     f, r = mine[k]
-                    rng = np.random.default_rng([self.cfg.seed, epoch, self.rank, k])
+                    place = k * self.world_size + self.rank  # in epoch_order: the same on any number of ranks
                     row = self._row(f, r)
-                    yield self.sample(row, rng) if self.cache is None else self.cache.sample(row["clip_id"])
+                    sample = self.sample(row, np.random.default_rng([self.cfg.seed, epoch, place])) \
+                        if self.cache is None else self.cache.sample(row["clip_id"])
+                    yield {**sample, "place": (epoch, place)}
                 j += 1
             if not self.spans_epochs or not mine:
                 return

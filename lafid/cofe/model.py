@@ -228,26 +228,33 @@ class CoFEModel(nn.Module):
         empty = self.empty_embedding if self.text is None else self.text([""])
         return empty.to(like.device, like.dtype).expand(n, -1, -1)
 
-    def forward(self, batch: dict, generator: torch.Generator, keep_face: torch.Tensor | None = None,
-                keep_text: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, batch: dict, generator: torch.Generator | list[torch.Generator],
+                keep_face: torch.Tensor | None = None, keep_text: torch.Tensor | None = None) -> torch.Tensor:
         """Flow-matching loss of a batch (forward, so DDP wrappers see the call).
 
-        Condition dropout: `keep_face` / `keep_text` (B,) bool, or drawn from the
-        generator at `train.face_drop` / `train.text_drop` when those rates are set.
+        Timesteps, noise and condition dropout are drawn from `generator`, or from one
+        generator per sample (the trainer's: a sample's draws then do not depend on its
+        batch). Condition dropout: `keep_face` / `keep_text` (B,) bool, or drawn at
+        `train.face_drop` / `train.text_drop` when those rates are set.
         """
         device = self.transformer.device
         t = self.recipe.train
         x0 = batch["latents"].to(device) if "latents" in batch else self.encode_video(batch["frames"])
         text = batch["text_embeds"].to(device) if "text_embeds" in batch else self.text(batch["caption"])
         n = x0.shape[0]
-        s = torch.rand(n, generator=generator)
+        gens = generator if isinstance(generator, list) else [generator] * n
+
+        def draw(fn, shape=()):  # one draw per sample, each from its generator
+            return torch.stack([fn(shape, generator=g) for g in gens])
+
+        s = draw(torch.rand)
         shift = t.flow_shift
         s = (shift * s / (1 + (shift - 1) * s)).to(device)
-        noise = torch.randn(x0.shape, generator=generator).to(device, x0.dtype)
+        noise = draw(torch.randn, x0.shape[1:]).to(device, x0.dtype)
         if keep_face is None and t.face_drop > 0:
-            keep_face = torch.rand(n, generator=generator) >= t.face_drop
+            keep_face = draw(torch.rand) >= t.face_drop
         if keep_text is None and t.text_drop > 0:
-            keep_text = torch.rand(n, generator=generator) >= t.text_drop
+            keep_text = draw(torch.rand) >= t.text_drop
         if keep_text is not None and not bool(keep_text.all()):
             text = torch.where(keep_text.to(device)[:, None, None], text, self.empty_text(n, text))
         condition = image = None

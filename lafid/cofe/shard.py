@@ -159,7 +159,7 @@ def load_sharded(trainer, folder: Path) -> None:
     position = json.loads((folder / f"rank{rank}.json").read_text())
     trainer.scheduler.load_state_dict(position["scheduler"])
     trainer.step, trainer.epoch, trainer.offset = position["step"], position["epoch"], position["offset"]
-    _set_rng_state(trainer.generator, load_file(str(folder / f"rank{rank}.safetensors")))
+    _set_rng_state(load_file(str(folder / f"rank{rank}.safetensors")))
 
 
 def prune_checkpoints(output_dir: Path, keep: int | None, prefix: str) -> list[Path]:

@@ -4,7 +4,7 @@ Checkpoints are safetensors plus JSON, never pickle: `trainable.safetensors` (Co
 LoRA weights), `ema.safetensors` (their EMA, when `train.ema_decay` > 0),
 `optimizer.safetensors` + `optimizer.json` (AdamW moments and its param groups),
 `recipe.json` (the recipe, so `lafid.cofe.api.load_cofe` needs only the folder),
-and per rank `rank{r}.safetensors` (RNG states) + `rank{r}.json` (step, data
+and per rank `rank{r}.safetensors` (torch RNG states) + `rank{r}.json` (step, data
 position, LR scheduler). Loading one and going on gives the same parameters as
 never stopping.
 """
@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -47,15 +48,22 @@ def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
-    out = {"noise": generator.get_state(), "torch": torch.get_rng_state()}
+def sample_generators(seed: int, places: list[tuple[int, int]]) -> list[torch.Generator]:
+    """One generator per sample for its noise, timestep and dropout draws, seeded by (train seed, epoch,
+    place in the epoch's global order): the draws do not depend on how samples are split over ranks,
+    and a resumed run, which restarts at the saved data position, draws them again."""
+    return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, e, g]).generate_state(1, np.uint64)[0]))
+            for e, g in places]
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    out = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         out.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     return out
 
 
-def _set_rng_state(generator: torch.Generator, states: dict[str, torch.Tensor]) -> None:
-    generator.set_state(states["noise"])
+def _set_rng_state(states: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(states["torch"])
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([states[f"cuda{i}"] for i in range(torch.cuda.device_count())])
@@ -111,7 +119,6 @@ class Trainer:
             check_meta(recipe.data.cache, recipe)  # made from these encoders, sizes and draws
         if len(self.dataset) == 0:
             raise ValueError(f"no clips for rank {self.acc.process_index} of {self.acc.num_processes}")
-        self.generator = torch.Generator().manual_seed(t.seed * 1009 + self.acc.process_index)
         self.step, self.epoch, self.offset = 0, 0, 0
         self.ema = {k: v.detach().clone().float() for k, v in self.core.trainable_state().items()} \
             if t.ema_decay > 0 else None
@@ -148,7 +155,7 @@ class Trainer:
             tensors, meta = _optimizer_to_files(self.plain_optimizer)
             save_file(tensors, folder / "optimizer.safetensors")
             (folder / "optimizer.json").write_text(json.dumps(meta))
-        save_file(_rng_state(self.generator), folder / f"rank{rank}.safetensors")
+        save_file(_rng_state(), folder / f"rank{rank}.safetensors")
         (folder / f"rank{rank}.json").write_text(json.dumps(
             {"step": self.step, "epoch": self.epoch, "offset": self.offset, "scheduler": self.scheduler.state_dict()}))
         self.acc.wait_for_everyone()
@@ -179,7 +186,7 @@ class Trainer:
         meta = json.loads((folder / f"rank{rank}.json").read_text())
         self.scheduler.load_state_dict(meta["scheduler"])
         self.step, self.epoch, self.offset = meta["step"], meta["epoch"], meta["offset"]
-        _set_rng_state(self.generator, load_file(str(folder / f"rank{rank}.safetensors")))
+        _set_rng_state(load_file(str(folder / f"rank{rank}.safetensors")))
 
     def batches(self):
         """Endless (batch, size) stream from the saved data position, one epoch after another: one
@@ -215,7 +222,7 @@ class Trainer:
             for _ in range(t.grad_accum):
                 batch, n = next(stream)
                 with self.acc.accumulate(self.model), self.acc.autocast():
-                    loss = self.model(batch, self.generator)
+                    loss = self.model(batch, sample_generators(t.seed, batch["place"]))
                     self.acc.backward(loss)
                     if self.acc.sync_gradients:
                         self.acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
