@@ -98,7 +98,7 @@ def variant(args) -> dict:
                                             "steps": args.steps + 2, "log_every": 10**9})})
     out = {"variant": args.only}
     if cache is not None:
-        from lafid.cofe.cache import build_cache
+        from lafid.cofe.precompute import build_cache
 
         made = build_cache(recipe, cache)
         out.update(cache_s=made.seconds, cache_clips=made.clips,

@@ -351,7 +351,7 @@ def cache(
             raise RecipeError(f"recipe {recipe} has no data.cache: set it (training reads the cache there) or pass --out")
     from accelerate import PartialState
 
-    from lafid.cofe.cache import build_cache
+    from lafid.cofe.precompute import build_cache
 
     state = PartialState()
     folder = out or parsed.data.cache

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import lafid.cofe.data as data_module
-from lafid.cofe.cache import ClipCache, build_cache, cache_rng, read_index
+from lafid.cofe.cache import ClipCache, cache_rng, read_index
+from lafid.cofe.precompute import build_cache
 from lafid.cofe.data import ClipDataset, collate
 from lafid.cofe.train import Trainer
 from cofe_fixtures import pose_shards, tiny_recipe  # noqa: F401  (fixture)

@@ -180,7 +180,8 @@ def test_shard_embeddings_of_another_model_file_are_not_used(pose_shards, tmp_pa
 
 
 def test_cache_keeps_one_identity_token_per_reference_face(pose_shards, tmp_path):  # noqa: F811
-    from lafid.cofe.cache import ClipCache, build_cache, cache_rng, check_meta
+    from lafid.cofe.cache import ClipCache, cache_rng, check_meta
+    from lafid.cofe.precompute import build_cache
     from lafid.cofe.train import Trainer
 
     shards, rows = pose_shards

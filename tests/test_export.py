@@ -143,7 +143,7 @@ def test_kill_9_mid_export_then_rerun_gives_each_file_once(pipeline_shards, tmp_
 
 
 def test_training_and_cache_read_an_export_without_the_sources(pipeline_shards, mp4_export, tmp_path):  # noqa: F811
-    from lafid.cofe.cache import build_cache
+    from lafid.cofe.precompute import build_cache
     from lafid.cofe.data import ClipDataset
     from lafid.cofe.train import Trainer
     from cofe_fixtures import tiny_recipe

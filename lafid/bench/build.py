@@ -3,7 +3,7 @@ identity-disjoint from training.
 
 Identities come from `lafid identities` (identities.parquet in each shard folder). Whole
 identities are drawn for the bench, never single clips: every clip of a bench identity is
-held out (`split.parquet`) and `lafid train --exclude BENCH` skips it (`lafid.bench.exclude`).
+held out (`split.parquet`) and `lafid train --exclude BENCH` skips it (`lafid.cofe.exclude`).
 
 A clip's bucket: the EFHQ bucket of each sampled frame with a measured face; the clip
 belongs to its most frequent non-frontal bucket when that covers at least
@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lafid.cofe.exclude import SPLIT
 from lafid.face.detect import square_crop
 from lafid.face.pose import BUCKETS, pose_bucket
 from lafid.identity.cluster import OUTPUT as IDENTITIES
@@ -38,7 +39,7 @@ from lafid.report import read_table
 from lafid.storage import write_atomic, write_text_atomic
 from lafid.video import sample_frames
 
-CASES, SPLIT, INFO, REFS, FIRSTS = "cases.parquet", "split.parquet", "bench.json", "refs", "firsts"
+CASES, INFO, REFS, FIRSTS = "cases.parquet", "bench.json", "refs", "firsts"
 REF_MARGIN = 2.0  # reference image side = this x the face box's long side (the whole head)
 
 CLIP_COLUMNS = ["clip_id", "video_id", "source", "start_s", "end_s", "fps", "frame_t", "frame_yaw", "frame_pitch",

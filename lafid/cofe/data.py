@@ -25,8 +25,9 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from lafid.bench.exclude import COLUMNS as EXCLUSION_COLUMNS, Exclusion
+from lafid.cofe.cache import collate_cached, open_cache
 from lafid.cofe.config import DataConfig
+from lafid.cofe.exclude import COLUMNS as EXCLUSION_COLUMNS, Exclusion
 from lafid.face.detect import square_crop
 from lafid.face.embed import ARCFACE_SIZE, arcface_align
 from lafid.face.pose import pose_bucket
@@ -228,9 +229,7 @@ class ClipDataset(IterableDataset):
         self.spans_epochs = False
         self._lengths: dict[int, int] = {}
         self._tables: OrderedDict[int, list[dict]] = OrderedDict()
-        from lafid.cofe.cache import open_cache  # precomputed inputs (`lafid cache`): no decoding when present
-
-        self.cache = open_cache(cfg.cache, self)
+        self.cache = open_cache(cfg.cache, self)  # precomputed inputs (`lafid cache`): no decoding when present
 
     def set_position(self, epoch: int, offset: int) -> None:
         """Start the next iteration at sample `offset` of `epoch` (this rank's count)."""
@@ -334,8 +333,6 @@ class ClipDataset(IterableDataset):
 def collate(samples: list[dict]) -> dict:
     """Stack tensors; identity embeddings are kept only where a row had one (`has_id`)."""
     if "latents" in samples[0]:  # cached samples
-        from lafid.cofe.cache import collate_cached
-
         return collate_cached(samples)
     if "id_mask" in samples[0]:  # several reference faces per sample (`data.id_references` > 1)
         return _collate_references(samples)

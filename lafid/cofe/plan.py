@@ -24,7 +24,6 @@ and the bytes per GPU computed for a number of GPUs:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -212,8 +211,3 @@ def plan(recipe: CoFERecipe, gpus: int = 1) -> Plan:
     if t.distributed == "fsdp":
         out.bytes["gather"] = p["largest_block"] * width
     return out
-
-
-def plan_json(result: Plan) -> str:
-    return json.dumps({"recipe": result.recipe, "gpus": result.gpus, "distributed": result.distributed,
-                       "params": result.params, "bytes_per_gpu": result.bytes, "total_bytes_per_gpu": result.total})

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lafid.cofe.checkpoint import set_rng_state
+
 UNIT_CLASSES = ("WanTransformerBlock", "FaceFusion", "FaceCrossAttention", "TokenProjection")
 
 
@@ -56,12 +58,6 @@ def fully_shard_cofe(model: nn.Module, mixed_precision: str = "no", device: torc
         fully_shard(unit, **{k: v for k, v in kwargs.items() if k != "ignored_params"})
     fully_shard(model, **kwargs)
     return model
-
-
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -154,12 +150,10 @@ def load_sharded(trainer, folder: Path) -> None:
     if trainer.ema is not None:
         for k, v in trainer.ema.items():
             (v.to_local() if isinstance(v, DTensor) else v).copy_(tensors[f"ema.{k}"])
-    from lafid.cofe.train import _set_rng_state
-
     position = json.loads((folder / f"rank{rank}.json").read_text())
     trainer.scheduler.load_state_dict(position["scheduler"])
     trainer.step, trainer.epoch, trainer.offset = position["step"], position["epoch"], position["offset"]
-    _set_rng_state(load_file(str(folder / f"rank{rank}.safetensors")))
+    set_rng_state(load_file(str(folder / f"rank{rank}.safetensors")))
 
 
 def prune_checkpoints(output_dir: Path, keep: int | None, prefix: str) -> list[Path]:

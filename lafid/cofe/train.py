@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from lafid.cofe.checkpoint import rng_state, set_rng_state
 from lafid.cofe.config import CoFERecipe, load_cofe_recipe
 from lafid.cofe.data import ClipDataset, collate
 from lafid.cofe.model import CoFEModel
@@ -54,19 +55,6 @@ def sample_generators(seed: int, places: list[tuple[int, int]]) -> list[torch.Ge
     and a resumed run, which restarts at the saved data position, draws them again."""
     return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, e, g]).generate_state(1, np.uint64)[0]))
             for e, g in places]
-
-
-def _rng_state() -> dict[str, torch.Tensor]:
-    out = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        out.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return out
-
-
-def _set_rng_state(states: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(states["torch"])
-    if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([states[f"cuda{i}"] for i in range(torch.cuda.device_count())])
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float = 0.0) -> float:
@@ -155,7 +143,7 @@ class Trainer:
             tensors, meta = _optimizer_to_files(self.plain_optimizer)
             save_file(tensors, folder / "optimizer.safetensors")
             (folder / "optimizer.json").write_text(json.dumps(meta))
-        save_file(_rng_state(), folder / f"rank{rank}.safetensors")
+        save_file(rng_state(), folder / f"rank{rank}.safetensors")
         (folder / f"rank{rank}.json").write_text(json.dumps(
             {"step": self.step, "epoch": self.epoch, "offset": self.offset, "scheduler": self.scheduler.state_dict()}))
         self.acc.wait_for_everyone()
@@ -186,7 +174,7 @@ class Trainer:
         meta = json.loads((folder / f"rank{rank}.json").read_text())
         self.scheduler.load_state_dict(meta["scheduler"])
         self.step, self.epoch, self.offset = meta["step"], meta["epoch"], meta["offset"]
-        _set_rng_state(load_file(str(folder / f"rank{rank}.safetensors")))
+        set_rng_state(load_file(str(folder / f"rank{rank}.safetensors")))
 
     def batches(self):
         """Endless (batch, size) stream from the saved data position, one epoch after another: one

@@ -6,6 +6,8 @@
 - shows a bench person: its reference embedding lies within the same-person distance of a
   bench clip's reference embedding (same identity backend only). This catches the same
   person in shards curated separately, whose identity clusters were named independently.
+
+It lives under `cofe` (training reads it); `lafid.bench.build` writes the split file it reads.
 """
 
 from __future__ import annotations
@@ -61,8 +63,3 @@ class Exclusion:
                     d = pairwise(metric, np.array([embs[i] for i in rows], np.float32), np.stack(bench))
                     keep[np.asarray(rows)[d.min(1) <= self.threshold[backend]]] = False
         return keep
-
-
-def keep_mask(benches: Sequence[str | Path], table) -> np.ndarray:
-    """Rows of a clip table that training may read, given the benches to hold out."""
-    return Exclusion(benches).keep(table)

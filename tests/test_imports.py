@@ -1,0 +1,140 @@
+"""Import graph of the lafid package: no cycles, and cofe never reaches up into bench.
+
+Imports inside functions count too: a deferred import hides a cycle from the
+interpreter but not from a reader, and the cycles this guards against all went
+through them.
+"""
+
+import ast
+from pathlib import Path
+
+import lafid
+
+ROOT = Path(lafid.__file__).parent
+
+
+def module_names(root: Path = ROOT) -> dict:
+    """Map every lafid module name to its source file."""
+    names = {}
+    for path in root.rglob("*.py"):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        names[".".join(parts)] = path
+    return names
+
+
+def _resolve(module: str, level: int, current: str, is_package: bool) -> str:
+    """Absolute name of a (possibly relative) `from ... import` base."""
+    if not level:
+        return module or ""
+    base = current.split(".") if is_package else current.split(".")[:-1]
+    base = base[: len(base) - (level - 1)]
+    return ".".join(base + ([module] if module else []))
+
+
+def imports_of(source: str, current: str, known: set, is_package: bool = False) -> set:
+    """lafid modules that `source` imports anywhere (module level or inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = _resolve(node.module, node.level, current, is_package)
+            # `from lafid.x import y` names the submodule lafid.x.y when there is one.
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        else:
+            continue
+        for name in targets:
+            # `import lafid.a.b` depends on the deepest known module in the dotted name.
+            while name and name not in known:
+                name = name.rpartition(".")[0]
+            if name and name != current:
+                found.add(name)
+    return found
+
+
+def import_graph(root: Path = ROOT) -> dict:
+    names = module_names(root)
+    known = set(names)
+    return {
+        name: imports_of(path.read_text(), name, known, path.name == "__init__.py")
+        for name, path in names.items()
+    }
+
+
+def find_cycles(graph: dict) -> list:
+    """Strongly connected components with more than one module (Tarjan), as sorted lists."""
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                on_stack.discard(top)
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def upward_imports(graph: dict, lower: str = "lafid.cofe", upper: str = "lafid.bench") -> list:
+    def inside(name, pkg):
+        return name == pkg or name.startswith(pkg + ".")
+
+    return sorted(
+        (src, dst)
+        for src, dsts in graph.items()
+        if inside(src, lower)
+        for dst in dsts
+        if inside(dst, upper)
+    )
+
+
+def test_lafid_has_no_import_cycles():
+    graph = import_graph()
+    assert len(graph) > 30, sorted(graph)  # the walk really saw the package
+    assert find_cycles(graph) == []
+
+
+def test_cofe_does_not_import_bench():
+    assert upward_imports(import_graph()) == []
+
+
+def test_control_cycle_through_function_level_import_is_found():
+    known = {"lafid.p", "lafid.p.a", "lafid.p.b", "lafid.q"}
+    a = "from lafid.p import b\n"
+    b = "def f():\n    from .a import thing\n    import lafid.q\n"
+    graph = {
+        "lafid.p.a": imports_of(a, "lafid.p.a", known),
+        "lafid.p.b": imports_of(b, "lafid.p.b", known),
+        "lafid.q": set(),
+    }
+    assert graph["lafid.p.a"] == {"lafid.p.b"}  # submodule named in from-import
+    assert graph["lafid.p.b"] == {"lafid.p.a", "lafid.q"}  # relative, inside a function
+    assert find_cycles(graph) == [["lafid.p.a", "lafid.p.b"]]
+    graph["lafid.p.b"].discard("lafid.p.a")
+    assert find_cycles(graph) == []
+
+
+def test_control_cofe_to_bench_import_is_found():
+    known = {"lafid.cofe.data", "lafid.bench.exclude"}
+    src = "def load():\n    from lafid.bench.exclude import excluded\n"
+    graph = {"lafid.cofe.data": imports_of(src, "lafid.cofe.data", known)}
+    assert upward_imports(graph) == [("lafid.cofe.data", "lafid.bench.exclude")]
