@@ -100,8 +100,10 @@ class Stage:
     def conclude(self, item: Item) -> list[Item]:
         """Derive and decide on the item's columns as they will be stored (float32 rounding
         included), exactly as `lafid filter` does from the stored row."""
-        item.columns.update(self.derive(self._stored_row(item)))
-        verdict = self.decide(self._stored_row(item))
+        row = self._stored_row(item)
+        derived = self.derive(row)
+        item.columns.update(derived)
+        verdict = self.decide({**row, **derived})
         return [item.drop(self.name, *verdict) if verdict else item]
 
     def _stored_row(self, item: Item) -> dict[str, Any]:

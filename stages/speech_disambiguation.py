@@ -185,9 +185,10 @@ class SpeechDisambiguation(Stage):
             cols["speaking_label"] = "no_audio"  # measured: no stream (derive keeps it)
         else:
             segments = self.vad.segments(audio.samples)
+            speech_s = sum(e - s for s, e in segments)
             cols["speech_segments"] = [[s, e] for s, e in segments]
-            cols["speech_ratio"] = sum(e - s for s, e in segments) / audio.duration_s if audio.duration_s else 0.0
-            if sum(e - s for s, e in segments) >= p.min_speech_s:
+            cols["speech_ratio"] = speech_s / audio.duration_s if audio.duration_s else 0.0
+            if speech_s >= p.min_speech_s:
                 cols.update(self._sync_columns(item, segments, audio.samples))
                 if self.asr is not None:
                     cols.update(self.asr.transcribe(audio.samples, segments).as_columns())
@@ -198,12 +199,16 @@ class SpeechDisambiguation(Stage):
     def derive(self, c: dict) -> dict:
         """The label (`decide`) and the caption made to agree with it: a template caption is written again
         from the clip's facts; a source or VLM caption (kept as written, see `_first_caption`) is rewritten."""
-        label = "no_audio" if c.get("speaking_label") == "no_audio" else decide(c, self.params)
+        label = self._label(c)
         source = (c.get("caption_source") or TemplateCaptioner.name).split("+")[0]
         original = TemplateCaptioner().caption(_facts(c, label)) if source == TemplateCaptioner.name else c["caption"]
         caption = disambiguate(original, label, c.get("transcript") or "")
         return {"speaking_label": label, "caption": caption,
                 "caption_source": source if caption == original else f"{source}+disambiguated"}
+
+    def _label(self, c: dict) -> str:
+        """`no_audio` is measured (no stream); every other label is decided from the columns."""
+        return "no_audio" if c.get("speaking_label") == "no_audio" else decide(c, self.params)
 
     def _first_caption(self, item: Item) -> None:
         """An upstream caption (`source`) or the VLM's, before `derive` makes it agree with the label."""
@@ -211,7 +216,7 @@ class SpeechDisambiguation(Stage):
         if c.get("caption"):
             c["caption_source"] = "source"
         elif self.captioner.name != TemplateCaptioner.name:
-            label = self.derive({**c, "caption_source": TemplateCaptioner.name})["speaking_label"]
+            label = self._label(c)
             frames = self._frames(item) if self.captioner.needs_frames else None
             c["caption"], c["caption_source"] = self.captioner.caption(_facts(c, label), frames), self.captioner.name
         else:

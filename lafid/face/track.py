@@ -8,8 +8,8 @@ stages read this one track and never choose again.
 
 Identity Consistency `verify`s it, pose-aware: the track's person is the densest
 same-person group of its faces (so a slow cross-fade cannot drag it along), seen
-through pose-spread representatives of that group (`representatives`, the same
-choice as the stored `id_rep_embeddings`). Each face is compared with the
+through pose-spread representatives of that group (`representatives`, chosen as
+the stored `id_rep_embeddings` are, over the track's faces). Each face is compared with the
 representatives within `yaw_window` of its yaw; a face at a pose none covers (the
 person turned away) is compared with the nearest in yaw and may instead match the
 track's recent verified faces, so a turn is followed step by step, while a face at
