@@ -42,8 +42,10 @@ _USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.
 
 
 def _quiet_native_logs() -> None:
-    os.environ.setdefault("GLOG_minloglevel", "2")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from lafid.native import NATIVE_QUIET_ENV
+
+    for key, value in NATIVE_QUIET_ENV.items():
+        os.environ.setdefault(key, value)
     logging.getLogger("absl").setLevel(logging.ERROR)
 
 
@@ -103,10 +105,9 @@ def _curate(recipe: str, inputs: List[str], out: Path | str, *, address: Optiona
     from lafid.progress import ProgressDisplay
     from lafid.router import RunFailed, SetupFailed
     from lafid.runner import LOG, curate as run
-    from lafid.storage import OutputError
+    from lafid.storage import OutputError, is_url, refuse_if_busy
 
     _quiet_native_logs()
-    from lafid.storage import is_url, refuse_if_busy
 
     if not is_url(str(out)):
         with _exit_on(OutputError):

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from typing import Iterator
 
 NATIVE_LOG = "_native.log"
+# Native libraries' own logging (mediapipe/TFLite glog, TensorFlow) turned down in every process that runs stages.
+NATIVE_QUIET_ENV = {"GLOG_minloglevel": "2", "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
 def stderr_to(path: str) -> None:

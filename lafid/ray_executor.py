@@ -48,7 +48,7 @@ from ray._raylet import AuthenticationTokenLoader, Config
 from ray.exceptions import AuthenticationError, ObjectLostError, RayError, RayTaskError
 
 from lafid.item import Item
-from lafid.native import NATIVE_LOG, stderr_to
+from lafid.native import NATIVE_LOG, NATIVE_QUIET_ENV, stderr_to
 from lafid.recipe import Recipe, RecipeError
 from lafid.router import Router, RunFailed, SetupFailed, setup_failed
 from lafid.stage import Stage, StageWorker
@@ -57,10 +57,9 @@ _QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
 _AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 _outer_auth: dict[str, str | None] | None = None  # Ray's auth variables as they were before a local run's token
 _TOKEN_FIX = "set RAY_AUTH_TOKEN or pass --ray-token-file with the cluster's token"
-# Native libraries' own logging (mediapipe/TFLite glog, TensorFlow, libav) is turned down in workers,
+# Native libraries' own logging (NATIVE_QUIET_ENV: mediapipe/TFLite glog, TensorFlow) is turned down in workers,
 # and what they still write to stderr goes to NATIVE_LOG (see _StageActor), never to the terminal.
 # libav's own logging is left to libav: routing it through PyAV's Python callback deadlocks threaded decoding.
-_NATIVE_QUIET_ENV = {"GLOG_minloglevel": "2", "TF_CPP_MIN_LOG_LEVEL": "2"}
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 log = logging.getLogger("lafid.run")
 
@@ -150,7 +149,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         return False
     os.environ.update(_QUIET_ENV)
     kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False,
-                  runtime_env={"env_vars": {**_QUIET_ENV, **_NATIVE_QUIET_ENV}})
+                  runtime_env={"env_vars": {**_QUIET_ENV, **NATIVE_QUIET_ENV}})
     if address:
         _join(address, kwargs)
     else:
@@ -523,21 +522,13 @@ class _Pool:
         self.starting.clear()
 
 
-def _native_log_path(router: Router) -> str:
-    """Workers' native stderr goes to the output folder when it is a local folder, else to the temp dir."""
-    out = str(router.writer.out_dir)
-    if os.path.isdir(out):
-        return os.path.join(out, NATIVE_LOG)
-    return os.path.join(tempfile.gettempdir(), "lafid", NATIVE_LOG)
-
-
 def run_ray(recipe: Recipe, items, router: Router, address: str | None = None, num_cpus: int | None = None) -> None:
     global last_run
     last_run = RunInfo()
     started = init_ray(address, num_cpus)
     stages = recipe.build_stages()
     pools: list[_Pool] = []
-    native = _native_log_path(router)
+    native = router.stats.native_log  # the run's own log (lafid.runner), which workers append to
     try:
         plans = _plan(recipe, stages)
         for i, (stage, spec, plan) in enumerate(zip(stages, recipe.stages, plans)):
@@ -695,7 +686,9 @@ class _Stream:
         if now < self.next_tick:
             return
         self.next_tick = now + TICK_S
-        last_run.sizes.append((now - self.started, {p.name: p.size for p in self.pools}))
+        sizes = {p.name: p.size for p in self.pools}
+        if not last_run.sizes or last_run.sizes[-1][1] != sizes:  # a step function: changes only
+            last_run.sizes.append((now - self.started, sizes))
         for pool in self.pools:
             pool.shrink(now, IDLE_S)
         growing = sorted((p for p in self.pools if p.can_grow()), key=lambda p: -p.waiting_batches / max(1, p.size))
