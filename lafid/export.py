@@ -34,7 +34,7 @@ from typing import Callable, Iterator
 import pyarrow.parquet as pq
 
 from lafid.item import Item
-from lafid.schema import CLIP_COLUMNS, ITEM_COLUMNS, clip_id as make_clip_id, source_path
+from lafid.schema import CLIP_COLUMNS, ITEM_COLUMNS, source_path
 from lafid.shards import RecipeChanged, ShardWriter, _shard_name, read_manifest
 from lafid.storage import (TMP_PREFIX, OutputError, OutputLock, RemoteOutput, is_url, local_path, prepare_output,
                            remove_stale_temporaries)
@@ -133,12 +133,6 @@ def cut_clip(source: str, start_s: float, end_s: float, vf: str, dest: Path) -> 
         raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"ffmpeg exit {done.returncode}")
 
 
-def _write_bytes_atomic(data: bytes, path: Path) -> None:
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _plain(v):
     """NaN -> null, at any depth (JSON has no NaN)."""
     if isinstance(v, list):
@@ -169,7 +163,7 @@ class _Exporter:
         if not os.path.isfile(source):
             return item.drop("export", "missing_source", f"no such file: {row['source']}")
         out_row = cropped_row(row, box) if box else dict(row)
-        cid = make_clip_id(row["video_id"], row["start_s"], row["end_s"])
+        cid = row["clip_id"]
         name = f"{cid}.mp4"
         tmp = self.to / f"{TMP_PREFIX}{name}"
         try:

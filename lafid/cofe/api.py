@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lafid.cofe.checkpoint import EMA_WEIGHTS, WEIGHTS
 from lafid.cofe.config import CoFERecipe, load_cofe_recipe
 from lafid.cofe.experts import FaceExperts
 from lafid.cofe.fusion import CoFEAdapter
@@ -105,7 +106,6 @@ class CoFE:
         self.adapter.detach()
 
 
-WEIGHTS, EMA_WEIGHTS = "trainable.safetensors", "ema.safetensors"
 
 
 def checkpoint_weights(checkpoint: str | Path, ema: bool = True) -> tuple[dict[str, torch.Tensor], Path]:

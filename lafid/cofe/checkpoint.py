@@ -1,11 +1,13 @@
-"""Checkpoint pieces shared by the plain save (`lafid.cofe.train`) and the sharded one
-(`lafid.cofe.shard`): each rank's torch RNG states, written as `rank<r>.safetensors`, so a
-resumed run draws what an unbroken one would.
+"""Checkpoint pieces shared by the plain save (`lafid.cofe.train`), the sharded one
+(`lafid.cofe.shard`) and the readers (`lafid.cofe.api`): the weight file names, and each rank's
+torch RNG states, written as `rank<r>.safetensors`, so a resumed run draws what an unbroken one would.
 """
 
 from __future__ import annotations
 
 import torch
+
+WEIGHTS, EMA_WEIGHTS = "trainable.safetensors", "ema.safetensors"
 
 
 def rng_state() -> dict[str, torch.Tensor]:

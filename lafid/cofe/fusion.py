@@ -105,9 +105,10 @@ class FaceFusion(nn.Module):
             parts.append(temb.float().flatten(1, -2).mean(1).to(parts[0].dtype))
         if "hidden" in self.gate_inputs:
             parts.append(hidden.mean(1).to(parts[0].dtype))
-        logits = self.gate(torch.cat(parts, dim=-1))
-        if self.uniform:
-            logits = torch.zeros_like(logits)
+        if self.uniform:  # the learned gate is not consulted (and gets no gradient either way)
+            logits = parts[0].new_zeros(parts[0].shape[0], len(EXPERTS))
+        else:
+            logits = self.gate(torch.cat(parts, dim=-1))
         gate = logits.masked_fill(~self.kept, float("-inf")).softmax(-1)
         return [expert(f) for expert, f in zip(self.experts, feats)], gate
 

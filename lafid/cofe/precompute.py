@@ -51,10 +51,9 @@ class Encoders(nn.Module):
         if dtype is not None:
             self.experts.to(dtype)
         self.to(device=device)
-        self.image_dim = fingerprint(recipe)["image_dim"]
         from lafid.cofe.model import image_encoder
 
-        self.image_encoder = image_encoder(recipe, self.experts, self.image_dim, dtype)
+        self.image_encoder = image_encoder(recipe, self.experts, fingerprint(recipe)["image_dim"], dtype)
         if self.image_encoder is not None:
             self.image_encoder.to(device)
         self.transformer = SimpleNamespace(device=torch.device(device))  # what CoFEModel's methods ask for

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lafid.cofe.checkpoint import set_rng_state
+from lafid.cofe.checkpoint import EMA_WEIGHTS, WEIGHTS, set_rng_state
 
 UNIT_CLASSES = ("WanTransformerBlock", "FaceFusion", "FaceCrossAttention", "TokenProjection")
 
@@ -103,9 +103,9 @@ def save_sharded(trainer, folder: Path) -> None:
     whole = gathered_state(trainer.core.trainable_state())
     ema = None if trainer.ema is None else gathered_state(trainer.ema)
     if trainer.acc.is_main_process:
-        save_file(whole, str(folder / "trainable.safetensors"))
+        save_file(whole, str(folder / WEIGHTS))
         if ema is not None:
-            save_file(ema, str(folder / "ema.safetensors"))
+            save_file(ema, str(folder / EMA_WEIGHTS))
         (folder / "recipe.json").write_text(trainer.recipe.model_dump_json(indent=1))
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from lafid.cofe.checkpoint import rng_state, set_rng_state
+from lafid.cofe.checkpoint import EMA_WEIGHTS, WEIGHTS, rng_state, set_rng_state
 from lafid.cofe.config import CoFERecipe, load_cofe_recipe
 from lafid.cofe.data import ClipDataset, collate
 from lafid.cofe.model import CoFEModel
@@ -136,9 +136,9 @@ class Trainer:
             save_sharded(self, folder)
         elif self.acc.is_main_process:
             save_file({k: v.detach().contiguous() for k, v in self.core.trainable_state().items()},
-                      folder / "trainable.safetensors")
+                      folder / WEIGHTS)
             if self.ema is not None:
-                save_file({k: v.contiguous() for k, v in self.ema.items()}, folder / "ema.safetensors")
+                save_file({k: v.contiguous() for k, v in self.ema.items()}, folder / EMA_WEIGHTS)
             (folder / "recipe.json").write_text(self.recipe.model_dump_json(indent=1))
             tensors, meta = _optimizer_to_files(self.plain_optimizer)
             save_file(tensors, folder / "optimizer.safetensors")
@@ -162,13 +162,13 @@ class Trainer:
 
             return load_sharded(self, folder)
         rank = self.acc.process_index
-        weights = load_file(str(folder / "trainable.safetensors"))
+        weights = load_file(str(folder / WEIGHTS))
         missing = set(self.core.trainable_state()) - set(weights)
         if missing:
             raise KeyError(f"{folder}: checkpoint lacks {sorted(missing)[:3]}...")
         self.core.load_state_dict(weights, strict=False)
         if self.ema is not None:
-            self.ema = load_file(str(folder / "ema.safetensors"))
+            self.ema = load_file(str(folder / EMA_WEIGHTS))
         self.plain_optimizer.load_state_dict(_optimizer_from_files(load_file(str(folder / "optimizer.safetensors")),
                                                   json.loads((folder / "optimizer.json").read_text())))
         meta = json.loads((folder / f"rank{rank}.json").read_text())
