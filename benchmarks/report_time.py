@@ -27,7 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lafid import media  # noqa: E402
 from lafid.report import read_table  # noqa: E402
-from lafid.report_html import CLIP_COLUMNS, collect, contact_sheet, figures, render  # noqa: E402
+from lafid.report.collect import CLIP_COLUMNS, collect  # noqa: E402
+from lafid.report.figures import figures  # noqa: E402
+from lafid.report.html import render  # noqa: E402
+from lafid.report.sheet import contact_sheet  # noqa: E402
 from lafid.schema import CLIP_SCHEMA, IDENTITY_SCHEMA, REJECT_SCHEMA, SCHEMA_VERSION  # noqa: E402
 
 FRAMES = 40

@@ -177,7 +177,7 @@ def report(
     faces: int = typer.Option(6, help="face crops per pose bucket on the contact sheet"),
 ) -> None:
     """One self-contained HTML page: pose, clips, identity, speech, reject funnel, faces, run facts."""
-    from lafid.report_html import report as make
+    from lafid.report.html import report as make
 
     with _exit_on(FileNotFoundError):
         runs = make(outputs, html, png_dir=png_dir, json_path=json_path, per_bucket=faces)

@@ -162,7 +162,7 @@ def append_line(line: str, path: Path) -> None:
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _ID_CHUNK = 1 << 20  # as lafid.video.content_id: size plus the first and last MiB
 MANIFEST_NAME = "_manifest.jsonl"
-LOGS = ("_curate.log", "_native.log")
+LOGS = ("_curate.log", "_native.log", "_runs.jsonl")
 
 
 def is_url(path: object) -> bool:

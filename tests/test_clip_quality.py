@@ -108,7 +108,7 @@ def test_the_stage_fits_after_shot_split_in_a_recipe():
 
 def test_curate_with_the_stage_and_the_report_puts_two_outputs_side_by_side(subtitled, tmp_path):
     """Fig. 5 style: the quality section of `lafid report` compares a subtitled set with a clean one."""
-    from lafid.report_html import report
+    from lafid.report.html import report
     from lafid.runner import curate
 
     recipe = Recipe.model_validate({"name": "q", "stages": [{"stage": "shot_split"}, {"stage": "clip_quality"}]})

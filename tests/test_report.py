@@ -22,10 +22,11 @@ from typer.testing import CliRunner
 from lafid import media
 from lafid.cli import app
 from lafid.face.pose import BUCKETS, pose_bucket
-from lafid.recipe import load_recipe
-from lafid.report_html import crop_face
+from lafid.recipe import Recipe, load_recipe
+from lafid.report.sheet import sheet_crop
 from lafid.schema import SCHEMA_VERSION
-from lafid.runner import LOG, curate, recipe_fingerprint
+from lafid.shards import RecipeChanged
+from lafid.runner import LOG, RUNS, curate, read_runs, recipe_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +116,11 @@ def test_report_counts_equal_the_shards(demo_run, made):
     # run facts: what the output records, and the names of what it does not
     run = stats["run"]
     assert run["recipe"] == ["demo"] and run["executor"] == ["sequential"] and run["wall_s"] > 0
+    [record] = read_runs(out)  # the run record the runner wrote, which the facts come from
+    assert record["outcome"] == "done" and run["wall_s"] == record["wall_s"] and run["runs"] == 1
+    assert (record["videos_total"], record["videos_done"], record["clips_kept"]) == \
+        (len(inputs), len(inputs), want["clips_kept"])
+    assert run["first_run_started"] == record["started"] and run["run_record"] == f"1 runs in {RUNS}"
     assert run["recipe_fingerprint"] == [recipe_fingerprint(load_recipe("demo"))]
     assert stats["recipe_params"]["face_constraints.sample_fps"] == run["sample_fps"][0] == 8.0
     assert run["id_backend"] == dict(Counter(_table(out, "clips")["id_backend"].to_pylist()))
@@ -137,7 +143,8 @@ def test_report_follows_the_shards_and_compares_two_runs(demo_run, tmp_path):
     table = pq.read_table(shard)
     dropped = table.slice(0, 1).to_pylist()[0]
     pq.write_table(table.slice(1), shard)
-    (copy / LOG).unlink()  # without the run log, recipe name, wall time and parameters are unknown
+    (copy / RUNS).unlink()  # without the run record, recipe name and wall time are unknown: the log is not parsed
+    assert (copy / LOG).exists()
     html, both, _ = _report(tmp_path, out, copy)
     first, second = both["runs"]
     want = _expected(inputs, out)
@@ -145,8 +152,29 @@ def test_report_follows_the_shards_and_compares_two_runs(demo_run, tmp_path):
     assert second["counts"]["clips_kept"] == want["clips_kept"] - 1
     assert second["pose"]["clips_by_bucket"][dropped["pose_bucket"]] == \
         want["clips_by_bucket"][dropped["pose_bucket"]] - 1
-    assert first["recipe_params"] and second["recipe_params"] is None and second["run"]["wall_s"] is None
+    assert second["run"]["wall_s"] is None and second["run"]["recipe"] is None and second["run"]["runs"] == 0
+    assert second["run"]["run_record"] == f"no run record ({RUNS})"
+    assert first["recipe_params"] and second["recipe_params"] == first["recipe_params"]  # from the manifest
     assert first["label"] != second["label"] and first["label"] in html and second["label"] in html
+
+
+def test_every_run_is_recorded_however_it_ends(demo_run, tmp_path):
+    """A rerun with nothing left to do and a run refused inside (another recipe) each append a record."""
+    inputs, out = demo_run
+    copy = tmp_path / "again"
+    shutil.copytree(out, copy)
+    curate(load_recipe("demo"), inputs, copy, executor="sequential")
+    other = Recipe(name="other", stages=[{"stage": "shot_split", "params": {"min_clip_s": 0.5}}])
+    with pytest.raises(RecipeChanged):
+        curate(other, inputs, copy, executor="sequential")
+    first, rerun, refused = read_runs(copy)
+    assert first == read_runs(out)[0]
+    assert rerun["outcome"] == "done" and rerun["videos_skipped"] == len(inputs) and rerun["videos_done"] == 0
+    assert refused["outcome"] == "failed" and refused["error"].startswith("RecipeChanged: ")
+    assert refused["recipe"] == "other" and refused["fingerprint"] == recipe_fingerprint(other)
+    _, stats, _ = _report(tmp_path, copy)
+    assert stats["run"]["runs"] == 3 and stats["run"]["outcomes"] == {"done": 2, "failed": 1}
+    assert stats["run"]["recipe"] == ["demo", "other"]
 
 
 def test_report_of_an_output_without_kept_clips_and_of_a_folder_that_is_none(demo_run, tmp_path):
@@ -183,7 +211,7 @@ def test_contact_sheet_crops_are_faces_from_the_subject_track(demo_run, made):
             assert len(faces(np.asarray(Image.open(path).convert("RGB")))) == 1, path.name
         # control: the same crop geometry away from the subject's box finds no face
         frame = media.carphone_frames()[0]
-        assert faces(crop_face(frame, [0.0, 0.0, 0.15, 0.15])) == []
+        assert faces(sheet_crop(frame, [0.0, 0.0, 0.15, 0.15])) == []
 
 
 CHECK = """<script>window.__errors=[];
