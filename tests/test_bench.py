@@ -318,7 +318,7 @@ def tiny_wan(tmp_path_factory):
 def test_generate_writes_every_case_resumes_and_eval_counts_faceless_videos(bench, tiny_wan, tmp_path):
     wan, ckpt = tiny_wan
     videos = tmp_path / "videos"
-    args = ["generate", str(bench), "--out", str(videos), "--recipe", "cofe_tiny", "--checkpoint", str(ckpt),
+    args = ["bench", "generate", str(bench), "--out", str(videos), "--recipe", "cofe_tiny", "--checkpoint", str(ckpt),
             "--model-dir", str(wan), "--frames", "5", "--height", "64", "--width", "48", "--steps", "2"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -332,7 +332,7 @@ def test_generate_writes_every_case_resumes_and_eval_counts_faceless_videos(benc
     # Same (empty) prompt and seed for both cases: only the reference faces, through CoFE, tell them apart
     a, b = (np.stack(read_frames(str(videos / f"{c['case_id']}.mp4"))).astype(int) for c in cases[:2])
     assert np.abs(a - b).mean() > 0.5
-    again = CliRunner().invoke(app, args)
+    again = CliRunner().invoke(app, args[1:])  # the old spelling, `lafid generate`
     assert again.exit_code == 0 and f"0 videos written, {len(cases)} already there" in again.output
     (videos / f"{cases[0]['case_id']}.mp4").unlink()  # a case without its video is scored, not dropped
     result = CliRunner().invoke(app, ["bench", "eval", str(bench), str(videos), "--out", str(tmp_path / "res"),

@@ -132,3 +132,5 @@ def test_ctrl_c_says_how_to_go_on_and_a_rerun_resumes(talking_clip, tmp_path):
     assert "Traceback" not in err and "Traceback" not in (tmp_path / "out" / "_curate.log").read_text()
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
     assert again.returncode == 0 and "videos 1/1" in again.stderr, again.stderr
+    # the run record says how each run ended
+    assert [r["outcome"] for r in runner.read_runs(tmp_path / "out")] == ["interrupted", "done"]
