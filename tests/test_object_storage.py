@@ -140,6 +140,11 @@ def test_s3_round_trip_with_resume_after_the_driver_is_killed(s3, stages_and_sta
     done = recorded(s3, "lafid/out")
     assert len(done) == len(set(done)) == 5
     assert "_curate.log" in {Path(i.path).name for i in s3.get_file_info(pafs.FileSelector("lafid/out"))}
+    # the run record reached the store: the resumed run's (the killed driver wrote none)
+    with s3.open_input_stream("lafid/out/_runs.jsonl") as fh:
+        runs = [json.loads(line) for line in fh.read().decode().splitlines()]
+    assert [(r["outcome"], r["videos_skipped"], r["videos_done"]) for r in runs] == \
+        [("done", len(before), 5 - len(before))]
 
 
 def test_aws_endpoint_url_is_what_reaches_the_server(s3, monkeypatch):
