@@ -6,9 +6,9 @@ Both executors feed the same `StageWorker`s and hand every batch's result to one
 only module that imports ray.
 
 `curate` first proves the output folder is usable and takes its lock (one run per
-folder), logs the run to `_curate.log` there (tracebacks included), appends one
-JSON line per run to `_runs.jsonl` there (what `lafid report` reads), and does not
-start an executor when every input is already done. While an executor runs, what
+folder), logs the run to `_curate.log` there (tracebacks included), appends its
+run record to `_runs.jsonl` there (`lafid.run_record`), and does not start an
+executor when every input is already done. While an executor runs, what
 other code prints goes to `_native.log` there (`lafid.native`).
 """
 
@@ -19,10 +19,8 @@ import itertools
 import json
 import logging
 import os
-import platform
 import signal
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -33,6 +31,7 @@ from lafid.progress import RunStats
 from lafid.recipe import Recipe
 from lafid.registry import stage_class
 from lafid.router import Router, setup_failed
+from lafid.run_record import recording
 from lafid.shards import ShardWriter
 from lafid.stage import StageWorker
 from lafid.storage import (OutputLock, RemoteOutput, is_url, list_url, local_path, prepare_output,
@@ -40,8 +39,6 @@ from lafid.storage import (OutputLock, RemoteOutput, is_url, list_url, local_pat
 from lafid.video import content_id
 
 LOG = "_curate.log"
-RUNS = "_runs.jsonl"  # one JSON line per run: when, recipe, executor, wall time, outcome, counts, versions
-VERSIONS_OF = ("numpy", "pyarrow", "av", "opencv-python-headless", "mediapipe", "onnxruntime", "ray")
 log = logging.getLogger("lafid.run")
 
 # Folder scans list files with these extensions: video containers and audio
@@ -213,56 +210,6 @@ def _log_to(out_dir: Path) -> logging.Handler:
     return handler
 
 
-def read_runs(out_dir: str | Path) -> list[dict]:
-    """The run records of an output folder, oldest first ([] when there are none); a line cut short by a
-    crash is skipped."""
-    path = Path(out_dir) / RUNS
-    runs = []
-    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
-        try:
-            runs.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return runs
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    from lafid import __version__
-
-    found = {"lafid": __version__, "python": platform.python_version()}
-    for name in VERSIONS_OF:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return found
-
-
-@contextmanager
-def _run_record(out: Path, recipe: Recipe, executor: str, stats: RunStats) -> Iterator[None]:
-    """Append the run's record to RUNS when it ends, however it ends (done, interrupted, failed)."""
-    record = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "recipe": recipe.name,
-              "fingerprint": recipe_fingerprint(recipe), "executor": executor, "versions": _versions()}
-    t0 = time.monotonic()
-    try:
-        yield
-        record["outcome"] = "done"
-    except KeyboardInterrupt:
-        record["outcome"] = "interrupted"
-        raise
-    except BaseException as exc:
-        record.update(outcome="failed", error=f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
-        record.update(wall_s=round(time.monotonic() - t0, 3), videos_total=stats.videos_total,
-                      videos_skipped=stats.videos_skipped, videos_done=stats.videos_done, clips_kept=stats.kept,
-                      rows_rejected=stats.rejected, native_lines=stats.native_lines)
-        with open(out / RUNS, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
-
-
 def curate(
     recipe: Recipe,
     inputs: Iterable[str],
@@ -291,7 +238,7 @@ def curate(
         handler = _log_to(out)
         stats = RunStats()
         try:
-            with _run_record(out, recipe, executor, stats):
+            with recording(out, recipe.name, recipe_fingerprint(recipe), executor, stats):
                 return _curate_locked(recipe, inputs, out, executor, address, num_cpus, on_update,
                                       retry_failed, allow_recipe_change, stats, remote)
         except KeyboardInterrupt:  # logged where it was acted on, without a traceback

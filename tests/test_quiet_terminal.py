@@ -14,6 +14,7 @@ import pytest
 
 from lafid import devset, runner
 from lafid.recipe import Recipe
+from lafid.run_record import read_runs
 from lafid.runner import curate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,4 +134,4 @@ def test_ctrl_c_says_how_to_go_on_and_a_rerun_resumes(talking_clip, tmp_path):
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
     assert again.returncode == 0 and "videos 1/1" in again.stderr, again.stderr
     # the run record says how each run ended
-    assert [r["outcome"] for r in runner.read_runs(tmp_path / "out")] == ["interrupted", "done"]
+    assert [r["outcome"] for r in read_runs(tmp_path / "out")] == ["interrupted", "done"]

@@ -26,7 +26,8 @@ from lafid.recipe import Recipe, load_recipe
 from lafid.report.sheet import sheet_crop
 from lafid.schema import SCHEMA_VERSION
 from lafid.shards import RecipeChanged
-from lafid.runner import LOG, RUNS, curate, read_runs, recipe_fingerprint
+from lafid.run_record import RUNS, read_runs
+from lafid.runner import LOG, curate, recipe_fingerprint
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 The counts come from the shards and the manifest; the run facts (recipe, executor,
 wall time, versions) from the run record the runner appends to `_runs.jsonl`
-(`lafid.runner.read_runs`). An output made before runs were recorded says so
+(`lafid.run_record.read_runs`). An output made before runs were recorded says so
 ("no run record") and reports everything else.
 """
 
@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from lafid.face.pose import BUCKETS, pose_bucket
 from lafid.report.summary import read_table, require_output, shard_files
-from lafid.runner import RUNS, read_runs
+from lafid.run_record import RUNS, read_runs
 from lafid.shards import read_manifest
 from lafid.sweep import sweeps
 
