@@ -141,7 +141,7 @@ def run_facts(out_dir: Path, clips: pa.Table | None, manifest: list[dict]) -> di
     fingerprints = sorted({e["recipe"] for e in manifest if e.get("recipe")})
     facts["recipe_fingerprint"] = fingerprints or None
     runs = read_runs(out_dir)
-    facts["run_record"] = f"{len(runs)} runs in {RUNS}" if runs else f"no run record ({RUNS})"
+    facts["run_record"] = RUNS if runs else f"no run record (no {RUNS}: made before runs were recorded)"
     facts["recipe"] = sorted({r["recipe"] for r in runs}) or None
     facts["executor"] = sorted({r["executor"] for r in runs}) or None
     facts["runs"] = len(runs)
@@ -149,8 +149,8 @@ def run_facts(out_dir: Path, clips: pa.Table | None, manifest: list[dict]) -> di
     walls = [r["wall_s"] for r in runs if r.get("wall_s") is not None]
     facts["wall_s"] = round(sum(walls), 3) if walls else None
     facts["first_run_started"] = runs[0]["started"] if runs else None
-    facts["versions"] = sorted({json.dumps(r["versions"], sort_keys=True) for r in runs if r.get("versions")}) \
-        or None
+    distinct = {json.dumps(r["versions"], sort_keys=True): r["versions"] for r in runs if r.get("versions")}
+    facts["versions"] = list(distinct.values()) or None
     facts["recipe_params_source"] = ("the stages and parameters recorded in the manifest" if recipe_params(manifest)
                                      else "not recorded (no manifest entry with the stages' parameters)")
     extra = {k: v for e in manifest for k, v in e.items() if k not in MANIFEST_KEYS | {"recipe", "stages"}}
