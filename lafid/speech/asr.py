@@ -163,7 +163,8 @@ class FasterWhisperASR(ASRBackend):
         if not Path(path, "model.bin").exists():
             raise ASRError(f"no CTranslate2 model.bin in {path}")
         self.model_dir = path
-        self.model = OneEncodeWhisper(path, device=device, compute_type=compute_type, cpu_threads=threads, num_workers=1)
+        self.model = OneEncodeWhisper(path, device=device, compute_type=compute_type, cpu_threads=threads,
+                                      num_workers=1)
         self.beam_size = beam_size
         self.language = language
 
