@@ -141,6 +141,26 @@ def test_embedded_asr_wer(whisper_dir):
     assert starts == sorted(starts) and result.words[-1].end <= len(audio) / RATE + 0.05
 
 
+def test_whisper_encodes_a_short_clip_once_with_the_same_result(whisper_dir, monkeypatch):
+    """The language comes from the encoder output that is decoded: one encoder run where faster-whisper's own
+    path (detect the language, then transcribe: the control) runs two, and the same words and language."""
+    from faster_whisper import WhisperModel
+
+    from lafid.speech.whisper import OneEncodeWhisper
+
+    runs, encode = [], WhisperModel.encode
+    monkeypatch.setattr(WhisperModel, "encode", lambda self, features: runs.append(1) or encode(self, features))
+    asr = FasterWhisperASR(str(whisper_dir), threads=2)
+    audio = media.speak(SENTENCES[1])
+    once = asr.transcribe(audio, [(0.0, len(audio) / RATE)])
+    assert len(runs) == 1 and once.language == "en" and once.words
+    runs.clear()
+    monkeypatch.setattr(OneEncodeWhisper, "first_window_language", lambda self, audio: None)  # faster-whisper's path
+    own = asr.transcribe(audio, [(0.0, len(audio) / RATE)])
+    assert len(runs) == 2
+    assert (once.text, once.language, once.words) == (own.text, own.language, own.words)
+
+
 @pytest.mark.parametrize("name", sorted(LABELS))
 def test_labels(labelled, name):
     item = labelled[name]

