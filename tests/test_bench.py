@@ -354,7 +354,7 @@ def test_sampler_is_wan_pipeline_and_face_guidance_acts_through_the_face(bench, 
     import torch
     from diffusers import WanPipeline
 
-    from lafid.bench.generate import FaceInput, GenerateSettings, load_model, sample, scheduler_for
+    from lafid.bench.generate import GenerateSettings, load_model, reference_batch, sample, scheduler_for
 
     wan, ckpt = tiny_wan
     model, r, _ = load_model("cofe_tiny", ckpt, wan)
@@ -370,7 +370,7 @@ def test_sampler_is_wan_pipeline_and_face_guidance_acts_through_the_face(bench, 
         model.adapter.set_faces(None)
         return out.astype(int)
 
-    features = model.face_features(FaceInput(r.data.face_size, r.data.face_margin)(image))
+    features = model.face_features(reference_batch(image, r.data.face_size, r.data.face_margin))
     pipe = WanPipeline(tokenizer=model.text.tokenizer, text_encoder=model.text.model, vae=model.vae,
                        scheduler=scheduler_for(r, wan), transformer=model.transformer)
     model.adapter.set_faces(features)
@@ -590,7 +590,7 @@ def test_generate_image_to_video_from_the_targets_first_frame_and_the_face(bench
     import torch
 
     from lafid.bench.evaluate import read_frames
-    from lafid.bench.generate import FaceInput, GenerateSettings, generate, load_model, read_rgb, sample, scheduler_for
+    from lafid.bench.generate import GenerateSettings, generate, load_model, read_rgb, reference_batch, sample, scheduler_for
     from lafid.cofe.data import decode_frames, fit
 
     wan, ckpt = tiny_i2v
@@ -605,7 +605,7 @@ def test_generate_image_to_video_from_the_targets_first_frame_and_the_face(bench
     assert all(v.shape == (5, 64, 48, 3) for v in videos)
 
     model, r, _ = load_model("cofe_tiny_i2v", ckpt, wan)
-    faces = FaceInput(r.data.face_size, r.data.face_margin)
+    faces = lambda image: reference_batch(image, r.data.face_size, r.data.face_margin)  # noqa: E731
     text = negative = model.text([""])
 
     def video(case):
