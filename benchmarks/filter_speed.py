@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lafid.filter import filter_output  # noqa: E402
 from lafid.recipe import load_recipe  # noqa: E402
-from lafid.report import read_table  # noqa: E402
+from lafid.shards import read_clips  # noqa: E402
 from lafid.runner import recipe_stages  # noqa: E402
 from lafid.schema import CLIP_SCHEMA, REJECT_SCHEMA, SCHEMA_VERSION  # noqa: E402
 
@@ -104,7 +104,7 @@ def main() -> None:
         print(f"synthetic output: {args.clips} clips in {time.perf_counter() - t:.1f}s (not timed below)")
         t = time.perf_counter()
         for kind, schema in (("clips", CLIP_SCHEMA), ("rejects", REJECT_SCHEMA)):
-            pq.write_table(read_table(root / "in", kind), root / f"copy-{kind}.parquet")
+            pq.write_table(read_clips(root / "in", kind=kind), root / f"copy-{kind}.parquet")
         floor = time.perf_counter() - t
         t = time.perf_counter()
         stats = filter_output(root / "in", load_recipe("demo"), root / "out")

@@ -32,8 +32,7 @@ from lafid.registry import stage_class
 from lafid.router import Router, setup_failed
 from lafid.shards import ShardWriter
 from lafid.stage import StageWorker
-from lafid.storage import (OutputLock, RemoteOutput, is_url, list_url, local_path, prepare_output,
-                           remove_stale_temporaries, url_content_id)
+from lafid.storage import Output, is_url, list_url, local_path, open_output, url_content_id
 from lafid.video import content_id
 
 LOG = "_curate.log"
@@ -227,35 +226,28 @@ def curate(
     `lafid.router.RunFailed` when the run cannot go on (a stage that cannot set up)."""
     if executor not in ("ray", "sequential"):
         raise ValueError(f"unknown executor {executor!r}: use 'ray' or 'sequential'")
-    out_dir = local_path(out_dir)
-    remote = RemoteOutput(str(out_dir)) if is_url(str(out_dir)) else None
-    out = prepare_output(remote.staging if remote else out_dir)  # object storage: a local staging folder
-    with OutputLock(out):
-        if remote:
-            remote.pull()
-        handler = _log_to(out)
+    with open_output(out_dir, logs=True) as output:  # object storage: a local staging folder
+        handler = _log_to(output.folder)
         try:
-            return _curate_locked(recipe, inputs, out, executor, address, num_cpus, on_update,
-                                  retry_failed, allow_recipe_change, remote)
+            return _curate_locked(recipe, inputs, output, executor, address, num_cpus, on_update,
+                                  retry_failed, allow_recipe_change)
         except KeyboardInterrupt:  # logged where it was acted on, without a traceback
             raise
         except BaseException:
-            log.exception("run into %s failed", remote.url if remote else out)
+            log.exception("run into %s failed", output.name)
             raise
         finally:
             logging.getLogger("lafid").removeHandler(handler)
             handler.close()
-            if remote:
-                remote.push(logs=True)
 
 
-def _curate_locked(recipe, inputs, out, executor, address, num_cpus, on_update, retry_failed,
-                   allow_recipe_change, remote: RemoteOutput | None = None) -> RunStats:
+def _curate_locked(recipe, inputs, output: Output, executor, address, num_cpus, on_update, retry_failed,
+                   allow_recipe_change) -> RunStats:
+    out, remote = output.folder, output.remote
     fingerprint = recipe_fingerprint(recipe)
     log.info("run: recipe %s (fingerprint %s), executor %s", recipe.name, fingerprint, executor)
-    stale = remove_stale_temporaries(out)
-    if stale:
-        log.info("removed %d temporary files left by an interrupted run", len(stale))
+    if output.stale:
+        log.info("removed %d temporary files left by an interrupted run", len(output.stale))
     writer = ShardWriter(out, recipe.output.rows_per_shard, fingerprint, allow_recipe_change, recipe_stages(recipe))
     if remote:
         writer.on_flush = remote.push  # each flush's shards, then its manifest, go to the store

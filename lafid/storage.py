@@ -27,7 +27,10 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -199,6 +202,14 @@ def url_filesystem(url: str) -> tuple[pafs.FileSystem, str]:
         raise OutputError(f"cannot use {url}: {exc}") from None
 
 
+def filesystem(target: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem holding `target`, a URL or a local path, and the path inside it (local:
+    absolute): the one filesystem layer readers of an output go through."""
+    if is_url(str(target)):
+        return url_filesystem(str(target))
+    return pafs.LocalFileSystem(), os.path.abspath(os.fspath(target))
+
+
 def list_url(url: str, extensions: frozenset[str]) -> list[str]:
     """An object URL as itself; a prefix as every object under it with one of `extensions`, sorted."""
     fs, path = url_filesystem(url)
@@ -320,3 +331,34 @@ class RemoteOutput:
             for name in LOGS:
                 if (self.staging / name).exists():
                     self._upload(name)
+
+
+@dataclass
+class Output:
+    """An output opened for one run (`open_output`)."""
+
+    folder: Path  # where files are written: the folder itself, or an object store's local staging folder
+    remote: RemoteOutput | None
+    stale: list[str]  # temporaries a crashed run left, removed on opening
+
+    @property
+    def name(self) -> str:
+        return self.remote.url if self.remote else str(self.folder)
+
+
+@contextmanager
+def open_output(out: str | os.PathLike, logs: bool = False) -> Iterator[Output]:
+    """An output folder or object-storage URL opened for one run (`curate`, `export`, `filter`): checked
+    writable, locked for the run's life, stale temporaries removed; an object store is pulled into the
+    staging folder first and pushed back at the end (with the run logs when `logs`)."""
+    out = local_path(out)
+    remote = RemoteOutput(str(out)) if is_url(str(out)) else None
+    folder = prepare_output(remote.staging if remote else out)
+    with OutputLock(folder):
+        if remote:
+            remote.pull()
+        try:
+            yield Output(folder, remote, remove_stale_temporaries(folder))
+        finally:
+            if remote:
+                remote.push(logs=logs)
