@@ -44,6 +44,16 @@ def set_rng_state(states: dict[str, torch.Tensor]) -> None:
 
 # --- reading -----------------------------------------------------------------------------------
 
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a weights file: safetensors, or a torch file read with `weights_only` (no pickled
+    code runs); on the CPU."""
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest finished checkpoint of a training output folder."""
     done = [p for p in Path(output_dir).glob(f"{PREFIX}*") if (p / DONE).exists()]
@@ -52,15 +62,13 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 def checkpoint_weights(checkpoint: str | Path, ema: bool = True) -> tuple[dict[str, torch.Tensor], Path]:
     """(trained CoFE + LoRA weights, the file read) of a checkpoint folder: its EMA when `ema` and the run
-    kept one, else `trainable.safetensors`; a weights file given directly is read as it is."""
-    from safetensors.torch import load_file
-
+    kept one, else `trainable.safetensors`; a weights file given directly is read as it is (`load_weights`)."""
     path = Path(checkpoint)
     if path.is_dir():
         path = path / (EMA_WEIGHTS if ema and (path / EMA_WEIGHTS).is_file() else WEIGHTS)
     if not path.is_file():
         raise FileNotFoundError(f"{checkpoint}: no {WEIGHTS} (a `lafid train` checkpoint-N folder)")
-    return load_file(str(path)), path
+    return load_weights(path), path
 
 
 def checkpoint_recipe(folder: str | Path):
