@@ -40,6 +40,7 @@ MANIFEST = "_manifest.jsonl"
 STATS = "_stats.json"
 KINDS = {"clips": CLIP_SCHEMA, "rejects": REJECT_SCHEMA}
 SHARD_PREFIXES = tuple(f"{kind}-" for kind in KINDS)
+SHARD_GLOBS = tuple(f"{prefix}*.parquet" for prefix in SHARD_PREFIXES)
 # Reject reasons that say the run failed, not the media: `--retry-failed` redoes their videos.
 RETRYABLE = ("worker_crashed", "stage_error")
 
@@ -96,7 +97,7 @@ class ShardWriter:
         # (written atomically) for the same manifest line, e.g. an export's tar shard.
         self.extra_files: Callable[[list[dict]], list[str]] | None = None
 
-    def remove_unrecorded(self, patterns: Sequence[str] = tuple(f"{p}*.parquet" for p in SHARD_PREFIXES)) -> None:
+    def remove_unrecorded(self, patterns: Sequence[str] = SHARD_GLOBS) -> None:
         """Delete the files matching `patterns` that no manifest line names: written by a run that died
         before recording them (by default shards only: identities.parquet and user files stay)."""
         recorded = {f for e in read_manifest(self.out_dir) for f in e["files"]}
