@@ -54,10 +54,16 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
+def finished_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The finished checkpoints of a training output folder, oldest step first."""
+    done = [p for p in Path(output_dir).glob(f"{PREFIX}*") if (p / DONE).exists()]
+    return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest finished checkpoint of a training output folder."""
-    done = [p for p in Path(output_dir).glob(f"{PREFIX}*") if (p / DONE).exists()]
-    return max(done, key=lambda p: int(p.name[len(PREFIX):]), default=None)
+    done = finished_checkpoints(output_dir)
+    return done[-1] if done else None
 
 
 def checkpoint_weights(checkpoint: str | Path, ema: bool = True) -> tuple[dict[str, torch.Tensor], Path]:
@@ -139,9 +145,7 @@ def prune_checkpoints(output_dir: Path, keep: int | None) -> list[Path]:
     """Remove all but the `keep` newest finished checkpoints; unfinished ones are left alone."""
     if not keep:
         return []
-    done = sorted((p for p in Path(output_dir).glob(f"{PREFIX}*") if (p / DONE).exists()),
-                  key=lambda p: int(p.name[len(PREFIX):]))
-    gone = done[:-keep]
+    gone = finished_checkpoints(output_dir)[:-keep]
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
     return gone
