@@ -124,13 +124,13 @@ def load(trainer, folder: Path) -> None:
     if trainer.sharded:
         _load_sharded(trainer, folder)
     else:
-        weights = load_file(str(folder / WEIGHTS))
+        weights, _ = checkpoint_weights(folder, ema=False)
         missing = set(trainer.core.trainable_state()) - set(weights)
         if missing:
             raise KeyError(f"{folder}: checkpoint lacks {sorted(missing)[:3]}...")
         trainer.core.load_state_dict(weights, strict=False)
         if trainer.ema is not None:
-            trainer.ema = load_file(str(folder / EMA_WEIGHTS))
+            trainer.ema = load_weights(folder / EMA_WEIGHTS)
         tensors, meta = load_file(str(folder / OPTIMIZER)), json.loads((folder / OPTIMIZER_META).read_text())
         state = {int(i): {k: tensors[f"{i}.{k}"] for k in keys} for i, keys in meta["state_keys"].items()}
         trainer.plain_optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
