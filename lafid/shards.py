@@ -31,12 +31,12 @@ import pyarrow.parquet as pq
 
 from lafid.item import Item
 from lafid.schema import CLIP_SCHEMA, REJECT_SCHEMA, clip_row, reject_row
-from lafid.storage import OutputError, append_line, filesystem, write_atomic, write_text_atomic
+from lafid.storage import (MANIFEST_NAME as MANIFEST, OutputError, append_line, filesystem, read_manifest, write_atomic,
+                           write_text_atomic)
 
 __all__ = ["MANIFEST", "RETRYABLE", "RecipeChanged", "ShardWriter", "find_shards", "read_clips", "read_manifest",
            "shard_files", "shards_missing", "write_atomic"]
 
-MANIFEST = "_manifest.jsonl"
 STATS = "_stats.json"
 KINDS = {"clips": CLIP_SCHEMA, "rejects": REJECT_SCHEMA}
 SHARD_PREFIXES = tuple(f"{kind}-" for kind in KINDS)
@@ -56,19 +56,6 @@ def _digest(keys: list[str]) -> str:
 def _shard_name(prefix: str, rows: list[dict]) -> str:
     keys = [f"{r['video_id']}:{r['clip_index']}" for r in rows]
     return f"{prefix}-{_digest(keys)}.parquet"
-
-
-def read_manifest(out_dir: Path) -> list[dict]:
-    path = Path(out_dir) / MANIFEST
-    if not path.exists():
-        return []
-    entries = []
-    for line in path.read_text().splitlines():
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a crash: its videos are redone
-            continue
-    return entries
 
 
 class ShardWriter:

@@ -1,5 +1,7 @@
 """Files of an output folder: preflight, the run lock, atomic writes, stale temporaries,
-and object storage.
+the manifest's lines, and object storage. `open_output` opens a folder or URL for one run
+(curate, export, filter); `filesystem` is the one filesystem layer (`pyarrow.fs`) readers of
+an output go through (`lafid.shards.read_clips`).
 
 Every file lafid writes into an output folder goes through here: Parquet and text
 are written to a `.tmp-` name and renamed, so readers never see half a file; a run
@@ -258,6 +260,20 @@ def local_copy(url: str) -> str:
     return str(target)
 
 
+def read_manifest(out_dir: str | os.PathLike) -> list[dict]:
+    """The entries of an output folder's manifest (`lafid.shards` writes it), one per recorded flush."""
+    path = Path(out_dir) / MANIFEST_NAME
+    if not path.exists():
+        return []
+    entries = []
+    for line in path.read_text().splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a crash: its videos are redone
+            continue
+    return entries
+
+
 class RemoteOutput:
     """An output folder in object storage, mirrored by a local staging folder.
 
@@ -278,15 +294,7 @@ class RemoteOutput:
         return f"{self.prefix}/{name}"
 
     def _recorded(self) -> set[str]:
-        path = self.staging / MANIFEST_NAME
-        names: set[str] = set()
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    names.update(json.loads(line)["files"])
-                except (json.JSONDecodeError, KeyError):
-                    continue
-        return names
+        return {f for e in read_manifest(self.staging) for f in e.get("files", ())}
 
     def pull(self) -> None:
         try:
