@@ -34,7 +34,7 @@ from typing import Callable, Iterator
 from lafid.item import Item
 from lafid.schema import CLIP_COLUMNS, ITEM_COLUMNS, source_path
 from lafid.shards import MANIFEST, RecipeChanged, ShardWriter, _shard_name, read_clips, read_manifest
-from lafid.storage import TMP_PREFIX, OutputError, is_url, local_path, open_output
+from lafid.storage import TMP_PREFIX, OutputError, is_url, local_path, open_output, remove_stale_temporaries
 
 FORMATS = ("mp4", "webdataset")
 CROPS = ("none", "face")
@@ -219,11 +219,9 @@ def export(out_dir: str | os.PathLike, to: str | os.PathLike, fmt: str = "mp4", 
     by_video: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_video[row["video_id"]].append(row)
-    with open_output(to) as output:  # object storage: a local staging folder
-        remote = output.remote
-        return _export_locked(output.folder, by_video, _Exporter(output.folder, fmt, max_side, crop),
-                              samples_per_shard, f"export:{fmt}:{max_side}:{crop}", on_clip,
-                              remote.push if remote else None, jobs)
+    with open_output(to) as (folder, remote):  # object storage: a local staging folder
+        return _export_locked(folder, by_video, _Exporter(folder, fmt, max_side, crop), samples_per_shard,
+                              f"export:{fmt}:{max_side}:{crop}", on_clip, remote.push if remote else None, jobs)
 
 
 def _in_order(pool: ThreadPoolExecutor, fn: Callable[[dict], Item], rows: list[dict], window: int) -> Iterator[Item]:
@@ -241,6 +239,7 @@ def _in_order(pool: ThreadPoolExecutor, fn: Callable[[dict], Item], rows: list[d
 def _export_locked(to: Path, by_video: dict[str, list[dict]], exporter: _Exporter, samples_per_shard: int,
                    setting: str, on_clip: Callable[[Item], None] | None,
                    on_flush: Callable[[], None] | None, jobs: int) -> ExportStats:
+    remove_stale_temporaries(to)
     try:
         writer = ShardWriter(to, samples_per_shard, recipe=setting)
     except RecipeChanged:

@@ -111,8 +111,7 @@ def filter_output(src: str | Path, recipe: Recipe, dest: str | Path) -> FilterSt
     stages = check_recipe(measured_with(src), recipe)
     if dest.resolve() == src.resolve():
         raise FilterRefused(f"--out {dest} is the output being filtered: give a new folder")
-    with open_output(dest) as output:
-        out = output.folder
+    with open_output(dest) as (out, _):
         writer = ShardWriter(out, recipe.output.rows_per_shard, recipe_fingerprint(recipe), stages=recipe_stages(recipe))
         table = all_rows(src)
         stats = FilterStats(skipped=len(writer.completed & set(table["video_id"].to_pylist())))

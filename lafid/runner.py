@@ -32,7 +32,8 @@ from lafid.registry import stage_class
 from lafid.router import Router, setup_failed
 from lafid.shards import ShardWriter
 from lafid.stage import StageWorker
-from lafid.storage import Output, is_url, list_url, local_path, open_output, url_content_id
+from lafid.storage import (RemoteOutput, is_url, list_url, local_path, open_output, remove_stale_temporaries,
+                           url_content_id)
 from lafid.video import content_id
 
 LOG = "_curate.log"
@@ -226,28 +227,28 @@ def curate(
     `lafid.router.RunFailed` when the run cannot go on (a stage that cannot set up)."""
     if executor not in ("ray", "sequential"):
         raise ValueError(f"unknown executor {executor!r}: use 'ray' or 'sequential'")
-    with open_output(out_dir, logs=True) as output:  # object storage: a local staging folder
-        handler = _log_to(output.folder)
+    with open_output(out_dir, logs=True) as (out, remote):  # object storage: a local staging folder
+        handler = _log_to(out)
         try:
-            return _curate_locked(recipe, inputs, output, executor, address, num_cpus, on_update,
-                                  retry_failed, allow_recipe_change)
+            return _curate_locked(recipe, inputs, out, executor, address, num_cpus, on_update,
+                                  retry_failed, allow_recipe_change, remote)
         except KeyboardInterrupt:  # logged where it was acted on, without a traceback
             raise
         except BaseException:
-            log.exception("run into %s failed", output.name)
+            log.exception("run into %s failed", remote.url if remote else out)
             raise
         finally:
             logging.getLogger("lafid").removeHandler(handler)
             handler.close()
 
 
-def _curate_locked(recipe, inputs, output: Output, executor, address, num_cpus, on_update, retry_failed,
-                   allow_recipe_change) -> RunStats:
-    out, remote = output.folder, output.remote
+def _curate_locked(recipe, inputs, out, executor, address, num_cpus, on_update, retry_failed,
+                   allow_recipe_change, remote: RemoteOutput | None = None) -> RunStats:
     fingerprint = recipe_fingerprint(recipe)
     log.info("run: recipe %s (fingerprint %s), executor %s", recipe.name, fingerprint, executor)
-    if output.stale:
-        log.info("removed %d temporary files left by an interrupted run", len(output.stale))
+    stale = remove_stale_temporaries(out)
+    if stale:
+        log.info("removed %d temporary files left by an interrupted run", len(stale))
     writer = ShardWriter(out, recipe.output.rows_per_shard, fingerprint, allow_recipe_change, recipe_stages(recipe))
     if remote:
         writer.on_flush = remote.push  # each flush's shards, then its manifest, go to the store

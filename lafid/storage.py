@@ -30,7 +30,6 @@ import re
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
@@ -341,24 +340,12 @@ class RemoteOutput:
                     self._upload(name)
 
 
-@dataclass
-class Output:
-    """An output opened for one run (`open_output`)."""
-
-    folder: Path  # where files are written: the folder itself, or an object store's local staging folder
-    remote: RemoteOutput | None
-    stale: list[str]  # temporaries a crashed run left, removed on opening
-
-    @property
-    def name(self) -> str:
-        return self.remote.url if self.remote else str(self.folder)
-
-
 @contextmanager
-def open_output(out: str | os.PathLike, logs: bool = False) -> Iterator[Output]:
-    """An output folder or object-storage URL opened for one run (`curate`, `export`, `filter`): checked
-    writable, locked for the run's life, stale temporaries removed; an object store is pulled into the
-    staging folder first and pushed back at the end (with the run logs when `logs`)."""
+def open_output(out: str | os.PathLike, logs: bool = False) -> Iterator[tuple[Path, RemoteOutput | None]]:
+    """(folder to write into, its object store or None) of an output folder or URL opened for one run
+    (`curate`, `export`, `filter`): checked writable and locked for the run's life; an object store is
+    written through a local staging folder, pulled into it first and pushed back at the end (with the
+    run logs when `logs`). The caller removes stale temporaries (`remove_stale_temporaries`)."""
     out = local_path(out)
     remote = RemoteOutput(str(out)) if is_url(str(out)) else None
     folder = prepare_output(remote.staging if remote else out)
@@ -366,7 +353,7 @@ def open_output(out: str | os.PathLike, logs: bool = False) -> Iterator[Output]:
         if remote:
             remote.pull()
         try:
-            yield Output(folder, remote, remove_stale_temporaries(folder))
+            yield folder, remote
         finally:
             if remote:
                 remote.push(logs=logs)
