@@ -37,7 +37,7 @@ import av
 
 from lafid import devset, media
 from lafid.recipe import load_recipe
-from lafid.report import read_table
+from lafid.shards import read_clips
 from lafid.runner import curate
 
 SIZE = (480, 360)
@@ -97,7 +97,7 @@ def outcomes(out: str) -> list[str]:
     """'file#clip: label' for kept clips, 'file#clip: stage/reason' for rejects, sorted: to compare runs."""
     rows = []
     for kind, what in (("clips", ["speaking_label"]), ("rejects", ["stage", "reason"])):
-        table = read_table(out, kind, ["source", "clip_index", *what])
+        table = read_clips(out, ["source", "clip_index", *what], kind)
         for r in table.to_pylist() if table is not None else []:
             rows.append(f"{os.path.basename(r['source'])}#{r['clip_index']}: " + "/".join(str(r[w]) for w in what))
     return sorted(rows)

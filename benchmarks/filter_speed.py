@@ -5,6 +5,8 @@ rejected by face_constraints; every clip column filled: 40 sampled frames of fac
 a 512-d ArcFace reference and 4 representatives, a PNG face, words and a caption), recorded as
 measured by the bundled `demo` recipe with looser face thresholds, then filters it with the demo
 recipe itself. Baseline, in the same run: pyarrow reading and writing the same rows (the floor).
+Then what `lafid report`'s threshold sweeps read of it: the columns their decisions read, beside
+every column (what they read before).
 
     python benchmarks/filter_speed.py [--clips 10000]
 """
@@ -24,9 +26,10 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lafid.filter import filter_output  # noqa: E402
+from lafid.filter import all_rows, decision_columns, filter_output  # noqa: E402
 from lafid.recipe import load_recipe  # noqa: E402
-from lafid.report import read_table  # noqa: E402
+from lafid.shards import read_clips  # noqa: E402
+from lafid.registry import stage_class  # noqa: E402
 from lafid.runner import recipe_stages  # noqa: E402
 from lafid.schema import CLIP_SCHEMA, REJECT_SCHEMA, SCHEMA_VERSION  # noqa: E402
 
@@ -104,7 +107,7 @@ def main() -> None:
         print(f"synthetic output: {args.clips} clips in {time.perf_counter() - t:.1f}s (not timed below)")
         t = time.perf_counter()
         for kind, schema in (("clips", CLIP_SCHEMA), ("rejects", REJECT_SCHEMA)):
-            pq.write_table(read_table(root / "in", kind), root / f"copy-{kind}.parquet")
+            pq.write_table(read_clips(root / "in", kind=kind), root / f"copy-{kind}.parquet")
         floor = time.perf_counter() - t
         t = time.perf_counter()
         stats = filter_output(root / "in", load_recipe("demo"), root / "out")
@@ -112,6 +115,12 @@ def main() -> None:
         print(f"baseline: pyarrow reads and writes the {args.clips} rows: {floor:.2f}s")
         print(f"lafid filter: {took:.2f}s for {args.clips} clips ({args.clips / took:,.0f} clips/s; goal <= 10 s "
               f"for 10,000 on 2 CPUs); {stats.kept} kept, {stats.rejected} rejected, {stats.changed} changed")
+        stages = [stage_class(name)(params) for name, params in recipe_stages(loose_demo())]
+        for what, columns in (("every column (baseline)", None), ("the decisions' columns", decision_columns(stages))):
+            t = time.perf_counter()
+            table = all_rows(root / "in", columns)
+            print(f"report sweeps' read, {what}: {time.perf_counter() - t:.2f}s, {table.num_columns} columns, "
+                  f"{table.nbytes / 1e6:.0f} MB in memory")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lafid import media  # noqa: E402
-from lafid.report import read_table  # noqa: E402
+from lafid.shards import read_clips  # noqa: E402
 from lafid.report.collect import CLIP_COLUMNS, collect  # noqa: E402
 from lafid.report.figures import figures  # noqa: E402
 from lafid.report.html import render  # noqa: E402
@@ -99,8 +99,8 @@ def main() -> None:
         print(f"synthetic output: {args.clips} clips in {time.perf_counter() - t:.1f}s (not timed below)")
         t0 = time.perf_counter()
         names = [c for c in CLIP_COLUMNS if c in CLIP_SCHEMA.names]
-        read_table(out, "clips", names)
-        read_table(out, "rejects")
+        read_clips(out, names)
+        read_clips(out, kind="rejects")
         floor = time.perf_counter() - t0
         times = {}
         t = time.perf_counter()

@@ -31,13 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-import pyarrow.parquet as pq
-
 from lafid.item import Item
 from lafid.schema import CLIP_COLUMNS, ITEM_COLUMNS, source_path
-from lafid.shards import RecipeChanged, ShardWriter, _shard_name, read_manifest
-from lafid.storage import (TMP_PREFIX, OutputError, OutputLock, RemoteOutput, is_url, local_path, prepare_output,
-                           remove_stale_temporaries)
+from lafid.shards import MANIFEST, RecipeChanged, ShardWriter, _shard_name, read_clips, read_manifest
+from lafid.storage import TMP_PREFIX, OutputError, is_url, local_path, open_output, remove_stale_temporaries
 
 FORMATS = ("mp4", "webdataset")
 CROPS = ("none", "face")
@@ -57,14 +54,10 @@ class ExportStats:
 
 def curated_rows(out_dir: str | os.PathLike) -> list[dict]:
     """The kept clip rows of a curate output, from the shards its manifest records."""
-    out = Path(out_dir)
-    entries = read_manifest(out)
-    if not entries:
-        raise FileNotFoundError(f"{out} holds no curate output (no {out / '_manifest.jsonl'})")
-    rows: list[dict] = []
-    for name in sorted({f for e in entries for f in e["files"] if f.startswith("clips-") and f.endswith(".parquet")}):
-        rows += pq.read_table(out / name).to_pylist()
-    return rows
+    if not read_manifest(Path(out_dir)):
+        raise FileNotFoundError(f"{out_dir} holds no curate output (no {Path(out_dir) / MANIFEST})")
+    table = read_clips(out_dir, recorded=True)
+    return [] if table is None else table.to_pylist()
 
 
 def crop_box(row: dict) -> tuple[int, int, int, int] | None:
@@ -200,14 +193,6 @@ class _Exporter:
         return [name]
 
 
-def _remove_unrecorded(to: Path) -> None:
-    """Delete clip files and tars a crash left before their manifest line."""
-    recorded = {f for e in read_manifest(to) for f in e["files"]}
-    for path in [*to.glob("*.mp4"), *to.glob("clips-*.tar")]:
-        if path.name not in recorded:
-            path.unlink()
-
-
 def export(out_dir: str | os.PathLike, to: str | os.PathLike, fmt: str = "mp4", max_side: int = 720,
            crop: str = "none", samples_per_shard: int = 100, jobs: int = 1,
            on_clip: Callable[[Item], None] | None = None) -> ExportStats:
@@ -229,22 +214,14 @@ def export(out_dir: str | os.PathLike, to: str | os.PathLike, fmt: str = "mp4", 
         raise OutputError("lafid export needs the ffmpeg program on PATH")
     rows = curated_rows(out_dir)
     to = local_path(to)
-    remote = RemoteOutput(str(to)) if is_url(str(to)) else None
-    if remote is None and Path(to).resolve() == Path(out_dir).resolve():
+    if not is_url(str(to)) and Path(to).resolve() == Path(out_dir).resolve():
         raise OutputError("export into a folder other than the curate output")
-    folder = prepare_output(remote.staging if remote else to)  # object storage: a local staging folder
     by_video: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_video[row["video_id"]].append(row)
-    with OutputLock(folder):
-        if remote:
-            remote.pull()
-        try:
-            return _export_locked(folder, by_video, _Exporter(folder, fmt, max_side, crop), samples_per_shard,
-                                  f"export:{fmt}:{max_side}:{crop}", on_clip, remote.push if remote else None, jobs)
-        finally:
-            if remote:
-                remote.push()
+    with open_output(to) as (folder, remote):  # object storage: a local staging folder
+        return _export_locked(folder, by_video, _Exporter(folder, fmt, max_side, crop), samples_per_shard,
+                              f"export:{fmt}:{max_side}:{crop}", on_clip, remote.push if remote else None, jobs)
 
 
 def _in_order(pool: ThreadPoolExecutor, fn: Callable[[dict], Item], rows: list[dict], window: int) -> Iterator[Item]:
@@ -269,7 +246,7 @@ def _export_locked(to: Path, by_video: dict[str, list[dict]], exporter: _Exporte
         written = {e.get("recipe") for e in read_manifest(to)} - {None}
         raise RecipeChanged(f"the export folder was written with another export setting "
                             f"({', '.join(sorted(written))}, now {setting}); export into another --to") from None
-    _remove_unrecorded(to)
+    writer.remove_unrecorded(("*.mp4", "clips-*.tar"))  # clip files and tars a crash left before their manifest line
     writer.extra_files = exporter.files
     writer.on_flush = on_flush  # object storage: each flush's files, then its manifest, go to the store
     todo = [v for v in sorted(by_video) if v not in writer.completed]

@@ -24,12 +24,12 @@ import pyarrow.compute as pc
 from lafid.item import Reject
 from lafid.recipe import Recipe, RecipeError
 from lafid.registry import stage_class
-from lafid.report import read_table, require_output
+from lafid.report import require_output
 from lafid.runner import recipe_fingerprint, recipe_stages
 from lafid.schema import CLIP_SCHEMA, REJECT_SCHEMA, SCHEMA_VERSION
-from lafid.shards import ShardWriter, read_manifest
+from lafid.shards import KINDS, ShardWriter, read_clips, read_manifest
 from lafid.stage import Stage
-from lafid.storage import OutputLock, prepare_output
+from lafid.storage import open_output
 
 log = logging.getLogger("lafid.filter")
 
@@ -111,8 +111,7 @@ def filter_output(src: str | Path, recipe: Recipe, dest: str | Path) -> FilterSt
     stages = check_recipe(measured_with(src), recipe)
     if dest.resolve() == src.resolve():
         raise FilterRefused(f"--out {dest} is the output being filtered: give a new folder")
-    out = prepare_output(dest)
-    with OutputLock(out):
+    with open_output(dest) as (out, _):
         writer = ShardWriter(out, recipe.output.rows_per_shard, recipe_fingerprint(recipe), stages=recipe_stages(recipe))
         table = all_rows(src)
         stats = FilterStats(skipped=len(writer.completed & set(table["video_id"].to_pylist())))
@@ -126,17 +125,25 @@ def filter_output(src: str | Path, recipe: Recipe, dest: str | Path) -> FilterSt
     return stats
 
 
-def all_rows(src: Path) -> pa.Table:
-    """Clip and reject rows of an output as one table in the reject schema (clips: no stage)."""
-    tables = [_as(t, REJECT_SCHEMA) for t in (read_table(src, "clips"), read_table(src, "rejects")) if t is not None]
-    return pa.concat_tables(tables) if tables else REJECT_SCHEMA.empty_table()
+def all_rows(src: Path, columns: set[str] | None = None) -> pa.Table:
+    """Clip and reject rows of an output as one table in the reject schema (clips: no stage), only `columns`
+    (in schema order) when given: a sweep reads what the decisions read, not every measurement."""
+    fields = [f for f in REJECT_SCHEMA if columns is None or f.name in columns]
+    schema = pa.schema(fields, metadata=REJECT_SCHEMA.metadata)
+    tables = [_as(t, schema) for kind in ("clips", "rejects")
+              if (t := read_clips(src, [f.name for f in fields if f.name in KINDS[kind].names], kind)) is not None]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def decision_columns(stages: list[Stage]) -> set[str]:
+    """The columns `redecide` reads for `stages`."""
+    return {"video_id", "clip_index", "start_s", "end_s", "stage", "reason", "detail",
+            *(c for s in stages for c in s.DECIDES_ON)}
 
 
 def decision_rows(table: pa.Table, stages: list[Stage]) -> list[dict]:
     """The rows of `table` (see `all_rows`) as dicts of what `redecide` reads."""
-    wanted = {"video_id", "clip_index", "start_s", "end_s", "stage", "reason", "detail"}
-    wanted.update(c for s in stages for c in s.DECIDES_ON)
-    return table.select(sorted(wanted)).to_pylist()
+    return table.select(sorted(decision_columns(stages))).to_pylist()
 
 
 def _as(table: pa.Table, schema: pa.Schema) -> pa.Table:

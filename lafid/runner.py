@@ -34,8 +34,8 @@ from lafid.router import Router, setup_failed
 from lafid.run_record import recording
 from lafid.shards import ShardWriter
 from lafid.stage import StageWorker
-from lafid.storage import (OutputLock, RemoteOutput, is_url, list_url, local_path, prepare_output,
-                           remove_stale_temporaries, url_content_id)
+from lafid.storage import (RemoteOutput, is_url, list_url, local_path, open_output, remove_stale_temporaries,
+                           url_content_id)
 from lafid.video import content_id
 
 LOG = "_curate.log"
@@ -229,12 +229,7 @@ def curate(
     `lafid.router.RunFailed` when the run cannot go on (a stage that cannot set up)."""
     if executor not in ("ray", "sequential"):
         raise ValueError(f"unknown executor {executor!r}: use 'ray' or 'sequential'")
-    out_dir = local_path(out_dir)
-    remote = RemoteOutput(str(out_dir)) if is_url(str(out_dir)) else None
-    out = prepare_output(remote.staging if remote else out_dir)  # object storage: a local staging folder
-    with OutputLock(out):
-        if remote:
-            remote.pull()
+    with open_output(out_dir, logs=True) as (out, remote):  # object storage: a local staging folder
         handler = _log_to(out)
         stats = RunStats()
         try:
@@ -249,8 +244,6 @@ def curate(
         finally:
             logging.getLogger("lafid").removeHandler(handler)
             handler.close()
-            if remote:
-                remote.push(logs=True)
 
 
 def _curate_locked(recipe, inputs, out, executor, address, num_cpus, on_update, retry_failed,

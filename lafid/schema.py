@@ -4,7 +4,7 @@ Stages fill `Item.columns` with names from this module; the writer turns items
 into rows here (`clip_row`, `reject_row`) and rows into tables with
 `pa.Table.from_pylist(rows, schema=...)`. Bump `SCHEMA_VERSION` when a column
 changes meaning or type; adding a nullable column is backward compatible.
-Version 1 shards read as version 2 (`lafid.report.read_table` reads every shard with
+Version 1 shards read as version 2 (`lafid.shards.read_clips` reads every shard with
 the current schema): they lack `source_bytes`, which is null there as it is for
 every path that is valid UTF-8, and their reject rows lack the clip columns (`MEASURED`)
 that version 2 reject rows carry, read as null as for a clip no stage measured.

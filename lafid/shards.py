@@ -1,4 +1,4 @@
-"""Parquet output with exactly-once, resumable writes.
+"""Parquet output with exactly-once, resumable writes, and the one reader of an output.
 
 The router hands over a video only when all its rows are in; they are buffered,
 and a flush writes a clips shard and a rejects shard atomically (see
@@ -10,28 +10,36 @@ line records the fingerprint of the recipe that wrote it and its stages with eve
 parameter (what `lafid filter` checks a new recipe against). Redoing a finished
 video (`retry_failed`) replaces its rows: the manifest is then rewritten as a
 whole (temp file, rename) with the old rows out and the new ones in.
+
+Readers find an output's shards with `shard_files` and read them with `read_clips`, through
+`lafid.storage.filesystem` (local folders and object-storage URLs alike).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from lafid.item import Item
 from lafid.schema import CLIP_SCHEMA, REJECT_SCHEMA, clip_row, reject_row
-from lafid.storage import OutputError, append_line, write_atomic, write_text_atomic
+from lafid.storage import (MANIFEST_NAME as MANIFEST, OutputError, append_line, filesystem, read_manifest, write_atomic,
+                           write_text_atomic)
 
-__all__ = ["MANIFEST", "RETRYABLE", "RecipeChanged", "ShardWriter", "read_manifest", "write_atomic"]
+__all__ = ["MANIFEST", "RETRYABLE", "RecipeChanged", "ShardWriter", "find_shards", "read_clips", "read_manifest",
+           "shard_files", "shards_missing", "write_atomic"]
 
-MANIFEST = "_manifest.jsonl"
-STATS = "_stats.json"
-SHARD_PREFIXES = ("clips-", "rejects-")
+KINDS = {"clips": CLIP_SCHEMA, "rejects": REJECT_SCHEMA}
+SHARD_PREFIXES = tuple(f"{kind}-" for kind in KINDS)
+SHARD_GLOBS = tuple(f"{prefix}*.parquet" for prefix in SHARD_PREFIXES)
 # Reject reasons that say the run failed, not the media: `--retry-failed` redoes their videos.
 RETRYABLE = ("worker_crashed", "stage_error")
 
@@ -47,19 +55,6 @@ def _digest(keys: list[str]) -> str:
 def _shard_name(prefix: str, rows: list[dict]) -> str:
     keys = [f"{r['video_id']}:{r['clip_index']}" for r in rows]
     return f"{prefix}-{_digest(keys)}.parquet"
-
-
-def read_manifest(out_dir: Path) -> list[dict]:
-    path = Path(out_dir) / MANIFEST
-    if not path.exists():
-        return []
-    entries = []
-    for line in path.read_text().splitlines():
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a crash: its videos are redone
-            continue
-    return entries
 
 
 class ShardWriter:
@@ -79,7 +74,7 @@ class ShardWriter:
                                 f"{', '.join(sorted(written_with))}, now {recipe}); use another --out, "
                                 "or --allow-recipe-change to add to it anyway")
         self.completed: set[str] = {v for e in entries for v in e["videos"]}
-        self._remove_orphans({f for e in entries for f in e["files"]})
+        self.remove_unrecorded()
         self._ready: list[Item] = []
         self.retrying: set[str] = set()  # finished videos this run redoes (see retry_failed)
         self.counts: Counter[str] = Counter()
@@ -88,10 +83,14 @@ class ShardWriter:
         # (written atomically) for the same manifest line, e.g. an export's tar shard.
         self.extra_files: Callable[[list[dict]], list[str]] | None = None
 
-    def _remove_orphans(self, recorded: set[str]) -> None:
-        for path in self.out_dir.iterdir():  # only shards: identities.parquet and user files stay
-            if path.suffix == ".parquet" and path.name.startswith(SHARD_PREFIXES) and path.name not in recorded:
-                path.unlink()
+    def remove_unrecorded(self, patterns: Sequence[str] = SHARD_GLOBS) -> None:
+        """Delete the files matching `patterns` that no manifest line names: written by a run that died
+        before recording them (by default shards only: identities.parquet and user files stay)."""
+        recorded = {f for e in read_manifest(self.out_dir) for f in e["files"]}
+        for pattern in patterns:
+            for path in self.out_dir.glob(pattern):
+                if path.name not in recorded:
+                    path.unlink()
 
     def add_video(self, items: list[Item]) -> None:
         """Take every row of one finished video."""
@@ -210,3 +209,60 @@ class ShardWriter:
                 out.append({**entry, "videos": left, "files": files,
                             "clips": counts.get("clips", 0), "rejects": counts.get("rejects", 0)})
         return out, stale
+
+
+# --- reading an output -----------------------------------------------------------------------
+
+def shard_files(out: str | os.PathLike, kind: str | None = "clips", recorded: bool = False) -> list[str]:
+    """An output's `kind` shards ("clips", "rejects"; None: both), sorted paths in its filesystem
+    (`lafid.storage.filesystem`; local ones absolute): every `<kind>-*.parquet` of the folder, or with
+    `recorded` only those its manifest names (a local folder); [] when there is no such folder."""
+    fs, path = filesystem(out)
+    prefixes = SHARD_PREFIXES if kind is None else (f"{kind}-",)
+    if recorded:
+        names = {f for e in read_manifest(Path(path)) for f in e["files"]}
+        return sorted(f"{path}/{n}" for n in names if n.startswith(prefixes) and n.endswith(".parquet"))
+    found = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)) \
+        if fs.get_file_info(path).type == pafs.FileType.Directory else []
+    return sorted(f.path for f in found if f.type == pafs.FileType.File and f.base_name.startswith(prefixes)
+                  and f.base_name.endswith(".parquet"))
+
+
+def read_clips(out: str | os.PathLike, columns: list[str] | None = None, kind: str = "clips",
+               recorded: bool = False) -> pa.Table | None:
+    """The rows of an output's `kind` shards (`shard_files`) as one table, only `columns` when given; None
+    when there are none. Read in the current schema: shards of an older schema version read with the
+    columns they lack as null."""
+    files = shard_files(out, kind, recorded)
+    if not files:
+        return None
+    fs, _ = filesystem(out)
+    return ds.dataset(files, format="parquet", schema=KINDS[kind], filesystem=fs).to_table(columns=columns)
+
+
+def shards_missing(source: str | os.PathLike) -> tuple[str, str | None]:
+    """(path inside its filesystem, why a folder or shard file gives no clip shards: "does not exist",
+    "holds no clips-*.parquet"; None when it gives some)."""
+    fs, path = filesystem(source)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.NotFound:
+        return path, "does not exist"
+    if kind == pafs.FileType.Directory and not shard_files(source):
+        return path, "holds no clips-*.parquet"
+    return path, None
+
+
+def find_shards(sources: Sequence[str | os.PathLike]) -> tuple[pafs.FileSystem, list[str]]:
+    """(filesystem, clip shard paths) of folders (`shard_files`) or shard files, local or URLs, all on one
+    filesystem; raises FileNotFoundError when there is none."""
+    files: list[str] = []
+    fs = None
+    for source in sources:
+        fs_, path = filesystem(source)
+        if fs is not None and fs_.type_name != fs.type_name:
+            raise ValueError("all shards must live on one filesystem")
+        fs = fs_
+        files += shard_files(source) if fs.get_file_info(path).type == pafs.FileType.Directory else [path]
+    if not files:
+        raise FileNotFoundError(f"no clips-*.parquet under {[str(s) for s in sources]}")
+    return fs, files

@@ -1,5 +1,7 @@
 """Files of an output folder: preflight, the run lock, atomic writes, stale temporaries,
-and object storage.
+the manifest's lines, and object storage. `open_output` opens a folder or URL for one run
+(curate, export, filter); `filesystem` is the one filesystem layer (`pyarrow.fs`) readers of
+an output go through (`lafid.shards.read_clips`).
 
 Every file lafid writes into an output folder goes through here: Parquet and text
 are written to a `.tmp-` name and renamed, so readers never see half a file; a run
@@ -27,7 +29,9 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -199,6 +203,14 @@ def url_filesystem(url: str) -> tuple[pafs.FileSystem, str]:
         raise OutputError(f"cannot use {url}: {exc}") from None
 
 
+def filesystem(target: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem holding `target`, a URL or a local path, and the path inside it (local:
+    absolute): the one filesystem layer readers of an output go through."""
+    if is_url(str(target)):
+        return url_filesystem(str(target))
+    return pafs.LocalFileSystem(), os.path.abspath(os.fspath(target))
+
+
 def list_url(url: str, extensions: frozenset[str]) -> list[str]:
     """An object URL as itself; a prefix as every object under it with one of `extensions`, sorted."""
     fs, path = url_filesystem(url)
@@ -247,6 +259,20 @@ def local_copy(url: str) -> str:
     return str(target)
 
 
+def read_manifest(out_dir: str | os.PathLike) -> list[dict]:
+    """The entries of an output folder's manifest (`lafid.shards` writes it), one per recorded flush."""
+    path = Path(out_dir) / MANIFEST_NAME
+    if not path.exists():
+        return []
+    entries = []
+    for line in path.read_text().splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a crash: its videos are redone
+            continue
+    return entries
+
+
 class RemoteOutput:
     """An output folder in object storage, mirrored by a local staging folder.
 
@@ -267,15 +293,7 @@ class RemoteOutput:
         return f"{self.prefix}/{name}"
 
     def _recorded(self) -> set[str]:
-        path = self.staging / MANIFEST_NAME
-        names: set[str] = set()
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    names.update(json.loads(line)["files"])
-                except (json.JSONDecodeError, KeyError):
-                    continue
-        return names
+        return {f for e in read_manifest(self.staging) for f in e.get("files", ())}
 
     def pull(self) -> None:
         try:
@@ -320,3 +338,22 @@ class RemoteOutput:
             for name in LOGS:
                 if (self.staging / name).exists():
                     self._upload(name)
+
+
+@contextmanager
+def open_output(out: str | os.PathLike, logs: bool = False) -> Iterator[tuple[Path, RemoteOutput | None]]:
+    """(folder to write into, its object store or None) of an output folder or URL opened for one run
+    (`curate`, `export`, `filter`): checked writable and locked for the run's life; an object store is
+    written through a local staging folder, pulled into it first and pushed back at the end (with the
+    run logs when `logs`). The caller removes stale temporaries (`remove_stale_temporaries`)."""
+    out = local_path(out)
+    remote = RemoteOutput(str(out)) if is_url(str(out)) else None
+    folder = prepare_output(remote.staging if remote else out)
+    with OutputLock(folder):
+        if remote:
+            remote.pull()
+        try:
+            yield folder, remote
+        finally:
+            if remote:
+                remote.push(logs=logs)

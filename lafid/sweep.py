@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lafid.filter import FilterRefused, all_rows, decision_rows, measured_with, redecide
+from lafid.filter import FilterRefused, all_rows, decision_columns, decision_rows, measured_with, redecide
 from lafid.registry import stage_class
 
 FACTORS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # times the current value
@@ -25,7 +25,8 @@ def sweeps(out_dir: str | Path) -> list[dict]:
     except FilterRefused:
         return []
     base = [stage_class(name)(params) for name, params in recorded]
-    rows = [r for r in decision_rows(all_rows(Path(out_dir)), base) if r["clip_index"] >= 0]
+    table = all_rows(Path(out_dir), decision_columns(base))  # only what the decisions read
+    rows = [r for r in decision_rows(table, base) if r["clip_index"] >= 0]
     out = []
     for k, (name, params) in enumerate(recorded):
         cls = stage_class(name)

@@ -9,7 +9,7 @@ import pytest
 
 from lafid import media
 from lafid.item import Item
-from lafid.report import read_table
+from lafid.shards import read_clips
 from lafid.stage import StageWorker
 from lafid.video import content_id, probe
 
@@ -69,7 +69,7 @@ def clip_item(path: str) -> Item:
 
 def shard_rows(out_dir, kind: str = "clips", drop: tuple[str, ...] = ()) -> list[str]:
     """An output's rows as sorted JSON text (NaN compares equal to NaN), minus `drop` columns."""
-    table = read_table(out_dir, kind)
+    table = read_clips(out_dir, kind=kind)
     if table is None:
         return []
     return sorted(json.dumps(r, sort_keys=True, default=bytes.hex) for r in table.drop_columns(list(drop)).to_pylist())

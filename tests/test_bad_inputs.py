@@ -20,7 +20,7 @@ import pytest
 
 from lafid import media
 from lafid.recipe import load_recipe
-from lafid.report import read_table
+from lafid.shards import read_clips
 from lafid.runner import curate
 from lafid.schema import source_path
 
@@ -93,8 +93,8 @@ def test_every_bad_input_has_a_row_and_healthy_clips_are_kept(ray_cluster, corpu
     assert len(bad) >= 20
     inputs = healthy + list(bad.values())
     stats = curate(load_recipe("demo"), inputs, tmp_path, executor="ray")
-    clips = read_table(tmp_path).to_pylist()
-    rejects = read_table(tmp_path, "rejects").to_pylist()
+    clips = read_clips(tmp_path).to_pylist()
+    rejects = read_clips(tmp_path, kind="rejects").to_pylist()
     by_source: dict[str, list[str]] = {}
     for row in rejects:
         by_source.setdefault(os.path.basename(source_path(row)), []).append(row["reason"])

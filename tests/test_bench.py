@@ -347,6 +347,33 @@ def test_generate_writes_every_case_resumes_and_eval_counts_faceless_videos(benc
     assert res["overall"]["facesim_arc"] < OWN_MIN  # random weights make no likeness of the reference
 
 
+def test_reference_faces_cut_as_training_does_and_fall_back_to_the_centred_box(bench):
+    """One reference cutter for generation (`lafid.cofe.api.reference_faces`): on a real bench reference,
+    SCRFD's face with its identity face aligned on the landmarks (as the identity stage aligns it); on an
+    image without a face, `NoFace`, and generation's batch falls back to the centred box the bench cut
+    its references with. Control: that box cut of the real reference is not the detected cut."""
+    from lafid.bench.build import REF_MARGIN
+    from lafid.bench.generate import read_rgb, reference_batch
+    from lafid.cofe.api import NoFace, reference_detector, reference_faces
+    from lafid.face.embed import arcface_align
+
+    image = read_rgb(bench / load_cases(bench)[0]["ref_image"])
+    detector = reference_detector()
+    crop, id_face = reference_faces(image, 224, 0.3, detector)
+    aligned = arcface_align(image, detector.detect(image)[0].kps)
+    assert np.abs(id_face.astype(int) - aligned.astype(int)).max() <= 1
+    batch = reference_batch(image, 224, 0.3, detector)
+    assert batch["detected"] and np.array_equal(batch["face"][0].numpy(), crop)
+    blank = np.full_like(image, 128)
+    with pytest.raises(NoFace):
+        reference_faces(blank, 224, 0.3, detector)
+    assert not reference_batch(blank, 224, 0.3, detector)["detected"]
+    half = 0.5 / REF_MARGIN
+    centred, _ = reference_faces(image, 224, 0.3, box=(0.5 - half, 0.5 - half, 0.5 + half, 0.5 + half))
+    print(f"\ndetected vs centred-box crop: mean |diff| {np.abs(centred.astype(int) - crop.astype(int)).mean():.1f}")
+    assert np.abs(centred.astype(int) - crop.astype(int)).mean() > 1
+
+
 def test_sampler_is_wan_pipeline_and_face_guidance_acts_through_the_face(bench, tiny_wan):
     """`sample` without face guidance is diffusers' WanPipeline (same frames); face guidance 0 is the
     face-free model, text-guided; other scales move the video. Control: with the face path severed
@@ -354,7 +381,7 @@ def test_sampler_is_wan_pipeline_and_face_guidance_acts_through_the_face(bench, 
     import torch
     from diffusers import WanPipeline
 
-    from lafid.bench.generate import FaceInput, GenerateSettings, load_model, sample, scheduler_for
+    from lafid.bench.generate import GenerateSettings, load_model, reference_batch, sample, scheduler_for
 
     wan, ckpt = tiny_wan
     model, r, _ = load_model("cofe_tiny", ckpt, wan)
@@ -370,7 +397,7 @@ def test_sampler_is_wan_pipeline_and_face_guidance_acts_through_the_face(bench, 
         model.adapter.set_faces(None)
         return out.astype(int)
 
-    features = model.face_features(FaceInput(r.data.face_size, r.data.face_margin)(image))
+    features = model.face_features(reference_batch(image, r.data.face_size, r.data.face_margin))
     pipe = WanPipeline(tokenizer=model.text.tokenizer, text_encoder=model.text.model, vae=model.vae,
                        scheduler=scheduler_for(r, wan), transformer=model.transformer)
     model.adapter.set_faces(features)
@@ -590,7 +617,7 @@ def test_generate_image_to_video_from_the_targets_first_frame_and_the_face(bench
     import torch
 
     from lafid.bench.evaluate import read_frames
-    from lafid.bench.generate import FaceInput, GenerateSettings, generate, load_model, read_rgb, sample, scheduler_for
+    from lafid.bench.generate import GenerateSettings, generate, load_model, read_rgb, reference_batch, sample, scheduler_for
     from lafid.cofe.data import decode_frames, fit
 
     wan, ckpt = tiny_i2v
@@ -605,7 +632,7 @@ def test_generate_image_to_video_from_the_targets_first_frame_and_the_face(bench
     assert all(v.shape == (5, 64, 48, 3) for v in videos)
 
     model, r, _ = load_model("cofe_tiny_i2v", ckpt, wan)
-    faces = FaceInput(r.data.face_size, r.data.face_margin)
+    faces = lambda image: reference_batch(image, r.data.face_size, r.data.face_margin)  # noqa: E731
     text = negative = model.text([""])
 
     def video(case):

@@ -79,7 +79,7 @@ def _fsdp_job(rank: int, world: int, port: int, shards: str, root: str) -> None:
     from safetensors.torch import save_file
 
     from lafid.cofe.shard import gathered_state
-    from lafid.cofe.train import latest_checkpoint
+    from lafid.cofe.checkpoint import latest_checkpoint
 
     _join(rank, world, port)
     root = Path(root)

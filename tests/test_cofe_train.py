@@ -7,7 +7,8 @@ from typer.testing import CliRunner
 
 from lafid.cli import app
 from lafid.cofe.data import ClipDataset, collate
-from lafid.cofe.train import Trainer, latest_checkpoint
+from lafid.cofe.checkpoint import latest_checkpoint
+from lafid.cofe.train import Trainer
 from cofe_fixtures import pipeline_shards, pose_shards, tiny_recipe  # noqa: F401  (fixture)
 
 

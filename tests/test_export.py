@@ -238,3 +238,23 @@ def test_face_crop_keeps_the_face_where_its_rewritten_box_says(pipeline_shards, 
         moved, kept = iou(found, row["frame_box"][k]), iou(found, source_rows[row["clip_id"]]["frame_box"][k])
         print(f"{row['clip_id']}: crop {row['width']} px, face IoU {moved:.2f} (source box unchanged: {kept:.2f})")
         assert moved >= 0.5 and moved > kept + 0.1  # control: the box as measured on the source frame misses
+
+
+def test_export_reads_only_the_shards_the_manifest_records(pipeline_shards, tmp_path):  # noqa: F811
+    """A clip shard a crash left unrecorded is not curated output: export reads the recorded ones only.
+    Control: the plain reader of the folder (every clips-*.parquet) does see the planted rows."""
+    import shutil
+
+    import pyarrow as pa
+
+    from lafid.schema import CLIP_SCHEMA
+    from lafid.shards import read_clips
+
+    out = tmp_path / "out"
+    shutil.copytree(pipeline_shards, out)
+    rows = curated_rows(out)
+    recorded = [r["clip_id"] for r in rows]
+    planted = [dict(r, clip_id="planted-" + r["clip_id"]) for r in rows[:1]]
+    pq.write_table(pa.Table.from_pylist(planted, schema=CLIP_SCHEMA), out / "clips-0000unrecorded.parquet")
+    assert [r["clip_id"] for r in curated_rows(out)] == recorded
+    assert read_clips(out).column("clip_id").to_pylist().count("planted-" + recorded[0]) == 1

@@ -8,7 +8,7 @@ from lafid.cli import app
 from lafid.filter import FilterRefused, filter_output
 from lafid.recipe import Recipe
 from lafid.registry import STAGES, stage_class
-from lafid.report import read_table
+from lafid.shards import read_clips
 from lafid.runner import curate
 from lafid.sweep import sweeps
 
@@ -48,13 +48,13 @@ def outputs(distinct_videos, tmp_path_factory):
 def test_filtering_a_loose_run_strictly_equals_curating_strictly(outputs):
     root, strict = outputs
     stats = filter_output(root / "loose", strict, root / "filtered")
-    kept = {r["clip_id"] for r in read_table(root / "filtered").to_pylist()}
-    direct = {r["clip_id"] for r in read_table(root / "strict").to_pylist()}
-    loose = {r["clip_id"] for r in read_table(root / "loose").to_pylist()}
+    kept = {r["clip_id"] for r in read_clips(root / "filtered").to_pylist()}
+    direct = {r["clip_id"] for r in read_clips(root / "strict").to_pylist()}
+    loose = {r["clip_id"] for r in read_clips(root / "loose").to_pylist()}
     print(f"loose kept {len(loose)}, strict kept {len(direct)}, filtered kept {len(kept)}; {stats}")
     assert kept == direct and loose != direct and stats.changed > 0  # control: the loose run keeps more
-    labels = {r["clip_id"]: (r["speaking_label"], r["caption"]) for r in read_table(root / "filtered").to_pylist()}
-    was = {r["clip_id"]: (r["speaking_label"], r["caption"]) for r in read_table(root / "loose").to_pylist()}
+    labels = {r["clip_id"]: (r["speaking_label"], r["caption"]) for r in read_clips(root / "filtered").to_pylist()}
+    was = {r["clip_id"]: (r["speaking_label"], r["caption"]) for r in read_clips(root / "loose").to_pylist()}
     print({k: (was[k], v) for k, v in labels.items() if was[k] != v})
     assert any(was[k] != v for k, v in labels.items())  # control: a label and its caption changed
     assert shard_rows(root / "filtered") == shard_rows(root / "strict")
@@ -63,7 +63,7 @@ def test_filtering_a_loose_run_strictly_equals_curating_strictly(outputs):
 
 def test_rejected_clips_keep_their_measurements(outputs):
     root, _ = outputs
-    rejects = [r for r in read_table(root / "strict", "rejects").to_pylist() if r["stage"] == "face_constraints"]
+    rejects = [r for r in read_clips(root / "strict", kind="rejects").to_pylist() if r["stage"] == "face_constraints"]
     assert rejects and all(r["face_ratio"] is not None and len(r["frame_t"]) > 0 for r in rejects)
 
 
@@ -80,13 +80,13 @@ def test_clips_a_stricter_run_never_measured_stay_rejected(outputs, tmp_path):
     """Filtering the strict run loosely: clips strict rejected before speech measured them stay rejected."""
     root, _ = outputs
     stats = filter_output(root / "strict", _recipe("loose", LOOSE), tmp_path / "back")
-    before = {r["clip_id"]: (r["stage"], r["reason"]) for r in read_table(root / "strict", "rejects").to_pylist()}
-    after = {r["clip_id"]: (r["stage"], r["reason"]) for r in read_table(tmp_path / "back", "rejects").to_pylist()}
+    before = {r["clip_id"]: (r["stage"], r["reason"]) for r in read_clips(root / "strict", kind="rejects").to_pylist()}
+    after = {r["clip_id"]: (r["stage"], r["reason"]) for r in read_clips(tmp_path / "back", kind="rejects").to_pylist()}
     print(stats, after)
     assert after == before and stats.unmeasured == len(before) > 0
-    kept = {r["clip_id"] for r in read_table(tmp_path / "back").to_pylist()}
-    assert kept == {r["clip_id"] for r in read_table(root / "strict").to_pylist()}
-    loose = {r["clip_id"] for r in read_table(root / "loose").to_pylist()}
+    kept = {r["clip_id"] for r in read_clips(tmp_path / "back").to_pylist()}
+    assert kept == {r["clip_id"] for r in read_clips(root / "strict").to_pylist()}
+    loose = {r["clip_id"] for r in read_clips(root / "loose").to_pylist()}
     assert kept < loose  # control: a fresh loose run keeps them
 
 
@@ -113,7 +113,7 @@ def test_a_threshold_sweep_keeps_what_filtering_keeps(outputs):
     """The report's sweep of min_blur over the loose run, against the stored sharpness of each clip."""
     root, _ = outputs
     sweep = next(s for s in sweeps(root / "loose") if s["param"] == "min_blur")
-    blur = [r["blur_median"] for r in read_table(root / "loose").to_pylist()]
+    blur = [r["blur_median"] for r in read_clips(root / "loose").to_pylist()]
     print(sweep)
     assert sweep["kept"] == [sum(b >= v for b in blur) for v in sweep["values"]]
     assert len(set(sweep["kept"])) > 1  # control: the sweep moves across the stored values
@@ -135,9 +135,9 @@ def test_reject_shards_without_measurements_read_beside_new_ones(outputs, tmp_pa
     ledger = pa.schema([f for f in REJECT_SCHEMA if f.name in ("schema_version", "video_id", "clip_id", "source",
                         "clip_index", "start_s", "end_s", "stage", "reason", "detail")])
     rows = [{**r, "clip_id": "old-" + r["clip_id"], "schema_version": 1}
-            for r in read_table(root / "strict", "rejects").to_pylist()]
+            for r in read_clips(root / "strict", kind="rejects").to_pylist()]
     pq.write_table(pa.Table.from_pylist(rows, schema=ledger), old / "rejects-0000-v1.parquet")
-    both = read_table(old, "rejects").to_pylist()
+    both = read_clips(old, kind="rejects").to_pylist()
     assert len(both) == 2 * len(rows)
     assert all(r["face_ratio"] is None for r in both if r["clip_id"].startswith("old-"))
     assert any(r["face_ratio"] is not None for r in both if not r["clip_id"].startswith("old-"))  # control

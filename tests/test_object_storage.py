@@ -14,7 +14,7 @@ import pytest
 
 import runtime_stages
 from lafid.recipe import Recipe
-from lafid.report import read_table
+from lafid.shards import find_shards, read_clips, shard_files
 from lafid.runner import curate
 from lafid.video import content_id
 
@@ -86,7 +86,7 @@ def store_rows(fs, prefix, local):
     for info in fs.get_file_info(pafs.FileSelector(prefix)):
         with fs.open_input_stream(info.path) as src:
             (local / Path(info.path).name).write_bytes(src.read())
-    table = read_table(local)
+    table = read_clips(local)
     return sorted(json.dumps(r, sort_keys=True) for r in table.to_pylist()), local
 
 
@@ -137,6 +137,11 @@ def test_s3_round_trip_with_resume_after_the_driver_is_killed(s3, stages_and_sta
     out, local = store_rows(s3, "lafid/out", tmp_path / "out")
     assert out == clean
     assert not (local / "clips-0000orphan.parquet").exists()  # the unrecorded shard was removed
+    # the one reader of an output reads the store itself, as CoFE training's `find_shards` does
+    assert sorted(json.dumps(r, sort_keys=True) for r in read_clips("s3://lafid/out").to_pylist()) == clean
+    fs, files = find_shards(["s3://lafid/out"])
+    assert files == shard_files("s3://lafid/out") and len(files) == 5 and fs.type_name == "s3"
+    assert all(f.startswith("lafid/out/clips-") for f in files)
     done = recorded(s3, "lafid/out")
     assert len(done) == len(set(done)) == 5
     assert "_curate.log" in {Path(i.path).name for i in s3.get_file_info(pafs.FileSelector("lafid/out"))}

@@ -11,7 +11,7 @@ import pytest
 
 from lafid import media, schema
 from lafid.recipe import Recipe
-from lafid.report import read_table
+from lafid.shards import read_clips
 from lafid.runner import curate
 
 RECIPE = Recipe(name="names", stages=[{"stage": "shot_split", "params": {"min_clip_s": 0.5}}])
@@ -56,7 +56,7 @@ def test_a_folder_named_like_a_video_and_given_by_name_gets_a_row(odd_folder, tm
 def _by_path(out) -> dict[bytes, list[dict]]:
     rows: dict[bytes, list[dict]] = {}
     for kind in ("clips", "rejects"):
-        for row in (read_table(out, kind) or pa.table({})).to_pylist():
+        for row in (read_clips(out, kind=kind) or pa.table({})).to_pylist():
             rows.setdefault(os.fsencode(schema.source_path(row)), []).append(row)
     return rows
 
@@ -90,13 +90,13 @@ def test_control_without_lossless_source_one_name_sinks_the_run(odd_folder, tmp_
 def test_shards_of_schema_version_1_read_beside_version_2(odd_folder, tmp_path):
     folder, _ = odd_folder
     curate(RECIPE, [os.path.join(folder, "new\nline.mp4")], tmp_path, executor="sequential")
-    v2 = read_table(tmp_path)
+    v2 = read_clips(tmp_path)
     old = v2.drop_columns(["source_bytes"]).to_pylist()
     for row in old:
         row.update(schema_version=1, clip_id="old-" + row["clip_id"])
     v1_schema = pa.schema([f for f in schema.CLIP_SCHEMA if f.name != "source_bytes"])
     pq.write_table(pa.Table.from_pylist(old, schema=v1_schema), tmp_path / "clips-0000-v1.parquet")
-    both = read_table(tmp_path).to_pylist()
+    both = read_clips(tmp_path).to_pylist()
     assert sorted(r["schema_version"] for r in both) == [1] * len(old) + [2] * v2.num_rows
     assert {schema.source_path(r) for r in both} == {os.path.join(folder, "new\nline.mp4")}
     # control: read without the current schema, the first (version 1) file's columns win

@@ -15,7 +15,7 @@ import fault_stages
 from lafid import runner
 from lafid.cli import app
 from lafid.recipe import Recipe
-from lafid.report import read_table
+from lafid.shards import read_clips
 from lafid.runner import curate
 from lafid.shards import MANIFEST
 from lafid.storage import LOCK, OutputBusy, OutputLock
@@ -73,7 +73,7 @@ def test_a_second_run_into_a_busy_folder_stops_and_the_first_run_is_clean(videos
         curate(Recipe(**json.loads(recipe.read_text())), videos, tmp_path / "clean", executor="sequential")
     finally:
         fault_stages.unregister()
-    assert read_table(out).sort_by("clip_id").to_pylist() == read_table(tmp_path / "clean").sort_by("clip_id").to_pylist()
+    assert read_clips(out).sort_by("clip_id").to_pylist() == read_clips(tmp_path / "clean").sort_by("clip_id").to_pylist()
     assert len((out / MANIFEST).read_text().splitlines()) == 1
     OutputLock(out).acquire().release()  # released when the first run ended
 
@@ -149,12 +149,12 @@ def test_an_unreadable_input_gets_a_reject_row(videos, split_recipe, tmp_path):
     locked.chmod(0o000)
     result = unprivileged_cli(videos[0], locked, "--out", tmp_path / "out", "--recipe", split_recipe, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    rejects = read_table(tmp_path / "out", "rejects").to_pylist()
+    rejects = read_clips(tmp_path / "out", kind="rejects").to_pylist()
     assert [(r["source"], r["reason"]) for r in rejects] == [(str(locked), "unreadable")]
-    assert read_table(tmp_path / "out").column("source").to_pylist() == [videos[0]]
+    assert read_clips(tmp_path / "out").column("source").to_pylist() == [videos[0]]
     locked.chmod(0o644)  # control: readable, the same file is a clip
     again = unprivileged_cli(locked, "--out", tmp_path / "again", "--recipe", split_recipe, cwd=tmp_path)
-    assert again.returncode == 0 and read_table(tmp_path / "again", "rejects") is None
+    assert again.returncode == 0 and read_clips(tmp_path / "again", kind="rejects") is None
 
 
 def test_a_different_recipe_stops_unless_allowed(videos, split_recipe, tmp_path):

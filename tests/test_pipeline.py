@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from lafid import media
 from lafid.cli import app
 from lafid.recipe import RecipeError, load_recipe
-from lafid.report import read_table
+from lafid.shards import read_clips
 from lafid.runner import curate
 from lafid.shards import MANIFEST
 from lafid.video import content_id
@@ -46,8 +46,8 @@ def sequential_out(recipe, inputs, tmp_path_factory):
 
 
 def test_every_input_ends_as_clips_or_rejects_exactly_once(sequential_out, inputs):
-    clips = read_table(sequential_out).to_pylist()
-    rejects = read_table(sequential_out, "rejects").to_pylist()
+    clips = read_clips(sequential_out).to_pylist()
+    rejects = read_clips(sequential_out, kind="rejects").to_pylist()
     assert len({c["clip_id"] for c in clips}) == len(clips)
     ids = {content_id(p) for p in inputs}
     seen = {c["video_id"] for c in clips} | {r["video_id"].split("~")[0] for r in rejects}

@@ -13,7 +13,7 @@ import fault_stages
 from lafid import media
 from lafid.cli import app
 from lafid.recipe import Recipe
-from lafid.report import read_table
+from lafid.shards import read_clips
 from lafid.router import RunFailed, SetupFailed
 from lafid.runner import curate
 from lafid.shards import MANIFEST
@@ -69,7 +69,7 @@ def test_poison_inputs_cost_only_themselves_and_retry_failed_redoes_them(
     stats = curate(recipe, inputs, out, executor="ray")
     assert stats.videos_done == 9
     assert rows(out) == healthy_clips  # every healthy clip kept, though batches with poison died
-    rejects = read_table(out, "rejects").to_pylist()
+    rejects = read_clips(out, kind="rejects").to_pylist()
     assert sorted(r["source"] for r in rejects) == sorted(poison)
     assert {(r["stage"], r["reason"]) for r in rejects} == {("crash_on_marker", "worker_crashed")}
     assert all("died 2 times" in r["detail"] and "\x1b" not in r["detail"] for r in rejects)
@@ -80,7 +80,7 @@ def test_poison_inputs_cost_only_themselves_and_retry_failed_redoes_them(
     assert again.videos_skipped == 9 and again.videos_done == 0  # rejects are final without --retry-failed
     retried = curate(recipe, inputs, out, executor="ray", retry_failed=True)
     assert retried.videos_done == 3 and retried.kept == 3
-    assert rows(out) == rows(clean) and read_table(out, "rejects") is None
+    assert rows(out) == rows(clean) and read_clips(out, kind="rejects") is None
     done = manifest_videos(out)
     assert len(done) == len(set(done)) == 9
 
@@ -119,8 +119,8 @@ def test_a_stage_that_drops_or_doubles_a_clip_gets_a_stage_error_row(
     recipe = Recipe(name="misroute", stages=[SPLIT, {"stage": "misroute"}])
     stats = curate(recipe, inputs, tmp_path, executor=executor)
     assert stats.videos_done == 3
-    assert read_table(tmp_path).column("source").to_pylist() == [inputs[0]]
-    rejects = {r["source"]: r for r in read_table(tmp_path, "rejects").to_pylist()}
+    assert read_clips(tmp_path).column("source").to_pylist() == [inputs[0]]
+    rejects = {r["source"]: r for r in read_clips(tmp_path, kind="rejects").to_pylist()}
     assert set(rejects) == set(inputs[1:])  # one row each: the doubled clip is not written twice
     assert rejects[inputs[1]]["reason"] == rejects[inputs[2]]["reason"] == "stage_error"
     assert rejects[inputs[1]]["detail"] == "returned no item for this clip"

@@ -14,7 +14,7 @@ import pytest
 import runtime_stages
 from lafid import ray_executor
 from lafid.recipe import Recipe, RecipeError, load_recipe
-from lafid.report import read_table
+from lafid.shards import read_clips
 from lafid.runner import curate
 
 from conftest import manifest_videos
@@ -117,7 +117,7 @@ def test_data_stays_in_the_object_store_and_pools_grow_and_shrink(
     monkeypatch.setattr(ray_executor, "IDLE_S", 0.5)
     stats = curate(carry_recipe(delay_s=2.0), videos, tmp_path, executor="ray")
     assert stats.videos_done == 6 and stats.kept == 7
-    clips = read_table(tmp_path).to_pylist()
+    clips = read_clips(tmp_path).to_pylist()
     for row in clips:  # each clip's 1 MiB array reached the next stage intact, through the object store
         item = runtime_stages.Item(source="", video_id="", start_s=row["start_s"], end_s=row["end_s"])
         assert row["face_ratio"] == pytest.approx(runtime_stages.fill_value(item) / 255)
@@ -152,7 +152,7 @@ def test_kill_9_of_a_stage_actor_mid_run_leaves_complete_output_without_worker_c
     assert killed and len(list(pids.iterdir())) >= 2  # a fresh worker replaced the killed one
     assert stats.videos_done == 6
     assert rows(out) == rows(clean) and len(rows(out)) == 7
-    assert read_table(out, "rejects") is None  # no worker_crashed (or any other) row
+    assert read_clips(out, kind="rejects") is None  # no worker_crashed (or any other) row
     done = manifest_videos(out)
     assert len(done) == len(set(done)) == 6
 
@@ -182,7 +182,7 @@ def test_a_worker_node_leaves_a_three_node_cluster_mid_run(carry_stages, videos,
     log = (out / "_curate.log").read_text()
     assert "a worker died" in log or "was lost" in log  # and the run noticed: actors or data went with it
     assert rows(out) == rows(clean) and len(rows(out)) == 7
-    assert read_table(out, "rejects") is None
+    assert read_clips(out, kind="rejects") is None
     done = manifest_videos(out)
     assert len(done) == len(set(done)) == 6
 

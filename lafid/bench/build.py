@@ -35,7 +35,7 @@ from lafid.cofe.exclude import SPLIT
 from lafid.face.detect import square_crop
 from lafid.face.pose import BUCKETS, pose_bucket
 from lafid.identity.cluster import OUTPUT as IDENTITIES
-from lafid.report import read_table
+from lafid.shards import read_clips, shard_files
 from lafid.storage import write_atomic, write_text_atomic
 from lafid.video import sample_frames
 
@@ -87,11 +87,11 @@ def load_clips(shards: list[Path]) -> list[dict]:
     rows: list[dict] = []
     for folder in shards:
         folder = Path(folder)
-        files = sorted(folder.glob("clips-*.parquet"))
+        files = shard_files(folder)
         if not files:
             raise BenchError(f"{folder}: no clips-*.parquet shards (make them with `lafid curate VIDEOS --out {folder}`)")
         names = set(pq.read_schema(files[0]).names)
-        clips = read_table(folder, "clips", columns=[c for c in CLIP_COLUMNS if c in names]).to_pylist()
+        clips = read_clips(folder, [c for c in CLIP_COLUMNS if c in names]).to_pylist()
         ident_path = folder / IDENTITIES
         if not ident_path.exists():
             raise BenchError(f"{folder}: no {IDENTITIES}; bench cases are split by identity, so run "

@@ -3,13 +3,13 @@
 The model is rebuilt as training built it (`lafid.cofe.model.CoFEModel` from the CoFE recipe,
 seeded like the trainer, so parts made from a `config` get the same random weights), its
 trained weights (CoFE, LoRA; the EMA when the checkpoint has one) are loaded
-(`lafid.cofe.api.checkpoint_weights`), and `sample` runs Wan's flow-matching sampling on its
+(`lafid.cofe.checkpoint.checkpoint_weights`), and `sample` runs Wan's flow-matching sampling on its
 transformer, VAE and text encoder, as diffusers' `WanPipeline` does (tested equal), with
 text and face classifier-free guidance (`guided_velocity`); a `mode: i2v` recipe samples
 image-to-video from a first frame. `--model-dir` names a local diffusers Wan pipeline folder
 (`model_index.json`, `transformer/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`)
 whose parts replace the recipe's. The case's reference image gives the experts their faces
-(SCRFD box and landmarks, cropped and aligned as the training data loader does); prompts
+(`lafid.cofe.api.reference_faces`: SCRFD box and landmarks, cut as the training loader cuts them); prompts
 are embedded as in training. Videos are written to a temporary name and renamed, so a
 rerun skips every case already written.
 """
@@ -78,7 +78,7 @@ def load_model(recipe: str | Path, checkpoint: str | Path, model_dir: str | Path
     in eval mode; its recipe; the weights file read)."""
     import torch
 
-    from lafid.cofe.api import checkpoint_weights
+    from lafid.cofe.checkpoint import checkpoint_weights
     from lafid.cofe.model import CoFEModel
 
     weights, weights_file = checkpoint_weights(checkpoint, ema)
@@ -106,35 +106,23 @@ def scheduler_for(r, model_dir: str | Path | None):
                                    flow_shift=r.train.flow_shift)
 
 
-class FaceInput:
-    """The experts' inputs from a reference image, made as the training loader makes them."""
+def reference_batch(image: np.ndarray, face_size: int, margin: float, detector=None) -> dict:
+    """The experts' inputs from a bench reference image (`lafid.cofe.api.reference_faces`), as a batch of one;
+    `detected` says whether a face was found: without one, bench references are cut with the face box
+    centred at 1/REF_MARGIN of the side."""
+    import torch
 
-    def __init__(self, face_size: int, margin: float):
-        from lafid.face.detect import ScrfdFaces
-        from lafid.face.embed import EMBEDDED_SCRFD, embedded_model
+    from lafid.cofe.api import NoFace, reference_faces
 
-        self.face_size, self.margin = face_size, margin
-        path = embedded_model(EMBEDDED_SCRFD)
-        self.detector = ScrfdFaces(path) if path is not None else None
-
-    def __call__(self, image: np.ndarray) -> dict:
-        import torch
-
-        from lafid.cofe.data import FacePose, crop_face, identity_face
-
-        h, w = image.shape[:2]
-        faces = self.detector.detect(image) if self.detector is not None else []
-        scale = np.array([w, h, w, h], np.float64)
-        if faces:
-            box = tuple(faces[0].box / scale)
-            kps = None if faces[0].kps is None else tuple((faces[0].kps / np.array([w, h], np.float32)).ravel())
-        else:  # bench references are cut with the face box centred at 1/REF_MARGIN of the side
-            half = 0.5 / REF_MARGIN
-            box, kps = (0.5 - half, 0.5 - half, 0.5 + half, 0.5 + half), None
-        pose = FacePose(t=0.0, pitch=0.0, bucket="frontal", box=box, kps=kps, embedding=None)
-        return {"face": torch.from_numpy(crop_face(image, box, self.margin, self.face_size))[None],
-                "id_face": torch.from_numpy(identity_face(image, pose, self.margin))[None],
-                "id_embedding": None, "has_id": torch.tensor([False]), "detected": bool(faces)}
+    try:
+        face, id_face = reference_faces(image, face_size, margin, detector)
+        detected = True
+    except NoFace:
+        half = 0.5 / REF_MARGIN
+        face, id_face = reference_faces(image, face_size, margin, box=(0.5 - half, 0.5 - half, 0.5 + half, 0.5 + half))
+        detected = False
+    return {"face": torch.from_numpy(face)[None], "id_face": torch.from_numpy(id_face)[None],
+            "id_embedding": None, "has_id": torch.tensor([False]), "detected": detected}
 
 
 def guided_velocity(model, latents, t, text, negative, features: dict, s: GenerateSettings,
@@ -241,13 +229,15 @@ def generate(bench: str | Path, out: str | Path, recipe: str | Path, checkpoint:
                                   "weights": str(weights), "model_dir": None if model_dir is None else str(model_dir),
                                   **s.__dict__, "notes": notes}, indent=2) + "\n", out / SETTINGS)
     scheduler = scheduler_for(r, model_dir)
-    faces = FaceInput(r.data.face_size, r.data.face_margin)
+    from lafid.cofe.api import reference_detector
+
+    detector = reference_detector()
     negative = model.text([s.negative_prompt])
     if r.mode == "i2v" and not all(c.get("first_image") for c in todo):
         raise ValueError(f"{bench} was built without the targets' first frames (first_image), which i2v "
                          f"generation starts from: rebuild it with `lafid bench build`")
     for c in todo:
-        batch = faces(read_rgb(bench / c["ref_image"]))
+        batch = reference_batch(read_rgb(bench / c["ref_image"]), r.data.face_size, r.data.face_margin, detector)
         text = model.text([c["prompt"] or ""])
         first = fit(read_rgb(bench / c["first_image"]), s.width, s.height) if r.mode == "i2v" else None
         with torch.no_grad():

@@ -128,17 +128,12 @@ class CurricularFace:
     """CurricularFace IR-101 from a weights file (.pth/.bin state dict or .safetensors)."""
 
     def __init__(self, path: str | Path, units=IR101_UNITS, width: int = 64):
-        import torch
+        from lafid.cofe.checkpoint import load_weights
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"CurricularFace weights not found: {path}")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = load_weights(path)
         self.net = curricular_backbone(units, width)
         try:
             self.net.load_state_dict(state)

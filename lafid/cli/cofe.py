@@ -92,21 +92,15 @@ WARNINGS_LOG = "warnings.log"
 
 def _require_shards(recipe: str, sources: List[str]) -> None:
     """Fail before any model is built when a folder of `data.shards` is missing or holds no clip shards."""
-    import fsspec
-    from fsspec.implementations.local import LocalFileSystem
-
-    from lafid.cofe.data import SHARD_GLOB
+    from lafid.shards import shards_missing
+    from lafid.storage import is_url
 
     for source in sources:
-        fs, path = fsspec.core.url_to_fs(str(source))
-        if not fs.exists(path):
-            problem = "does not exist"
-        elif fs.isdir(path) and not fs.glob(f"{path.rstrip('/')}/{SHARD_GLOB}"):
-            problem = f"holds no {SHARD_GLOB}"
-        else:
+        path, problem = shards_missing(source)
+        if problem is None:
             continue
         how = f"`lafid curate VIDEOS --out {path}`"
-        if isinstance(fs, LocalFileSystem) and Path(path).name == "shards":
+        if not is_url(str(source)) and Path(path).name == "shards":
             how = f"`lafid demo --out {Path(path).parent}` (sample footage) or {how}"
         raise FileNotFoundError(f"no clip shards for recipe {recipe}: data.shards entry {source!r} ({path}) "
                                 f"{problem}; make them with {how}, or point data.shards at a curate output")

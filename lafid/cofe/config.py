@@ -52,7 +52,7 @@ class TextConfig(ModelSource):
 
 
 class DataConfig(StrictModel):
-    shards: list[str] = Field(..., description="folders (searched for clips-*.parquet) or shard files; any fsspec URL")
+    shards: list[str] = Field(..., description="folders (searched for clips-*.parquet) or shard files; local paths or URLs (s3://, gs://, file://)")
     exclude: list[str] = Field([], description="bench folders (lafid bench build) whose identities training skips")
     num_frames: int = Field(5, ge=1, description="target frames per clip (Wan: 4k+1)")
     frame_stride: int = Field(2, ge=1, description="source frames between target frames")

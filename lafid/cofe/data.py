@@ -17,7 +17,7 @@ import posixpath
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -32,30 +32,12 @@ from lafid.face.detect import square_crop
 from lafid.face.embed import ARCFACE_SIZE, arcface_align
 from lafid.face.pose import pose_bucket
 from lafid.schema import source_path
+from lafid.shards import find_shards
 from lafid.video import sample_frames
 
-SHARD_GLOB = "clips-*.parquet"
 COLUMNS = ["clip_id", "source", "source_bytes", "start_s", "end_s", "fps", "frame_t", "frame_yaw", "frame_pitch",
            "frame_box", "frame_kps", "pose_buckets", "caption", "id_backend", "id_ref_embedding", "id_ref_t",
            "id_rep_embeddings", "id_rep_t", "id_rep_yaw", "id_model_sha256", "clip_file"]
-
-
-def resolve_shards(sources: Sequence[str]) -> tuple[Any, list[str]]:
-    """(pyarrow filesystem, shard paths) for folders or files on any fsspec filesystem."""
-    import fsspec
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    files: list[str] = []
-    fs = None
-    for source in sources:
-        fs_, path = fsspec.core.url_to_fs(str(source))
-        if fs is not None and fs_.protocol != fs.protocol:
-            raise ValueError("all shards must live on one filesystem")
-        fs = fs_
-        files += sorted(fs.glob(f"{path.rstrip('/')}/{SHARD_GLOB}")) if fs.isdir(path) else [path]
-    if not files:
-        raise FileNotFoundError(f"no {SHARD_GLOB} under {list(sources)}")
-    return PyFileSystem(FSSpecHandler(fs)), files
 
 
 def exported_clip(row: dict, shard_path: str) -> dict:
@@ -209,7 +191,7 @@ class ClipDataset(IterableDataset):
 
     def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, cache_shards: int = 2):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.fs, self.files = resolve_shards(cfg.shards)
+        self.fs, self.files = find_shards(cfg.shards)
         self.cache_shards = cache_shards
         self.rows: list[list[int]] = []      # row indices per file
         self.weights: list[np.ndarray] = []  # repeat factor per row

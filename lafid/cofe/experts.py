@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lafid.cofe.checkpoint import load_weights
 from lafid.cofe.config import IdentityConfig, ModelSource
 from lafid.face.embed import ARCFACE_MEAN, ARCFACE_SIZE, ARCFACE_STD, ArcFaceEncoder
 
@@ -49,14 +50,6 @@ class IResNet(nn.Module):
         return self.head(self.stages(self.stem(x)))
 
 
-def _load_state(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(str(path), map_location="cpu", weights_only=True)
-
-
 class IdentityExpert(nn.Module):
     """f_id: one 512-d (or `dim`) ArcFace vector per face, as a single token (one token per face when a
     sample has several, `data.id_references`).
@@ -80,7 +73,7 @@ class IdentityExpert(nn.Module):
         else:
             self.net = IResNet(cfg.layers, cfg.width, cfg.dim)
             if cfg.path:
-                self.net.load_state_dict(_load_state(Path(cfg.path)))
+                self.net.load_state_dict(load_weights(cfg.path))
             self.name = f"arcface:{Path(cfg.path).stem}" if cfg.path else "arcface:random-iresnet"
             self.sha256 = None  # a torch port: no ONNX file whose hash shards could carry
         self.requires_grad_(False).eval()

@@ -96,8 +96,8 @@ def write_maps(maps: dict[str, np.ndarray], frames: np.ndarray, out: Path, prefi
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lafid.cofe.api import checkpoint_weights, reference_faces
-    from lafid.cofe.config import CoFERecipe
+    from lafid.cofe.api import reference_faces
+    from lafid.cofe.checkpoint import checkpoint_recipe, checkpoint_weights
     from lafid.cofe.data import decode_frames, fit
     from lafid.video import probe
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-ema", action="store_true", help="the last trained weights, not their EMA")
     args = ap.parse_args(argv)
 
-    recipe = CoFERecipe.model_validate_json((args.checkpoint / "recipe.json").read_text())
+    recipe = checkpoint_recipe(args.checkpoint)
     torch.manual_seed(recipe.train.seed)  # as the trainer: parts built from a config get the same weights
     model = CoFEModel(recipe).eval()
     model.load_state_dict(checkpoint_weights(args.checkpoint, ema=not args.no_ema)[0], strict=False)

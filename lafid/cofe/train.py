@@ -1,12 +1,7 @@
 """CoFE training loop: accelerate, AdamW on CoFE (+LoRA), grad accumulation, exact resume.
 
-Checkpoints are safetensors plus JSON, never pickle: `trainable.safetensors` (CoFE +
-LoRA weights), `ema.safetensors` (their EMA, when `train.ema_decay` > 0),
-`optimizer.safetensors` + `optimizer.json` (AdamW moments and its param groups),
-`recipe.json` (the recipe, so `lafid.cofe.api.load_cofe` needs only the folder),
-and per rank `rank{r}.safetensors` (torch RNG states) + `rank{r}.json` (step, data
-position, LR scheduler). Loading one and going on gives the same parameters as
-never stopping.
+Checkpoints (`checkpoint-<step>/`, safetensors plus JSON) are written and read by
+`lafid.cofe.checkpoint`; loading one and going on gives the same parameters as never stopping.
 """
 
 from __future__ import annotations
@@ -21,12 +16,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from lafid.cofe.checkpoint import EMA_WEIGHTS, WEIGHTS, rng_state, set_rng_state
+from lafid.cofe import checkpoint
 from lafid.cofe.config import CoFERecipe, load_cofe_recipe
 from lafid.cofe.data import ClipDataset, collate
 from lafid.cofe.model import CoFEModel
-
-CKPT_PREFIX = "checkpoint-"
 
 
 @dataclass
@@ -36,17 +29,6 @@ class TrainResult:
     clips: int = 0
     seconds: float = 0.0
     checkpoint: Path | None = None
-
-
-def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    state = optimizer.state_dict()
-    tensors = {f"{i}.{k}": v.contiguous() for i, s in state["state"].items() for k, v in s.items()}
-    return tensors, {"param_groups": state["param_groups"], "state_keys": {str(i): list(s) for i, s in state["state"].items()}}
-
-
-def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state = {int(i): {k: tensors[f"{i}.{k}"] for k in keys} for i, keys in meta["state_keys"].items()}
-    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def sample_generators(seed: int, places: list[tuple[int, int]]) -> list[torch.Generator]:
@@ -66,11 +48,6 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str, min
     done = min(1.0, (step + 1 - warmup) / max(1, total_steps - warmup + 1))
     decay = 1.0 - done if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
     return min_ratio + (1.0 - min_ratio) * decay
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    done = [p for p in output_dir.glob(f"{CKPT_PREFIX}*") if (p / "done").exists()]
-    return max(done, key=lambda p: int(p.name[len(CKPT_PREFIX):]), default=None)
 
 
 class Trainer:
@@ -126,55 +103,10 @@ class Trainer:
         return self.optimizer.optimizer  # accelerate's wrapper holds the torch optimizer
 
     def save(self, folder: Path) -> Path:
-        from safetensors.torch import save_file
-
-        folder.mkdir(parents=True, exist_ok=True)
-        rank = self.acc.process_index
-        if self.sharded:
-            from lafid.cofe.shard import save_sharded
-
-            save_sharded(self, folder)
-        elif self.acc.is_main_process:
-            save_file({k: v.detach().contiguous() for k, v in self.core.trainable_state().items()},
-                      folder / WEIGHTS)
-            if self.ema is not None:
-                save_file({k: v.contiguous() for k, v in self.ema.items()}, folder / EMA_WEIGHTS)
-            (folder / "recipe.json").write_text(self.recipe.model_dump_json(indent=1))
-            tensors, meta = _optimizer_to_files(self.plain_optimizer)
-            save_file(tensors, folder / "optimizer.safetensors")
-            (folder / "optimizer.json").write_text(json.dumps(meta))
-        save_file(rng_state(), folder / f"rank{rank}.safetensors")
-        (folder / f"rank{rank}.json").write_text(json.dumps(
-            {"step": self.step, "epoch": self.epoch, "offset": self.offset, "scheduler": self.scheduler.state_dict()}))
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            (folder / "done").write_text(str(self.step))
-            from lafid.cofe.shard import prune_checkpoints
-
-            prune_checkpoints(folder.parent, self.recipe.train.save_total_limit, CKPT_PREFIX)
-        return folder
+        return checkpoint.save(self, folder)
 
     def load(self, folder: Path) -> None:
-        from safetensors.torch import load_file
-
-        if self.sharded:
-            from lafid.cofe.shard import load_sharded
-
-            return load_sharded(self, folder)
-        rank = self.acc.process_index
-        weights = load_file(str(folder / WEIGHTS))
-        missing = set(self.core.trainable_state()) - set(weights)
-        if missing:
-            raise KeyError(f"{folder}: checkpoint lacks {sorted(missing)[:3]}...")
-        self.core.load_state_dict(weights, strict=False)
-        if self.ema is not None:
-            self.ema = load_file(str(folder / EMA_WEIGHTS))
-        self.plain_optimizer.load_state_dict(_optimizer_from_files(load_file(str(folder / "optimizer.safetensors")),
-                                                  json.loads((folder / "optimizer.json").read_text())))
-        meta = json.loads((folder / f"rank{rank}.json").read_text())
-        self.scheduler.load_state_dict(meta["scheduler"])
-        self.step, self.epoch, self.offset = meta["step"], meta["epoch"], meta["offset"]
-        set_rng_state(load_file(str(folder / f"rank{rank}.safetensors")))
+        checkpoint.load(self, folder)
 
     def batches(self):
         """Endless (batch, size) stream from the saved data position, one epoch after another: one
@@ -232,7 +164,7 @@ class Trainer:
                     fh.write(json.dumps({"step": self.step, "loss": total, "lr": self.scheduler.get_last_lr()[0],
                                          **self.core.adapter.gate_stats()}) + "\n")
             if self.step % t.save_every == 0 or self.step == steps:
-                result.checkpoint = self.save(Path(t.output_dir) / f"{CKPT_PREFIX}{self.step}")
+                result.checkpoint = self.save(Path(t.output_dir) / f"{checkpoint.PREFIX}{self.step}")
         bar.close()
         result.steps, result.seconds = self.step, time.perf_counter() - start
         return result
@@ -247,7 +179,7 @@ def main(recipe_path: str | Path, resume: bool = True, steps: int | None = None,
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(
             update={"exclude": [*recipe.data.exclude, *map(str, exclude)]})})
     trainer = Trainer(recipe)
-    last = latest_checkpoint(Path(recipe.train.output_dir)) if resume else None
+    last = checkpoint.latest_checkpoint(recipe.train.output_dir) if resume else None
     if last is not None:
         trainer.load(last)
     return trainer.fit(steps, progress=progress)

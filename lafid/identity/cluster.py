@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from lafid.face.embed import pairwise
-from lafid.report import read_table
+from lafid.shards import read_clips
 from lafid.schema import IDENTITY_SCHEMA
 from lafid.shards import write_atomic
 
@@ -152,7 +152,7 @@ def identities(out_dir: str | Path, threshold: float | None = None, cell_size: i
     threshold and the sorted cluster sizes.
     """
     out_dir = Path(out_dir)
-    table = read_table(out_dir, "clips", columns=["clip_id", "video_id", "id_backend", "id_metric", "id_threshold",
+    table = read_clips(out_dir, columns=["clip_id", "video_id", "id_backend", "id_metric", "id_threshold",
                                                    "id_ref_embedding"])
     if table is None:
         raise FileNotFoundError(f"no clips-*.parquet shards in {out_dir}")

@@ -21,9 +21,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lafid.face.pose import BUCKETS, pose_bucket
-from lafid.report.summary import read_table, require_output, shard_files
+from lafid.report.summary import require_output
 from lafid.run_record import RUNS, read_runs
-from lafid.shards import read_manifest
+from lafid.shards import read_clips, read_manifest, shard_files
 from lafid.sweep import sweeps
 
 # Columns the report reads; older or newer shards may lack some, and the report shows what is there.
@@ -157,7 +157,7 @@ def run_facts(out_dir: Path, clips: pa.Table | None, manifest: list[dict]) -> di
     if extra:
         facts["manifest_other"] = extra
     facts["flushes"] = len(manifest)
-    shards = shard_files(out_dir)
+    shards = shard_files(out_dir, None)
     facts["parquet_written_by"] = sorted({pq.read_metadata(p).created_by for p in shards[:50]})
     facts["schema_versions"] = sorted({int(v) for v in _column(clips, "schema_version", np.int64)})
     for name in ("id_backend", "id_metric", "caption_source", "language"):
@@ -179,10 +179,10 @@ def collect(out_dir: str | Path, label: str | None = None) -> Run:
     out_dir = Path(out_dir)
     require_output(out_dir)
     manifest = read_manifest(out_dir)
-    files = [p for p in out_dir.glob("clips-*.parquet")]
+    files = shard_files(out_dir)
     names = set(pq.read_schema(files[0]).names) if files else set()
-    clips = read_table(out_dir, "clips", [c for c in (*CLIP_COLUMNS, *QUALITY_KEYS) if c in names]) if files else None
-    rejects = read_table(out_dir, "rejects")
+    clips = read_clips(out_dir, [c for c in (*CLIP_COLUMNS, *QUALITY_KEYS) if c in names]) if files else None
+    rejects = read_clips(out_dir, kind="rejects")
     n = clips.num_rows if clips is not None else 0
     videos = len({v for e in manifest for v in e["videos"]})
     start, end = _column(clips, "start_s"), _column(clips, "end_s")

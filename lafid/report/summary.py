@@ -5,24 +5,11 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.dataset as ds
 from rich.console import Group
 from rich.table import Table
 
 from lafid.face.pose import BUCKETS
-from lafid.schema import CLIP_SCHEMA, REJECT_SCHEMA
-from lafid.shards import MANIFEST, read_manifest
-
-
-def read_table(out_dir: str | Path, kind: str = "clips", columns: list[str] | None = None) -> pa.Table | None:
-    """All `clips-*` or `rejects-*` shards of an output as one table (None if there are none), in the
-    current schema: shards of an older schema version read with the columns they lack as null."""
-    files = sorted(str(p) for p in Path(out_dir).glob(f"{kind}-*.parquet"))
-    if not files:
-        return None
-    schema = {"clips": CLIP_SCHEMA, "rejects": REJECT_SCHEMA}.get(kind)
-    return ds.dataset(files, format="parquet", schema=schema).to_table(columns=columns)
+from lafid.shards import MANIFEST, read_clips, read_manifest, shard_files
 
 
 def count_table(title: str, column: str, counts: Counter) -> Table:
@@ -35,16 +22,11 @@ def count_table(title: str, column: str, counts: Counter) -> Table:
     return table
 
 
-def shard_files(out_dir: Path) -> list[Path]:
-    """The clip and reject shards of an output."""
-    return sorted(p for p in out_dir.glob("*.parquet") if p.name.startswith(("clips-", "rejects-")))
-
-
 def require_output(out_dir: str | Path) -> None:
     """Raise FileNotFoundError unless `out_dir` holds a curate output (a manifest or shards), naming the
     outputs just inside it: `lafid demo --out out/demo` writes its shards to out/demo/shards."""
     out_dir = Path(out_dir)
-    if out_dir.is_dir() and (read_manifest(out_dir) or shard_files(out_dir)):
+    if out_dir.is_dir() and (read_manifest(out_dir) or shard_files(out_dir, None)):
         return
     inside = sorted(str(p.parent) for p in out_dir.glob(f"*/{MANIFEST}")) if out_dir.is_dir() else []
     hint = f"; curate outputs inside it: {', '.join(inside)}" if inside else ""
@@ -54,7 +36,7 @@ def require_output(out_dir: str | Path) -> None:
 def summary(out_dir: str | Path) -> Group:
     out_dir = Path(out_dir)
     require_output(out_dir)
-    clips, rejects = read_table(out_dir, "clips"), read_table(out_dir, "rejects")
+    clips, rejects = read_clips(out_dir), read_clips(out_dir, kind="rejects")
     videos = sum(len(e["videos"]) for e in read_manifest(out_dir))
     counts = Table(title=f"{out_dir}")
     counts.add_column("videos done")
