@@ -14,6 +14,8 @@ recipe's parameters. Printed:
   and the voices of the other `speaking` clips (negatives); the in-step score of
   each, the out-of-step peak score of shifted voices (positives) and other voices
   (negatives), and the thresholds these give at the false-alarm rate asked for;
+- own voices' in-step score by speech length, and what each out-of-step peak
+  threshold buys (false peaks of other voices against voices 1 s late found);
 - the labels those thresholds would give, replayed from the stored columns.
 Only labels.csv says which clip is which; no file name enters a decision.
 
