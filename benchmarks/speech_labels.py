@@ -14,6 +14,8 @@ recipe's parameters. Printed:
   and the voices of the other `speaking` clips (negatives); the in-step score of
   each, the out-of-step peak score of shifted voices (positives) and other voices
   (negatives), and the thresholds these give at the false-alarm rate asked for;
+- own voices' in-step score by speech length, and what each out-of-step peak
+  threshold buys (false peaks of other voices against voices 1 s late found);
 - the labels those thresholds would give, replayed from the stored columns.
 Only labels.csv says which clip is which; no file name enters a decision.
 
@@ -188,12 +190,15 @@ def null_distribution(rows: list[dict], p: SpeechDisambiguationParams) -> dict:
             res = scored(a)
             if res is not None:
                 out["own"].append(res.score)
+                out["own_speech_s"].append(sum(max(0.0, min(e, w1) - max(b, w0))
+                                               for b, e in r["columns"]["speech_segments"]))
             for shift in SHIFTS_S:
                 res = scored(np.roll(a, int(shift * RATE)))
                 if res is not None:
                     out["shifted"].append(res.score)
                     found = res.peak_lag_s is not None and abs(res.peak_lag_s - shift) <= 0.15
                     out["shifted_peak"].append(res.peak_score if found else float("-inf"))
+                    out["shifted_by"].append(shift)
             for clip, voice in voices.items():
                 for offset in OTHER_OFFSETS_S if clip != r["clip"] else ():
                     res = scored(np.roll(np.resize(voice, len(a)), int(offset * RATE)))
@@ -214,6 +219,26 @@ def operating_point(null: dict, spreads: dict, false_alarm: float) -> dict:
     other_peak = np.array([v for v in null["other_peak"] if np.isfinite(v)] or [0.0])
     return {"min_sync_score": min_sync, "max_unsynced_score": round(min_sync - up(band), 1),
             "min_offset_score": up(np.quantile(other_peak, 1 - false_alarm, method="higher"))}
+
+
+def own_by_length(null: dict) -> None:
+    """Own voices' in-step score by speech length: how low a flat lag curve would have to be to say
+    a moving mouth is not the voice (the stage does not use it: see docs/speech.md, Limits)."""
+    own, length = np.array(null["own"]), np.array(null["own_speech_s"])
+    for lo, hi in ((3.0, 4.5), (4.5, 5.5), (5.5, np.inf)):
+        print(describe(f"in-step, own voice, {lo:g}-{hi:g} s speech", own[(length >= lo) & (length < hi)]))
+
+
+def offset_tradeoff(null: dict) -> None:
+    """What each out-of-step peak threshold buys: false peaks among other voices' curves (the stand-in
+    for a talking face whose sync cannot be measured, where a peak would be a false `voice_over`)
+    against own voices 1 s late found at their lag (longer shifts leave short windows little overlap)."""
+    other = np.array(null["other_peak"])
+    late = np.array([v for v, by in zip(null["shifted_peak"], null["shifted_by"]) if by == SHIFTS_S[0]])
+    print(f"  out-of-step peak threshold: false peaks of {len(other)} other voices / voices {SHIFTS_S[0]:g} s late "
+          f"found of {len(late)}")
+    for z in np.arange(3.2, 4.45, 0.3):
+        print(f"    z >= {z:.1f}: {np.mean(other >= z):5.1%} / {np.mean(late >= z):4.0%}")
 
 
 def describe(name: str, values) -> str:
@@ -271,6 +296,7 @@ def main() -> None:
     print(describe("in-step score, another voice", null["other"]))
     print(describe("out-of-step peak, own voice shifted", null["shifted_peak"]))
     print(describe("out-of-step peak, another voice", null["other_peak"]))
+    own_by_length(null)
     point = operating_point(null, spreads, args.false_alarm)
     negatives = np.array(null["shifted"] + null["other"])
     print(f"\noperating point at false alarm {args.false_alarm:.0%}: {point}")
@@ -284,6 +310,7 @@ def main() -> None:
     print(f"  at the recipe's min_offset_score: false peaks {np.mean(peaks >= stage.min_offset_score):.1%} of "
           f"{len(peaks)} other voices, shifted voices found at their shift "
           f"{np.mean(shifted >= stage.min_offset_score):.0%} of {len(shifted)}")
+    offset_tradeoff(null)
     replay = SpeechDisambiguationParams(**{**params, **point})
     print_figures("replayed at the operating point", label_figures(
         rows, lambda r: r["label"] if r["label"] == "no_audio" else decide(r["columns"], replay)))

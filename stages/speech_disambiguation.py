@@ -60,10 +60,10 @@ class SpeechDisambiguationParams(StageParams):
                                     "above which lips move (`mouthing`)")
     max_still_lips: float = Field(0.09, ge=0, description="during speech: lip activity below which the lips are "
                                   "still (evidence of `voice_over`)")
-    min_sync_score: float = Field(2.7, description="sync z-score at or above which the lips are in step (`speaking`)")
+    min_sync_score: float = Field(2.6, description="sync z-score at or above which the lips are in step (`speaking`)")
     max_unsynced_score: float = Field(1.8, description="sync z-score below which there is no in-step evidence "
                                       "(an out-of-step peak needs it to give `voice_over`)")
-    min_offset_score: float = Field(4.1, description="peak z-score of one clear out-of-step offset (`voice_over`)")
+    min_offset_score: float = Field(3.8, description="peak z-score of one clear out-of-step offset (`voice_over`)")
     min_offset_s: float = Field(0.5, gt=0, le=2.5, description="an out-of-step peak lies at least this far from 0")
     max_lag_s: float = Field(0.2, ge=0, le=0.5, description="audio-video offset searched for the in-step peak")
     min_sync_speech_s: float = Field(3.0, ge=0, description="less speech than this: lip/voice sync is no evidence "

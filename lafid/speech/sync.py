@@ -7,10 +7,15 @@ stopping a syllable):
 - the outer-lip height over mouth width (`lafid.speech.mouth`), measured at the
   video's own frame rate inside speech: the outer lip contour survives
   compression better than the thin inner-lip gap;
-- the articulation envelope: log energy of the 300-3000 Hz band (where vowel
-  formants and consonant bursts live), in 40 ms windows every 10 ms.
+- the articulation envelope: log energy of three bands between 300 and
+  3000 Hz (where vowel formants and consonant bursts live: first formant,
+  second formant, bursts and fricative onsets), in 40 ms windows every 10 ms.
 
-Their correlation is computed at every lag from -3 s to +3 s (the lag curve).
+Their correlation is computed at every lag from -3 s to +3 s, once per band,
+and the three are averaged (the lag curve): the bands move with different
+parts of articulation, so their chance agreements partly cancel while the true
+lag adds up (own voices found 77 % of the null's windows instead of 63 % with
+one 300-3000 Hz band, at the same 1 % false alarms; benchmarks/speech_labels.py).
 A raw correlation means little on its own (short clips and rhythmic speech make
 large chance values), so, in the spirit of SyncNet's offset confidence, two
 z-scores are read off the curve of the same clip:
@@ -35,7 +40,7 @@ from scipy.signal import butter, sosfiltfilt
 
 from lafid.speech.audio import RATE
 
-BAND_HZ = (300.0, 3000.0)
+BANDS_HZ = ((300.0, 800.0), (800.0, 1600.0), (1600.0, 3000.0))
 HOP_S = 0.01  # envelope step
 WINDOW_S = 0.04  # envelope window
 HIGHPASS_S = 1.0  # moving-average length removed from both signals
@@ -43,7 +48,7 @@ SMOOTH_S = 0.05  # smoothing before differentiating
 FAR_LAGS_S = (0.6, 3.0)  # lags whose correlations form the chance baseline; the curve spans +-FAR_LAGS_S[1]
 PEAK_WIDTH_S = 0.3  # lags this close to a peak belong to it, not to the baseline
 LAG_STEP_S = 0.02
-_BAND = butter(4, BAND_HZ, btype="band", fs=RATE, output="sos")
+_BANDS = [butter(4, band, btype="band", fs=RATE, output="sos") for band in BANDS_HZ]
 
 
 @dataclass(frozen=True)
@@ -57,17 +62,18 @@ class SyncResult:
 
 
 def articulation_envelope(audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(times, log band energy) every HOP_S seconds."""
+    """(times, log band energy per band: shape (times, len(BANDS_HZ))) every HOP_S seconds."""
     if len(audio) < 64:
-        return np.zeros(0), np.zeros(0)
-    band = sosfiltfilt(_BAND, audio.astype(np.float64))
-    power = np.concatenate([[0.0], np.cumsum(band ** 2)])
+        return np.zeros(0), np.zeros((0, len(BANDS_HZ)))
     n = int(len(audio) / RATE / HOP_S)
     centre = (np.arange(n) * HOP_S * RATE).astype(int)
     half = int(WINDOW_S * RATE / 2)
-    lo, hi = np.clip(centre - half, 0, len(band)), np.clip(centre + half, 0, len(band))
-    energy = (power[hi] - power[lo]) / np.maximum(hi - lo, 1)
-    return np.arange(n) * HOP_S, np.log(energy + 1e-8)
+    lo, hi = np.clip(centre - half, 0, len(audio)), np.clip(centre + half, 0, len(audio))
+    out = np.empty((n, len(_BANDS)))
+    for j, sos in enumerate(_BANDS):
+        power = np.concatenate([[0.0], np.cumsum(sosfiltfilt(sos, audio.astype(np.float64)) ** 2)])
+        out[:, j] = np.log((power[hi] - power[lo]) / np.maximum(hi - lo, 1) + 1e-8)
+    return np.arange(n) * HOP_S, out
 
 
 def movement(x: np.ndarray, rate: float) -> np.ndarray:
@@ -132,17 +138,17 @@ def lag_curve(t: np.ndarray, mouth: np.ndarray, audio: np.ndarray,
     et, env = articulation_envelope(audio)
     if len(et) < 2:
         return None
-    ev = movement(env, 1.0 / HOP_S)
+    evs = [movement(env[:, j], 1.0 / HOP_S) for j in range(env.shape[1])]
     lags, rs = [], []
     for lag in np.arange(-FAR_LAGS_S[1], FAR_LAGS_S[1] + 1e-9, LAG_STEP_S):
         shifted = mt + lag
         inside = (shifted >= et[0]) & (shifted <= et[-1])
         if inside.sum() < max(min_frames, len(mt) // 2):
             continue  # too little overlap at this lag to compare
-        r = _corr(mv[inside], np.interp(shifted[inside], et, ev))
+        r = np.mean([_corr(mv[inside], np.interp(shifted[inside], et, ev)) for ev in evs])
         if not np.isnan(r):
             lags.append(round(float(lag), 3))
-            rs.append(r)
+            rs.append(float(r))
     return np.array(lags), np.array(rs)
 
 
