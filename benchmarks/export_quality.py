@@ -26,7 +26,7 @@ from lafid.export import export  # noqa: E402
 from lafid.item import Item  # noqa: E402
 from lafid.schema import CLIP_SCHEMA, SCHEMA_VERSION, clip_id  # noqa: E402
 from lafid.video import content_id, probe, sample_frames  # noqa: E402
-from stages.clip_quality import ClipQuality  # noqa: E402
+from lafid.stages.clip_quality import ClipQuality  # noqa: E402
 
 SPAN = 3.0
 VIDEOS = ("jwpIntro.mp4", "WolfgangLanger_Pexels.mp4", "single_face_pingpong.mp4")

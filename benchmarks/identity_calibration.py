@@ -31,7 +31,7 @@ from lafid.identity import calibration as cal  # noqa: E402
 from lafid.item import Item  # noqa: E402
 from lafid.stage import StageWorker, pin_native_threads  # noqa: E402
 from lafid.video import content_id, probe  # noqa: E402
-from stages.face_constraints import FaceConstraints  # noqa: E402
+from lafid.stages.face_constraints import FaceConstraints  # noqa: E402
 
 def clip_faces(sample_fps: float) -> cal.Faces:
     """The subject track of every real clip, as the pipeline's Face Constraints stage hands it on."""

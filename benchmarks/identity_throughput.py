@@ -38,7 +38,7 @@ from lafid.face.track import subject  # noqa: E402
 from lafid.item import Item  # noqa: E402
 from lafid.stage import StageWorker, pin_native_threads  # noqa: E402
 from lafid.video import content_id, probe  # noqa: E402
-from stages.face_constraints import FaceConstraints  # noqa: E402
+from lafid.stages.face_constraints import FaceConstraints  # noqa: E402
 
 DEV_CLIPS = {"jwpIntro.mp4": "jwp", "WolfgangLanger_Pexels.mp4": "wolfgang", "single_face_pingpong.mp4": "single_face"}
 

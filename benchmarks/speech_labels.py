@@ -39,8 +39,8 @@ from lafid.speech.audio import RATE, extract_audio
 from lafid.speech.sync import lag_curve, score_curve
 from lafid.stage import StageWorker
 from lafid.video import content_id, probe
-from stages.face_constraints import FaceConstraints
-from stages.speech_disambiguation import SpeechDisambiguation, SpeechDisambiguationParams, decide
+from lafid.stages.face_constraints import FaceConstraints
+from lafid.stages.speech_disambiguation import SpeechDisambiguation, SpeechDisambiguationParams, decide
 
 LOOSE_FACES = {"sample_fps": 8.0, "min_face_ratio": 0.3, "min_single_face_ratio": 0.0, "min_yaw_range": 0.0,
                "min_blur": 0.0, "min_face_area": 0.0}

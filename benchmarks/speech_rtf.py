@@ -34,7 +34,7 @@ from lafid.speech.sync import av_sync
 from lafid.speech.vad import SileroVAD
 from lafid.stage import StageWorker, pin_native_threads
 from lafid.video import content_id
-from stages.face_constraints import FaceConstraints
+from lafid.stages.face_constraints import FaceConstraints
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog near the river bank.",

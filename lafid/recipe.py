@@ -173,7 +173,7 @@ def resolve(recipe: str | Path) -> Path:
             raise RecipeError(f"recipe not found: no file {path} (bundled recipes are named without a suffix: "
                               f"{names})")
         return path
-    bundled = resources.files("pipelines").joinpath(f"{recipe}.yaml")
+    bundled = resources.files("lafid.pipelines").joinpath(f"{recipe}.yaml")
     if bundled.is_file():
         return Path(str(bundled))
     raise RecipeError(f"recipe not found: no bundled recipe named {recipe!r} (bundled: {names}; "
@@ -187,7 +187,7 @@ def describe(recipe: str | Path) -> str:
 
 
 def bundled_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("pipelines").iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.name[:-5] for p in resources.files("lafid.pipelines").iterdir() if p.name.endswith(".yaml"))
 
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; anything this big is not one

@@ -7,11 +7,11 @@ import importlib
 from lafid.stage import Stage
 
 STAGES: dict[str, str] = {
-    "shot_split": "stages.shot_split:ShotSplit",
-    "face_constraints": "stages.face_constraints:FaceConstraints",
-    "identity_consistency": "stages.identity_consistency:IdentityConsistency",
-    "speech_disambiguation": "stages.speech_disambiguation:SpeechDisambiguation",
-    "clip_quality": "stages.clip_quality:ClipQuality",
+    "shot_split": "lafid.stages.shot_split:ShotSplit",
+    "face_constraints": "lafid.stages.face_constraints:FaceConstraints",
+    "identity_consistency": "lafid.stages.identity_consistency:IdentityConsistency",
+    "speech_disambiguation": "lafid.stages.speech_disambiguation:SpeechDisambiguation",
+    "clip_quality": "lafid.stages.clip_quality:ClipQuality",
 }
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from lafid import devset, media
 from lafid.recipe import Recipe
-from stages.clip_quality import ClipQuality
+from lafid.stages.clip_quality import ClipQuality
 from conftest import clip_item, run_stage
 
 SUBTITLE = "So I told him we would meet at noon"

@@ -19,7 +19,7 @@ from lafid.cofe.config import DataConfig
 from lafid.cofe.data import ClipDataset, collate, crop_face, decode_frames, frame_poses, identity_face
 from lafid.face.pose import five_points
 from lafid.schema import CLIP_SCHEMA, clip_row
-from stages.face_constraints import FaceConstraints
+from lafid.stages.face_constraints import FaceConstraints
 from cofe_fixtures import pose_shards  # noqa: F401  (fixture)
 
 from conftest import clip_item, run_stage

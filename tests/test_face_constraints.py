@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from lafid import media
-from stages.face_constraints import FaceConstraints
+from lafid.stages.face_constraints import FaceConstraints
 
 from conftest import clip_item, run_stage
 

@@ -14,9 +14,9 @@ from lafid.face import detect
 from lafid.face.embed import ArcFaceEncoder, DlibEncoder, open_encoder, pairwise
 from lafid.shards import ShardWriter
 from lafid.stage import StageWorker
-from stages.face_constraints import FaceConstraints
-from stages.identity_consistency import IdentityConsistency
-from stages.shot_split import ShotSplit
+from lafid.stages.face_constraints import FaceConstraints
+from lafid.stages.identity_consistency import IdentityConsistency
+from lafid.stages.shot_split import ShotSplit
 
 from conftest import clip_item, run_stage, video_item
 

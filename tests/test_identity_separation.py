@@ -14,9 +14,9 @@ from lafid.identity import calibration as cal
 from lafid.identity.cluster import cluster
 from lafid.stage import StageWorker
 from lafid.video import sample_frames
-from stages.face_constraints import FaceConstraints
-from stages.identity_consistency import IdentityConsistency
-from stages.shot_split import ShotSplit
+from lafid.stages.face_constraints import FaceConstraints
+from lafid.stages.identity_consistency import IdentityConsistency
+from lafid.stages.shot_split import ShotSplit
 
 from conftest import clip_item, run_stage, video_item
 

@@ -1,4 +1,5 @@
-"""Import graph of the lafid package: no cycles, and cofe never reaches up into bench.
+"""Import graph of the lafid package: no cycles, cofe never reaches up into bench, modules stay small,
+and the stage and recipe folders are imported under the package.
 
 Imports inside functions count too: a deferred import hides a cycle from the
 interpreter but not from a reader, and the cycles this guards against all went
@@ -6,11 +7,14 @@ through them.
 """
 
 import ast
+import tomllib
 from pathlib import Path
 
 import lafid
 
 ROOT = Path(lafid.__file__).parent
+REPO = ROOT.parent
+MAX_LINES = 400
 
 
 def module_names(root: Path = ROOT) -> dict:
@@ -138,3 +142,37 @@ def test_control_cofe_to_bench_import_is_found():
     src = "def load():\n    from lafid.bench.exclude import excluded\n"
     graph = {"lafid.cofe.data": imports_of(src, "lafid.cofe.data", known)}
     assert upward_imports(graph) == [("lafid.cofe.data", "lafid.bench.exclude")]
+
+
+def sources() -> list:
+    """Every Python file of the project that imports lafid code."""
+    return sorted(p for folder in ("lafid", "stages", "pipelines", "tests", "benchmarks", "scripts")
+                  for p in (REPO / folder).rglob("*.py"))
+
+
+def test_no_module_over_400_lines():
+    long = {str(p.relative_to(REPO)): n for p in (*ROOT.rglob("*.py"), *(REPO / "stages").glob("*.py"))
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert long == {}
+
+
+def test_pyproject_installs_every_package_folder_stages_and_recipes_under_lafid():
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {".".join(p.parent.relative_to(REPO).parts) for p in ROOT.rglob("__init__.py")}
+    assert set(config["packages"]) == folders | {"lafid.stages", "lafid.pipelines"}
+    assert config["package-dir"] == {"lafid.stages": "stages", "lafid.pipelines": "pipelines"}
+    import lafid.pipelines
+    import lafid.stages.shot_split
+
+    assert Path(lafid.stages.shot_split.__file__).parent == REPO / "stages"
+    assert (Path(lafid.pipelines.__file__).parent / "lafid180k-gpu.yaml").is_file()
+
+
+def test_nothing_imports_top_level_stages_or_pipelines():
+    found = []
+    for path in sources():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            found += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] in ("stages", "pipelines")]
+    assert found == []

@@ -11,8 +11,8 @@ import pytest
 from lafid import media
 from lafid.runner import list_sources
 from lafid.video import probe, sample_frames
-from stages.face_constraints import FaceConstraints
-from stages.shot_split import ShotSplit
+from lafid.stages.face_constraints import FaceConstraints
+from lafid.stages.shot_split import ShotSplit
 
 from conftest import clip_item, run_stage, video_item
 

@@ -82,7 +82,7 @@ def test_a_busy_folder_is_refused_before_the_recipe_imports_its_stages(videos, t
     """Loading a recipe imports every stage's libraries (seconds on a busy machine); a busy --out is
     refused before that. The child reports whether a stage module was imported when it exited."""
     probe = ("import sys\nfrom lafid.cli import app\ntry:\n    app()\nexcept SystemExit as end:\n"
-             "    print(end.code, 'stages.face_constraints' in sys.modules)\n")
+             "    print(end.code, 'lafid.stages.face_constraints' in sys.modules)\n")
 
     def child(*args):
         env = {**os.environ, "PYTHONPATH": str(TESTS.parent)}
@@ -96,7 +96,7 @@ def test_a_busy_folder_is_refused_before_the_recipe_imports_its_stages(videos, t
     assert refused.stdout.split() == ["2", "False"] and "another lafid run" in refused.stderr, refused
     # control: what the refusal skips, loading the recipe, imports the stage modules
     loaded = subprocess.run([sys.executable, "-c", "import sys; from lafid.recipe import load_recipe; "
-                             "load_recipe('demo'); print('stages.face_constraints' in sys.modules)"],
+                             "load_recipe('demo'); print('lafid.stages.face_constraints' in sys.modules)"],
                             capture_output=True, text=True, cwd=TESTS.parent)
     assert loaded.stdout.split() == ["True"], loaded
 

@@ -11,7 +11,7 @@ import pytest
 from lafid import rig
 from lafid.face.pose import head_pose
 from lafid.recipe import load_recipe
-from stages.face_constraints import FaceConstraints
+from lafid.stages.face_constraints import FaceConstraints
 
 from conftest import run_stage, video_item
 

@@ -6,8 +6,8 @@ from lafid.recipe import RecipeError, check_order, load_recipe
 from lafid.registry import STAGES, stage_class
 from lafid.schema import CLIP_COLUMNS
 from lafid.stage import Stage
-from stages.face_constraints import FaceConstraints
-from stages.shot_split import ShotSplit
+from lafid.stages.face_constraints import FaceConstraints
+from lafid.stages.shot_split import ShotSplit
 
 HEAD = """name: t
 stages:

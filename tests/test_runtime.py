@@ -188,12 +188,12 @@ def test_a_worker_node_leaves_a_three_node_cluster_mid_run(carry_stages, videos,
 
 
 def test_gpu_recipe_is_the_default_recipe_with_model_stages_on_gpus():
-    """docker/lafid180k-gpu.yaml (used by docker/rayjob.yaml) keeps the default recipe's stages and
+    """pipelines/lafid180k-gpu.yaml (used by docker/rayjob.yaml) keeps the default recipe's stages and
     parameters; only where the models run differs."""
     import yaml
 
     root = Path(__file__).resolve().parents[1]
-    gpu, cpu = load_recipe(root / "docker" / "lafid180k-gpu.yaml"), load_recipe("lafid180k")
+    gpu, cpu = load_recipe("lafid180k-gpu"), load_recipe("lafid180k")
     assert [s.stage for s in gpu.stages] == [s.stage for s in cpu.stages]
     placement = {"device", "asr_compute_type"}
     for g, c in zip(gpu.stages, cpu.stages):
@@ -204,6 +204,6 @@ def test_gpu_recipe_is_the_default_recipe_with_model_stages_on_gpus():
     groups = {g["groupName"]: g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
     assert set(groups) == {"cpu", "gpu"}
     assert groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert "docker/lafid180k-gpu.yaml" in job["spec"]["entrypoint"]
+    assert "--recipe lafid180k-gpu" in job["spec"]["entrypoint"]
     assert job["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}  # KubeRay hands every pod a token
     assert "RAY_AUTH_MODE" not in (root / "docker" / "rayjob.yaml").read_text().split("apiVersion")[1]

@@ -3,7 +3,7 @@
 import pytest
 
 from lafid import media
-from stages.shot_split import ShotSplit
+from lafid.stages.shot_split import ShotSplit
 
 from conftest import run_stage, video_item
 

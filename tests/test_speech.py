@@ -27,9 +27,9 @@ from lafid.speech.audio import RATE
 from lafid.speech.captions import disambiguate
 from lafid.stage import StageWorker
 from lafid.video import content_id
-from stages.face_constraints import FaceConstraints
-from stages.shot_split import ShotSplit
-from stages.speech_disambiguation import SpeechDisambiguation
+from lafid.stages.face_constraints import FaceConstraints
+from lafid.stages.shot_split import ShotSplit
+from lafid.stages.speech_disambiguation import SpeechDisambiguation
 
 FPS = 29.97
 SECONDS = 8.0

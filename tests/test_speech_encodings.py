@@ -24,8 +24,8 @@ from lafid.item import Item
 from lafid.stage import StageWorker
 from lafid.video import content_id, probe
 from lafid.speech.sync import score_curve
-from stages.face_constraints import FaceConstraints
-from stages.speech_disambiguation import SpeechDisambiguation, SpeechDisambiguationParams, decide
+from lafid.stages.face_constraints import FaceConstraints
+from lafid.stages.speech_disambiguation import SpeechDisambiguation, SpeechDisambiguationParams, decide
 from test_speech_real import LOOSE_FACES, default_speech_params
 
 ENCODINGS = ("crf30", "360p", "vp9", "mov", "mkv")
