@@ -15,7 +15,9 @@ recipe's parameters. Printed:
   each, the out-of-step peak score of shifted voices (positives) and other voices
   (negatives), and the thresholds these give at the false-alarm rate asked for;
 - own voices' in-step score by speech length, and what each out-of-step peak
-  threshold buys (false peaks of other voices against voices 1 s late found);
+  threshold buys (false peaks of other voices against voices 1 s late found),
+  alone and with the peak required to agree across the window's halves or across
+  the three bands (measured, not used by the stage: docs/speech.md);
 - the labels those thresholds would give, replayed from the stored columns.
 Only labels.csv says which clip is which; no file name enters a decision.
 
@@ -36,7 +38,7 @@ from lafid import devset
 from lafid.item import Item
 from lafid.recipe import load_recipe
 from lafid.speech.audio import RATE, extract_audio
-from lafid.speech.sync import lag_curve, score_curve
+from lafid.speech.sync import lag_curve, score_curve, z_at
 from lafid.stage import StageWorker
 from lafid.video import content_id, probe
 from lafid.stages.face_constraints import FaceConstraints
@@ -49,6 +51,7 @@ SHIFTS_S = (1.0, 1.5, 2.0, 2.5)  # own voice moved by this much: out of step, wi
 MIN_LONG_S = 3.3  # the uncertain-share target counts clips at least this long
 WINDOWS_S = (4.0, 6.0)  # parts of each clip that enter the null distribution beside the whole clip
 OTHER_OFFSETS_S = (0.0, 1.7, 3.1)  # each other voice enters at these offsets
+HALF_AGREE_S = 0.1  # a peak "agrees" in a half of the clip when that half's own curve peaks this close to it
 
 
 def speech_params(recipe: str) -> dict:
@@ -184,28 +187,54 @@ def null_distribution(rows: list[dict], p: SpeechDisambiguationParams) -> dict:
             cut = slice(int(w0 * RATE), int(w1 * RATE))
 
             def scored(x):
-                curve = lag_curve(s.t[inside] - w0, height[inside], x[cut], p.min_sync_frames)
-                return None if curve is None else score_curve(*curve, p.max_lag_s)
+                curve = lag_curve(s.t[inside] - w0, height[inside], x[cut], p.min_sync_frames, per_band=True)
+                return (None, float("-inf")) if curve is None else banded(*curve, p.max_lag_s)
 
-            res = scored(a)
+            def halves_agree(x, res) -> bool:
+                """Both halves of the window's mouth frames peak within HALF_AGREE_S of the whole's peak."""
+                if res is None or res.peak_lag_s is None:
+                    return False
+                t, h = s.t[inside] - w0, height[inside]
+                mid = np.median(t[np.isfinite(h)])
+                for part in (t < mid, t >= mid):
+                    curve = lag_curve(t[part], h[part], x[cut], p.min_sync_frames // 2)
+                    if curve is None or abs(curve[0][np.argmax(curve[1])] - res.peak_lag_s) > HALF_AGREE_S:
+                        return False
+                return True
+
+            res, _ = scored(a)
             if res is not None:
                 out["own"].append(res.score)
                 out["own_speech_s"].append(sum(max(0.0, min(e, w1) - max(b, w0))
                                                for b, e in r["columns"]["speech_segments"]))
             for shift in SHIFTS_S:
-                res = scored(np.roll(a, int(shift * RATE)))
+                res, bands = scored(np.roll(a, int(shift * RATE)))
                 if res is not None:
                     out["shifted"].append(res.score)
                     found = res.peak_lag_s is not None and abs(res.peak_lag_s - shift) <= 0.15
                     out["shifted_peak"].append(res.peak_score if found else float("-inf"))
+                    out["shifted_bands"].append(bands if found else float("-inf"))
+                    out["shifted_halves"].append(found and halves_agree(np.roll(a, int(shift * RATE)), res))
                     out["shifted_by"].append(shift)
             for clip, voice in voices.items():
                 for offset in OTHER_OFFSETS_S if clip != r["clip"] else ():
-                    res = scored(np.roll(np.resize(voice, len(a)), int(offset * RATE)))
+                    x = np.roll(np.resize(voice, len(a)), int(offset * RATE))
+                    res, bands = scored(x)
                     if res is not None:
                         out["other"].append(res.score)
                         out["other_peak"].append(float("-inf") if res.peak_score is None else res.peak_score)
+                        out["other_bands"].append(bands)
+                        out["other_halves"].append(halves_agree(x, res))
     return out
+
+
+def banded(lags: np.ndarray, per_band: np.ndarray, max_lag_s: float):
+    """(score_curve of the bands' mean curve, the lowest z of the single-band curves at its peak's
+    lag): does every band peak where the mean does? -inf without a peak."""
+    res = score_curve(lags, per_band.mean(axis=1), max_lag_s)
+    zs = [] if res is None or res.peak_lag_s is None else [z_at(lags, per_band[:, j], res.peak_lag_s)
+                                                            for j in range(per_band.shape[1])]
+    return res, (min(zs) if zs and None not in zs else float("-inf"))
 
 
 def operating_point(null: dict, spreads: dict, false_alarm: float) -> dict:
@@ -239,6 +268,17 @@ def offset_tradeoff(null: dict) -> None:
           f"found of {len(late)}")
     for z in np.arange(3.2, 4.45, 0.3):
         print(f"    z >= {z:.1f}: {np.mean(other >= z):5.1%} / {np.mean(late >= z):4.0%}")
+    other_bands = np.array(null["other_bands"])
+    late_bands = np.array([v for v, by in zip(null["shifted_bands"], null["shifted_by"]) if by == SHIFTS_S[0]])
+    halves = (np.array(null["other_halves"]), np.array([v for v, by in zip(null["shifted_halves"], null["shifted_by"])
+                                                         if by == SHIFTS_S[0]]))
+    print(f"  the same, with both halves of the window peaking within {HALF_AGREE_S:g} s of that peak:")
+    for z in (2.6, 3.0, 3.4, 3.8):
+        print(f"    z >= {z:.1f}: {np.mean((other >= z) & halves[0]):5.1%} / {np.mean((late >= z) & halves[1]):4.0%}")
+    print("  the same, with every band's own curve at z >= b at that peak (a true offset is one lag in every band):")
+    for z, b in ((3.8, 2.4), (3.6, 2.6), (3.4, 2.8), (3.0, 2.8), (0.0, 2.7), (0.0, 2.8), (0.0, 2.9)):
+        print(f"    z >= {z:.1f}, b >= {b:.1f}: {np.mean((other >= z) & (other_bands >= b)):5.1%} / "
+              f"{np.mean((late >= z) & (late_bands >= b)):4.0%}")
 
 
 def describe(name: str, values) -> str:

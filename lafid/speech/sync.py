@@ -128,10 +128,11 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / d) if d > 0 else float("nan")
 
 
-def lag_curve(t: np.ndarray, mouth: np.ndarray, audio: np.ndarray,
-              min_frames: int = 25) -> tuple[np.ndarray, np.ndarray] | None:
-    """(lags, correlations) of mouth movement against the voice's, or None when fewer than
-    `min_frames` usable mouth measurements exist or a signal is flat."""
+def lag_curve(t: np.ndarray, mouth: np.ndarray, audio: np.ndarray, min_frames: int = 25,
+              per_band: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
+    """(lags, correlations) of mouth movement against the voice's, averaged over the bands (or one
+    column per band with `per_band`), or None when fewer than `min_frames` usable mouth
+    measurements exist or a signal is flat."""
     mt, mv = mouth_movement(np.asarray(t, np.float64), np.asarray(mouth, np.float64))
     if len(mt) < min_frames or not np.any(mv):
         return None
@@ -145,11 +146,20 @@ def lag_curve(t: np.ndarray, mouth: np.ndarray, audio: np.ndarray,
         inside = (shifted >= et[0]) & (shifted <= et[-1])
         if inside.sum() < max(min_frames, len(mt) // 2):
             continue  # too little overlap at this lag to compare
-        r = np.mean([_corr(mv[inside], np.interp(shifted[inside], et, ev)) for ev in evs])
-        if not np.isnan(r):
+        r = [_corr(mv[inside], np.interp(shifted[inside], et, ev)) for ev in evs]
+        if not np.isnan(np.mean(r)):
             lags.append(round(float(lag), 3))
-            rs.append(float(r))
+            rs.append(r if per_band else float(np.mean(r)))
     return np.array(lags), np.array(rs)
+
+
+def z_at(lags: np.ndarray, rs: np.ndarray, lag: float) -> float | None:
+    """z-score of the curve at `lag` against its lags more than PEAK_WIDTH_S away; None when
+    fewer than 5 such lags exist."""
+    rest = rs[np.abs(lags - lag) > PEAK_WIDTH_S]
+    if len(rest) < 5:
+        return None
+    return float((rs[int(np.argmin(np.abs(lags - lag)))] - rest.mean()) / max(rest.std(), 1e-6))
 
 
 def score_curve(lags: np.ndarray, rs: np.ndarray, max_lag_s: float, frames: int = 0) -> SyncResult | None:
@@ -162,11 +172,10 @@ def score_curve(lags: np.ndarray, rs: np.ndarray, max_lag_s: float, frames: int 
     baseline = rs[far]
     score = (rs[best] - baseline.mean()) / max(baseline.std(), 1e-6)
     top = int(np.argmax(rs))
-    rest = rs[np.abs(lags - lags[top]) > PEAK_WIDTH_S]
     peak_score = peak_lag = None
-    if 0 < top < len(lags) - 1 and len(rest) >= 5:  # a maximum at the curve's end is no peak
-        peak_score = float((rs[top] - rest.mean()) / max(rest.std(), 1e-6))
-        peak_lag = float(lags[top])
+    if 0 < top < len(lags) - 1:  # a maximum at the curve's end is no peak
+        peak_score = z_at(lags, rs, float(lags[top]))
+        peak_lag = None if peak_score is None else float(lags[top])
     return SyncResult(score=float(score), lag_s=float(lags[best]), r=float(rs[best]), frames=frames,
                       peak_score=peak_score, peak_lag_s=peak_lag)
 
