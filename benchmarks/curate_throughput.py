@@ -14,7 +14,7 @@ start-up time is printed); per stage, CPU-seconds per video-second measured insi
 (process CPU time around each `StageWorker.run`, every thread of the worker counted), for both
 runners; the share of its actors' time each Ray pool was busy, and the actors per pool over time;
 the bytes the Ray driver received per clip. Ray runs twice: with the pools' spare actor
-(`ray_executor.SPARE`, the default) and without it (`ray_no_spare`: one actor per stage, as before). Then the memory of the sequential runner on a 1-minute
+(`lafid.ray_executor.plan.SPARE`, the default) and without it (`ray_no_spare`: one actor per stage, as before). Then the memory of the sequential runner on a 1-minute
 and a `--long-minutes` video of the same case, each in a fresh process: peak RSS, and how far RSS
 rises after the first clip is written.
 
@@ -219,15 +219,15 @@ def throughput(args) -> dict[str, float]:
     seq_s, seq, seq_out = timed_curate(recipe, paths, "sequential")
     figures = {"decode_only": total_s / decode_only(paths), "sequential": total_s / seq_s}
     ray_start = start_ray(args.cpus)
-    from lafid import ray_executor
+    from lafid.ray_executor import plan
 
-    spare, ray_executor.SPARE = ray_executor.SPARE, 0  # the previous pools: one actor per stage, no spare
+    spare, plan.SPARE = plan.SPARE, 0  # the previous pools: one actor per stage, no spare
     one_s, one, one_out = timed_curate(recipe, paths, "ray")
     figures["ray_no_spare"] = total_s / one_s
-    ray_executor.SPARE = spare
+    plan.SPARE = spare
     ray_s, par, par_out = timed_curate(recipe, paths, "ray")
     figures["ray"] = total_s / ray_s
-    last_run = ray_executor.last_run
+    last_run = par.ray
 
     clips = par.kept + par.rejected
     assert seq_out == one_out == par_out, "the runners disagree"

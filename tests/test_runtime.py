@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import runtime_stages
-from lafid import ray_executor
+from lafid.ray_executor import plan, pool
 from lafid.recipe import Recipe, RecipeError, load_recipe
 from lafid.report import read_table
 from lafid.runner import curate
@@ -92,29 +92,29 @@ def test_setting_up_the_default_stages_does_not_import_torch(pre, loaded):
 @pytest.mark.ray
 def test_default_recipe_fits_two_cpus_and_explicit_requests_that_cannot_fit_fail(ray_cluster, monkeypatch):
     recipe = load_recipe("lafid180k")
-    plans = ray_executor._plan(recipe, recipe.build_stages())
+    plans = plan.plan_pools(recipe, recipe.build_stages())
     assert len(plans) == 4 and all(p.low == 1 and p.high is None for p in plans)
     # one actor per stage and one spare fit the 2 CPUs: each asks for 0.4 CPU, so the slowest stage can add
     # one actor (more actors than CPUs would not run faster). Control: without the spare, 0.5 each
     assert [p.cpus for p in plans] == [pytest.approx(0.4)] * 4
-    monkeypatch.setattr(ray_executor, "SPARE", 0)
-    assert [p.cpus for p in ray_executor._plan(recipe, recipe.build_stages())] == [pytest.approx(0.5)] * 4
+    monkeypatch.setattr(plan, "SPARE", 0)
+    assert [p.cpus for p in plan.plan_pools(recipe, recipe.build_stages())] == [pytest.approx(0.5)] * 4
     fixed = recipe.model_copy(deep=True)
     for spec in fixed.stages:  # the same stages asking for one whole-CPU actor each cannot all be placed
         spec.workers = 1
     with pytest.raises(RecipeError, match="asks for 4 CPUs .* but the cluster has 2"):
-        ray_executor._plan(fixed, fixed.build_stages())
+        plan.plan_pools(fixed, fixed.build_stages())
     gpu = recipe.model_copy(deep=True)
     gpu.stages[1].gpus = 0.25
     with pytest.raises(RecipeError, match="'face_constraints' asks for 1 x 0.25 GPUs but the cluster has 0"):
-        ray_executor._plan(gpu, gpu.build_stages())
+        plan.plan_pools(gpu, gpu.build_stages())
 
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_data_stays_in_the_object_store_and_pools_grow_and_shrink(
         ray_cluster, carry_stages, videos, tmp_path, monkeypatch):
-    monkeypatch.setattr(ray_executor, "IDLE_S", 0.5)
+    monkeypatch.setattr(pool, "IDLE_S", 0.5)
     stats = curate(carry_recipe(delay_s=2.0), videos, tmp_path, executor="ray")
     assert stats.videos_done == 6 and stats.kept == 7
     clips = read_table(tmp_path).to_pylist()
@@ -123,7 +123,7 @@ def test_data_stays_in_the_object_store_and_pools_grow_and_shrink(
         assert row["face_ratio"] == pytest.approx(runtime_stages.fill_value(item) / 255)
         assert row["face_area_median"] == 2**20
     assert len({r["face_ratio"] for r in clips}) > 1  # the values differ per clip: nothing was mixed up
-    run = ray_executor.last_run
+    run = stats.ray
     # the driver got summaries only: about 1% of the 1 MiB each clip carried between stages
     assert run.items and run.driver_bytes / stats.kept < 2**20 / 100
     assert run.peak_actors["weigh"] >= 2  # the slow stage's pool grew with its queue
