@@ -23,9 +23,13 @@ class RunInfo:
     summaries: int = 0
     items: int = 0  # items the summaries described
     restarted_videos: int = 0  # videos sent back to the first stage after their data was lost
+    setup_s: float = 0.0  # wall seconds until every pool's first actors were set up (no work before that)
     peak_actors: dict[str, int] = field(default_factory=dict)
     retired: dict[str, int] = field(default_factory=dict)  # actors given back for being idle, per stage
+    started: dict[str, int] = field(default_factory=dict)  # actors that set up, per stage
+    startup_cpu_s: dict[str, float] = field(default_factory=dict)  # their CPU-seconds to start (imports, models)
     requests: dict[str, float] = field(default_factory=dict)  # CPUs per actor, as asked of Ray
+    working_s: dict[int, float] = field(default_factory=dict)  # batches running at once -> seconds it lasted
     sizes: list[tuple[float, dict[str, int]]] = field(default_factory=list)  # (seconds into the run, actors per pool)
 
 

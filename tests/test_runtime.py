@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,34 @@ def test_default_recipe_fits_two_cpus_and_explicit_requests_that_cannot_fit_fail
     gpu.stages[1].gpus = 0.25
     with pytest.raises(RecipeError, match="'face_constraints' asks for 1 x 0.25 GPUs but the cluster has 0"):
         plan.plan_pools(gpu, gpu.build_stages())
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_a_pool_grows_only_when_its_queue_outlasts_starting_an_actor(ray_cluster, carry_stages, monkeypatch):
+    """An actor costs its stage's start-up before it does any work: a queue the pool drains sooner keeps the
+    actors it has, a longer one gets another. Control: GROW_AFTER 0 (growing on any queue, as before)."""
+    recipe = Recipe(name="grow", stages=[{"stage": "carry", "cpus": 4}])
+    stages = recipe.build_stages()
+    (sized,) = plan.plan_pools(recipe, stages)
+    carry = pool.Pool(stages[0], sized, batch_size=1, last=True, max_item_retries=2, native_log=None)
+    try:
+        (ref,) = carry.starting
+        ray_cluster.wait([ref])
+        assert carry.started(ref) is None and carry.started_actors == 1 and carry.startup_s > 0
+        # the actors hold a share of the 2 CPUs, and their thread pools follow it; the recipe's stage keeps 4
+        assert sized.cpus < 2 and carry.stage.resources.threads == 1 and stages[0].resources.threads == 4
+        carry.startup_s, carry.batches, carry.batch_s = 3.0, 4, 2.0  # an actor took 3 s to start, a batch 0.5 s
+        now = time.monotonic()
+        carry.queue.extend(runtime_stages.Item(source="x", video_id=f"v{i}", clip_index=0) for i in range(4))
+        assert carry.backlog_s(now) == pytest.approx(2.0) and not carry.can_grow(now)  # 2 s of work: no
+        monkeypatch.setattr(pool, "GROW_AFTER", 0.0)
+        assert carry.can_grow(now)  # control
+        monkeypatch.undo()
+        carry.queue.extend(runtime_stages.Item(source="x", video_id=f"w{i}", clip_index=0) for i in range(6))
+        assert carry.backlog_s(now) == pytest.approx(5.0) and carry.can_grow(now)  # 5 s of work: one more actor
+    finally:
+        carry.close()
 
 
 @pytest.mark.ray

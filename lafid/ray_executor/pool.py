@@ -13,6 +13,7 @@ import tempfile
 import time
 import traceback
 from collections import Counter, deque
+from dataclasses import replace
 
 import ray
 from ray.exceptions import RayError
@@ -26,6 +27,11 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 log = logging.getLogger("lafid.run")
 
 IDLE_S = 5.0  # an actor idle this long leaves a pool that is above its minimum
+# A pool grows only when its queue would keep its actors busy longer than GROW_AFTER times what starting one
+# more took: an actor costs its stage's imports and models (2-5 CPU-s) before it does any work, so a fast
+# stage with a momentary queue (shot splitting at the start of a run) drains it sooner with the actors it has.
+# 0 grows on any queue (as before). benchmarks/curate_throughput.py compares the two.
+GROW_AFTER = 1.0
 SETUP_RETRIES = 3  # actors of one stage that may die in a row while setting up before the run stops
 
 
@@ -47,6 +53,7 @@ class StageActor:
     def __init__(self, stage: Stage, last: bool, native_log: str | None = None):
         self.worker: StageWorker | None = None
         self.error: tuple[str, str] | None = None
+        self.setup_cpu_s = 0.0
         if native_log:
             try:
                 stderr_to(native_log)
@@ -56,10 +63,11 @@ class StageActor:
             self.worker = StageWorker(stage, last)
         except Exception as exc:  # reported by ready(): the driver fails the run with it
             self.error = (f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        self.setup_cpu_s = time.process_time()  # the process's start, imports and models: what an actor costs
 
-    def ready(self) -> tuple[str, str] | None:
-        """None once the stage is set up; otherwise (error, traceback)."""
-        return self.error
+    def ready(self) -> tuple[tuple[str, str] | None, float]:
+        """(None once the stage is set up, otherwise (error, traceback); CPU-seconds the process took to start)."""
+        return self.error, self.setup_cpu_s
 
     def run(self, direct: list[Item], picks: list[list[tuple[str, int]]], *parts: list[Item]):
         """Run the stage on `direct` items plus, from each earlier pool's output `parts[i]`, the items
@@ -100,7 +108,9 @@ class Pool:
             num_cpus=plan.cpus, num_gpus=plan.gpus or None,
             memory=int(res.memory_gb * 2**30) or None, max_restarts=0, max_task_retries=0,
         )
-        self.stage = stage
+        # Thread pools follow the CPUs an actor holds (`Resources.threads`), not the recipe's request before `auto`
+        # scaled it: five actors of a 2-thread stage sharing two cores would fight over them.
+        self.stage = type(stage)(stage.params, replace(res, cpus=plan.cpus))
         self.plan = plan
         self.last = last
         self.native_log = native_log
@@ -108,9 +118,10 @@ class Pool:
         self.batch_size = batch_size
         self.max_item_retries = max_item_retries
         self.starting: dict = {}  # ready() ref -> actor
+        self.asked_at: dict = {}  # ready() ref -> monotonic time the actor was asked for
         self.idle: deque = deque()
         self.idle_since: dict = {}  # actor -> monotonic time it became idle
-        self.busy: set = set()
+        self.busy: dict = {}  # actor -> monotonic time its batch was handed out
         self.queue: deque[Item] = deque()
         self.alone: deque[Item] = deque()  # items of a batch whose worker died: retried one at a time
         self.crashes: Counter = Counter()  # (video_id, clip_index) -> deaths while run alone
@@ -118,6 +129,11 @@ class Pool:
         self.setup_deaths = 0  # actors in a row whose process died while setting up
         self.peak = 0
         self.retired = 0
+        self.started_actors = 0  # actors that set up, and what that took: wall seconds and their CPU-seconds
+        self.startup_s = 0.0
+        self.startup_cpu_s = 0.0
+        self.batches = 0  # batches returned, and their wall seconds from hand-out to return
+        self.batch_s = 0.0
         for _ in range(plan.low):
             self.spawn()
 
@@ -127,7 +143,9 @@ class Pool:
 
     def spawn(self) -> None:
         actor = self._actor.remote(self.stage, self.last, self.native_log)
-        self.starting[actor.ready.remote()] = actor
+        ref = actor.ready.remote()
+        self.starting[ref] = actor
+        self.asked_at[ref] = time.monotonic()
         self.peak = max(self.peak, self.size)
 
     def started(self, ref) -> str | None:
@@ -135,8 +153,9 @@ class Pool:
         died while setting up is replaced (SETUP_RETRIES times in a row at most): the machine failed,
         not the stage."""
         actor = self.starting.pop(ref)
+        asked = self.asked_at.pop(ref)
         try:
-            error = ray.get(ref)
+            error, cpu_s = ray.get(ref)
         except RayError as exc:
             ray.kill(actor, no_restart=True)
             self.setup_deaths += 1
@@ -151,6 +170,9 @@ class Pool:
             return self.last_error
         if error is None:
             self.setup_deaths = 0
+            self.started_actors += 1
+            self.startup_s += time.monotonic() - asked
+            self.startup_cpu_s += cpu_s
             self._idle(actor)
             return None
         ray.kill(actor, no_restart=True)
@@ -179,19 +201,31 @@ class Pool:
     def take(self) -> tuple[object, list[Item]]:
         actor = self.idle.pop()  # the most recently idle: the longest idle ones are the first to go
         self.idle_since.pop(actor, None)
-        self.busy.add(actor)
+        self.busy[actor] = time.monotonic()
         if self.alone:
             return actor, [self.alone.popleft()]
         return actor, [self.queue.popleft() for _ in range(min(self.batch_size, len(self.queue)))]
 
     def returned(self, actor) -> None:
-        self.busy.discard(actor)
+        self.batches += 1
+        self.batch_s += time.monotonic() - self.busy.pop(actor)
         self._idle(actor)
 
-    def can_grow(self) -> bool:
-        """More batches wait than idle and starting actors could take, and the plan allows more."""
-        return (self.waiting_batches > len(self.idle) + len(self.starting)
-                and (self.plan.high is None or self.size < self.plan.high))
+    def backlog_s(self, now: float) -> float:
+        """Seconds the queue would keep each actor busy: waiting batches times the mean batch's time (before
+        any returned, the age of the oldest running one) over the actors."""
+        per_batch = self.batch_s / self.batches if self.batches else now - min(self.busy.values(), default=now)
+        return self.waiting_batches * per_batch / max(1, self.size)
+
+    def can_grow(self, now: float) -> bool:
+        """More batches wait than idle and starting actors could take, the plan allows more, and the queue
+        would outlast starting an actor (GROW_AFTER)."""
+        if self.waiting_batches <= len(self.idle) + len(self.starting):
+            return False
+        if self.plan.high is not None and self.size >= self.plan.high:
+            return False
+        startup_s = self.startup_s / self.started_actors if self.started_actors else 0.0
+        return self.backlog_s(now) >= GROW_AFTER * startup_s
 
     def can_give(self) -> bool:
         """An idle actor could leave: nothing queued and above the minimum."""
@@ -220,7 +254,7 @@ class Pool:
     def died(self, actor, batch: list[Item], exc: BaseException) -> list[Item]:
         """An actor died running `batch`: replace it, requeue the batch item by item; returns
         the items that have now killed their worker `max_item_retries` times, rejected."""
-        self.busy.discard(actor)
+        self.busy.pop(actor, None)
         ray.kill(actor, no_restart=True)
         self.last_error = one_line(exc)
         log.warning("stage %s: a worker died on a batch of %d (%s); starting a new one",
@@ -258,3 +292,4 @@ class Pool:
         self.idle.clear()
         self.busy.clear()
         self.starting.clear()
+        self.asked_at.clear()

@@ -28,6 +28,7 @@ def run_ray(recipe: Recipe, items, router: Router, address: str | None = None,
             num_cpus: int | None = None) -> RunInfo:
     """Run `items` through one pool per stage of `recipe`, starting (or joining) Ray for the run."""
     info = RunInfo()
+    begun = time.monotonic()
     started = init_ray(address, num_cpus)
     stages = recipe.build_stages()
     pools: list[Pool] = []
@@ -41,11 +42,14 @@ def run_ray(recipe: Recipe, items, router: Router, address: str | None = None,
         log.info("pools: %s", ", ".join(f"{p.name} {p.plan.low}..{p.plan.high or 'fit'} x {p.plan.cpus:g} CPU"
                                          for p in pools))
         _wait_ready(pools)
+        info.setup_s = time.monotonic() - begun
         Stream(recipe, pools, router, info).run(iter(items))
     finally:
         for pool in pools:
             info.peak_actors[pool.name] = pool.peak
             info.retired[pool.name] = pool.retired
+            info.started[pool.name] = pool.started_actors
+            info.startup_cpu_s[pool.name] = pool.startup_cpu_s
             pool.close()
         if started:
             shutdown_ray()
@@ -87,7 +91,7 @@ class Stream:
         self.epoch: Counter = Counter()  # video -> times it went back to the first stage
         self.running: dict = {}  # summary ref -> (stage index, actor, batch, items ref, epochs)
         self.next_tick = 0.0
-        self.started = time.monotonic()
+        self.started = self.counted = time.monotonic()
 
     def run(self, source) -> None:
         pools, router = self.pools, self.router
@@ -106,6 +110,7 @@ class Stream:
             self.scale()
             starting = {ref: pool for pool in pools for ref in pool.starting}
             if not self.running and exhausted and not any(pool.has_work for pool in pools):
+                self.count_working()
                 return  # replacements still starting are not waited for
             if not self.running and not starting:
                 # nothing can move: no worker to give the waiting items to, or videos lost in flight
@@ -135,9 +140,11 @@ class Stream:
             picks[where[ref]].append(item_key(item))
         items_ref, summary_ref = actor.run.options(num_returns=2).remote(direct, picks, *parts)
         epochs = {i.video_id: self.epoch[i.video_id] for i in batch}
+        self.count_working()
         self.running[summary_ref] = (index, actor, batch, items_ref, epochs)
 
     def finished(self, ref) -> None:
+        self.count_working()
         index, actor, batch, items_ref, epochs = self.running.pop(ref)
         pool = self.pools[index]
         try:
@@ -174,6 +181,14 @@ class Stream:
                 self.where[item_key(item)] = items_ref
             self.pools[index + 1].queue.extend(onward)
 
+    def count_working(self) -> None:
+        """Add the time since the last change to `RunInfo.working_s` under the number of batches running:
+        with fewer than the cluster's CPUs, cores sat idle."""
+        now = time.monotonic()
+        working = self.info.working_s
+        working[len(self.running)] = working.get(len(self.running), 0.0) + now - self.counted
+        self.counted = now
+
     def restart(self, batch: list[Item], exc: BaseException) -> None:
         """The working data of `batch` was lost (its node left the cluster): every video in it goes
         back to the first stage; their rows are written only when they come through again."""
@@ -191,9 +206,8 @@ class Stream:
             self.info.restarted_videos += 1
 
     def scale(self) -> None:
-        """Grow pools with more batches waiting than actors to take them (one actor per pool per tick,
-        the longest queue per actor first, while the cluster has room) and give back actors idle for
-        IDLE_S."""
+        """Grow pools whose queue outlasts starting an actor (`Pool.can_grow`; one actor per pool per tick,
+        the longest backlog first, while the cluster has room) and give back actors idle for IDLE_S."""
         now = time.monotonic()
         if now < self.next_tick:
             return
@@ -203,7 +217,7 @@ class Stream:
             self.info.sizes.append((now - self.started, sizes))
         for pool in self.pools:
             pool.shrink(now)
-        growing = sorted((p for p in self.pools if p.can_grow()), key=lambda p: -p.waiting_batches / max(1, p.size))
+        growing = sorted((p for p in self.pools if p.can_grow(now)), key=lambda p: -p.backlog_s(now))
         if not growing:
             return
         free = ray.available_resources()
@@ -213,8 +227,9 @@ class Stream:
             gpu -= pool.plan.gpus * len(pool.starting)
         for pool in growing:  # one actor per pool per tick: actors take seconds to start
             if pool.plan.cpus <= cpu + 1e-9 and pool.plan.gpus <= gpu + 1e-9:
+                log.info("stage %s: %d batches wait (%.1f s per actor), starting actor %d", pool.name,
+                         pool.waiting_batches, pool.backlog_s(now), pool.size + 1)
                 pool.spawn()
-                log.info("stage %s: %d batches wait, starting actor %d", pool.name, pool.waiting_batches, pool.size)
                 cpu -= pool.plan.cpus
                 gpu -= pool.plan.gpus
                 continue
