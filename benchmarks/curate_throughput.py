@@ -9,16 +9,20 @@ Two inputs (`--case`):
   to `--videos` videos of `--seconds` seconds, without audio.
 
 Prints video-seconds per wall-second for: decode-only of every frame (the floor the pipeline cannot
-beat), the sequential runner, and the Ray runner on a local cluster started before timing (its
-start-up time is printed); per stage, CPU-seconds per video-second measured inside the workers
-(process CPU time around each `StageWorker.run`, every thread of the worker counted), for both
-runners; the share of its actors' time each Ray pool was busy, and the actors per pool over time;
-the bytes the Ray driver received per clip. Ray runs twice: with the pools' spare actor
-(`lafid.ray_executor.plan.SPARE`, the default) and without it (`ray_no_spare`: one actor per stage, as before). Then the memory of the sequential runner on a 1-minute
+beat), then `--repeat` rounds (default 2) of the sequential runner, the Ray runner with the previous pools
+(`ray_previous`: one spare actor, a pool grows on any queue) and the Ray runner as it is, on a local
+cluster started before timing (its start-up time is printed); each round's rates and Ray / sequential
+ratios, then their median and spread: on a shared machine one run's ratio is noise. From the last round:
+per stage, CPU-seconds per video-second measured inside the workers (process CPU time around each
+`StageWorker.run`, every thread of the worker counted) for both runners, actors started and their
+start-up CPU; CPU-seconds of every process of the run (the driver, Ray's daemons, each stage's actors:
+what Ray costs beyond the stages); the share of its actors' time each Ray pool was busy, the actors per
+pool over time and the seconds with n batches running at once (fewer than the CPUs: idle cores); the
+bytes the Ray driver received per clip. Then the memory of the sequential runner on a 1-minute
 and a `--long-minutes` video of the same case, each in a fresh process: peak RSS, and how far RSS
 rises after the first clip is written.
 
-    python benchmarks/curate_throughput.py [--case talking|carphone] [--recipe lafid180k] [--cpus 2]
+    python benchmarks/curate_throughput.py [--case talking|carphone] [--recipe lafid180k] [--cpus 2] [--repeat 2]
         [--memory-only | --throughput-only] [--videos 8] [--seconds 60] [--long-minutes 10]
 """
 
@@ -247,7 +251,9 @@ class CpuMeter:
             try:
                 key = (proc.pid, proc.create_time())
                 times = proc.cpu_times()
-                self.role[key] = "driver" if proc.pid == me.pid else _role(proc.cmdline())  # workers rename
+                role = self.role.get(key, "")
+                if not role.startswith("ray::") or role == "ray::IDLE":  # a worker takes its actor's title late
+                    self.role[key] = "driver" if proc.pid == me.pid else _role(proc.cmdline())
                 self.seen[key] = times.user + times.system
             except (psutil.NoSuchProcess, psutil.ZombieProcess, IndexError):
                 pass
@@ -280,10 +286,13 @@ class CpuMeter:
 
 
 def _role(cmdline: list[str]) -> str:
-    """A Ray worker by its title (`ray::face_constraints`, `ray::IDLE`), another process by its program."""
+    """A Ray worker by its title (`ray::face_constraints`, `ray::IDLE`), another process by its program (a
+    Python one by its script)."""
     if cmdline[0].startswith("ray::"):
-        return cmdline[0].split()[0].removesuffix(".run")
-    return os.path.basename(cmdline[0]) if not cmdline[0].endswith("python") else os.path.basename(cmdline[1])
+        return cmdline[0].split()[0].split(".")[0]  # ray::face_constraints.run: the actor, busy
+    if "python" in os.path.basename(cmdline[0]):
+        return next((os.path.basename(a) for a in cmdline[1:] if not a.startswith("-")), "python")
+    return os.path.basename(cmdline[0])
 
 
 def one_round(recipe, paths, total_s: float) -> dict:
@@ -335,6 +344,16 @@ def throughput(args) -> dict[str, float]:
         figures[f"{name}_cpu_per_video_s"] = statistics.median(r[name]["cpu_per_video_s"] for r in rounds)
         print(f"{name:<14}{figures[name]:>30.2f} ({rates[0]:.2f}-{rates[-1]:.2f})"
               f"{figures[name + '_x_sequential']:>16.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f})")
+    ceiling = args.cpus * figures["sequential_cpu_per_video_s"] / figures["ray_cpu_per_video_s"]
+    figures["ray_ceiling_x_sequential"] = ceiling
+    startup = sum(last_run.startup_cpu_s.values()) / total_s
+    figures["ray_ceiling_without_startup"] = args.cpus * figures["sequential_cpu_per_video_s"] / (
+        figures["ray_cpu_per_video_s"] - startup)
+    print(f"CPU-s per video-s, all processes (median): sequential {figures['sequential_cpu_per_video_s']:.3f}, "
+          f"ray {figures['ray_cpu_per_video_s']:.3f}: on {args.cpus} otherwise idle cores, where the sequential "
+          f"runner keeps one busy, Ray can be at most {ceiling:.2f}x sequential; without its actors' start-up "
+          f"({startup:.3f} CPU-s per video-s here, spread thinner on longer runs) "
+          f"{figures['ray_ceiling_without_startup']:.2f}x")
     alive = actor_seconds(last_run.sizes, ray_s)
     print(f"{'stage':<24}{'items':>6}{'seq CPU-s/video-s':>19}{'ray CPU-s/video-s':>19}{'ray busy/actor-s':>18}"
           f"{'actors started':>16}{'start-up CPU-s':>16}")
@@ -350,7 +369,7 @@ def throughput(args) -> dict[str, float]:
     ray_cpu = sum(st.cpu_seconds for st in par.stages.values()) / total_s
     print(f"{'all stages':<24}{'':>6}{seq_cpu:>19.3f}{ray_cpu:>19.3f}{'':>18}{sum(last_run.started.values()):>16}"
           f"{sum(last_run.startup_cpu_s.values()):>16.1f}")
-    figures["cpu_per_video_s"], figures["ray_cpu_per_video_s"] = seq_cpu, ray_cpu
+    figures["stages_cpu_per_video_s"], figures["ray_stages_cpu_per_video_s"] = seq_cpu, ray_cpu
     for name in ("sequential", "ray_previous", "ray"):
         roles = sorted(rounds[-1][name]["cpu_by_role"].items(), key=lambda kv: -kv[1])
         print(f"CPU-s, all processes, {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in roles if v >= 0.05))
@@ -358,6 +377,9 @@ def throughput(args) -> dict[str, float]:
           f"{last_run.setup_s:.1f} s, no work before that):")
     for line in pool_sizes(last_run.sizes):
         print("  " + line)
+    for name in ("ray_previous", "ray"):
+        print(f"actors started per stage, {name}, each round: " + "; ".join(
+            ", ".join(f"{k} {v}" for k, v in r[name]["stats"].ray.started.items()) for r in rounds))
     working = sorted(last_run.working_s.items())
     print("after set-up, seconds with n batches running at once: " + ", ".join(f"{n}: {t:.1f}" for n, t in working)
           + f"; idle cores without other work: {sum(max(0, args.cpus - n) * t for n, t in working):.1f} core-s")
