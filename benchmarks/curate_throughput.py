@@ -221,16 +221,15 @@ def actor_seconds(sizes: list[tuple[float, dict[str, int]]], end: float) -> dict
 
 @contextmanager
 def previous_pools():
-    """The pools as they were before issue 24's sizing: one spare actor (SPARE 1), growing on any queue
-    (GROW_AFTER 0)."""
-    from lafid.ray_executor import plan, pool
+    """The pools as they were before issue 24's sizing: a pool grew on any queue (GROW_AFTER 0). The default
+    recipe's actors ran one thread each then too."""
+    from lafid.ray_executor import pool
 
-    saved = plan.SPARE, pool.GROW_AFTER
-    plan.SPARE, pool.GROW_AFTER = 1, 0.0
+    saved, pool.GROW_AFTER = pool.GROW_AFTER, 0.0
     try:
         yield
     finally:
-        plan.SPARE, pool.GROW_AFTER = saved
+        pool.GROW_AFTER = saved
 
 
 class CpuMeter:

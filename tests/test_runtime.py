@@ -156,6 +156,8 @@ def test_data_stays_in_the_object_store_and_pools_grow_and_shrink(
     # the driver got summaries only: about 1% of the 1 MiB each clip carried between stages
     assert run.items and run.driver_bytes / stats.kept < 2**20 / 100
     assert run.peak_actors["weigh"] >= 2  # the slow stage's pool grew with its queue
+    assert run.started["weigh"] >= 2 and run.startup_cpu_s["weigh"] > 0 and run.setup_s > 0
+    assert max(run.working_s) >= 2  # batches of different actors ran at once
     assert sum(run.retired.values()) >= 1  # and idle actors were given back
 
 
