@@ -9,16 +9,20 @@ Two inputs (`--case`):
   to `--videos` videos of `--seconds` seconds, without audio.
 
 Prints video-seconds per wall-second for: decode-only of every frame (the floor the pipeline cannot
-beat), the sequential runner, and the Ray runner on a local cluster started before timing (its
-start-up time is printed); per stage, CPU-seconds per video-second measured inside the workers
-(process CPU time around each `StageWorker.run`, every thread of the worker counted), for both
-runners; the share of its actors' time each Ray pool was busy, and the actors per pool over time;
-the bytes the Ray driver received per clip. Ray runs twice: with the pools' spare actor
-(`ray_executor.SPARE`, the default) and without it (`ray_no_spare`: one actor per stage, as before). Then the memory of the sequential runner on a 1-minute
+beat), then `--repeat` rounds (default 2) of the sequential runner, the Ray runner with the previous pools
+(`ray_previous`: one spare actor, a pool grows on any queue) and the Ray runner as it is, on a local
+cluster started before timing (its start-up time is printed); each round's rates and Ray / sequential
+ratios, then their median and spread: on a shared machine one run's ratio is noise. From the last round:
+per stage, CPU-seconds per video-second measured inside the workers (process CPU time around each
+`StageWorker.run`, every thread of the worker counted) for both runners, actors started and their
+start-up CPU; CPU-seconds of every process of the run (the driver, Ray's daemons, each stage's actors:
+what Ray costs beyond the stages); the share of its actors' time each Ray pool was busy, the actors per
+pool over time and the seconds with n batches running at once (fewer than the CPUs: idle cores); the
+bytes the Ray driver received per clip. Then the memory of the sequential runner on a 1-minute
 and a `--long-minutes` video of the same case, each in a fresh process: peak RSS, and how far RSS
 rises after the first clip is written.
 
-    python benchmarks/curate_throughput.py [--case talking|carphone] [--recipe lafid180k] [--cpus 2]
+    python benchmarks/curate_throughput.py [--case talking|carphone] [--recipe lafid180k] [--cpus 2] [--repeat 2]
         [--memory-only | --throughput-only] [--videos 8] [--seconds 60] [--long-minutes 10]
 """
 
@@ -27,13 +31,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager, nullcontext
 
 import av
+import psutil
 
 from lafid import devset, media
 from lafid.recipe import load_recipe
@@ -168,6 +176,7 @@ def main() -> None:
     ap.add_argument("--videos", type=int, default=8, help="carphone case: videos")
     ap.add_argument("--seconds", type=float, default=60.0, help="carphone case: seconds per video")
     ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=2, help="rounds of sequential, previous Ray pools and Ray")
     ap.add_argument("--long-minutes", type=float, default=10.0)
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "lafid-bench"))
     ap.add_argument("--memory-only", action="store_true", help="skip the throughput comparison")
@@ -210,52 +219,169 @@ def actor_seconds(sizes: list[tuple[float, dict[str, int]]], end: float) -> dict
     return total
 
 
+@contextmanager
+def previous_pools():
+    """The pools as they were before issue 24's sizing: a pool grew on any queue (GROW_AFTER 0). The default
+    recipe's actors ran one thread each then too."""
+    from lafid.ray_executor import pool
+
+    saved, pool.GROW_AFTER = pool.GROW_AFTER, 0.0
+    try:
+        yield
+    finally:
+        pool.GROW_AFTER = saved
+
+
+class CpuMeter:
+    """CPU-seconds used by this process and every process under it (Ray's daemons and workers, subprocesses the
+    stages run) while the meter runs. Processes are sampled every `every` seconds, so one that ends (an actor
+    given back) loses at most its last interval: Ray does not hand the CPU time of ended workers to a parent."""
+
+    def __init__(self, every: float = 0.25):
+        self.every = every
+        self.seen: dict[tuple[int, float], float] = {}  # (pid, start time) -> CPU-seconds when last sampled
+        self.start: dict[tuple[int, float], float] = {}
+        self.role: dict[tuple[int, float], str] = {}  # what the process is: driver, raylet, ray::face_constraints
+        self.stop = threading.Event()
+
+    def sample(self) -> None:
+        me = psutil.Process()
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                key = (proc.pid, proc.create_time())
+                times = proc.cpu_times()
+                role = self.role.get(key, "")
+                if not role.startswith("ray::") or role == "ray::IDLE":  # a worker takes its actor's title late
+                    self.role[key] = "driver" if proc.pid == me.pid else _role(proc.cmdline())
+                self.seen[key] = times.user + times.system
+            except (psutil.NoSuchProcess, psutil.ZombieProcess, IndexError):
+                pass
+
+    def __enter__(self) -> "CpuMeter":
+        self.sample()
+        self.start = dict(self.seen)
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+        return self
+
+    def run(self) -> None:
+        while not self.stop.wait(self.every):
+            self.sample()
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.sample()
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.by_role().values())
+
+    def by_role(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for key, cpu in self.seen.items():
+            out[self.role[key]] = out.get(self.role[key], 0.0) + cpu - self.start.get(key, 0.0)
+        return out
+
+
+def _role(cmdline: list[str]) -> str:
+    """A Ray worker by its title (`ray::face_constraints`, `ray::IDLE`), another process by its program (a
+    Python one by its script)."""
+    if cmdline[0].startswith("ray::"):
+        return cmdline[0].split()[0].split(".")[0]  # ray::face_constraints.run: the actor, busy
+    if "python" in os.path.basename(cmdline[0]):
+        return next((os.path.basename(a) for a in cmdline[1:] if not a.startswith("-")), "python")
+    return os.path.basename(cmdline[0])
+
+
+def one_round(recipe, paths, total_s: float) -> dict:
+    """Sequential, Ray with the previous pools and Ray as it is, one after the other on the same inputs."""
+    runs = {}
+    for name, executor, setting in (("sequential", "sequential", nullcontext), ("ray_previous", "ray", previous_pools),
+                                    ("ray", "ray", nullcontext)):
+        with setting(), CpuMeter() as cpu:
+            seconds, stats, out = timed_curate(recipe, paths, executor)
+        runs[name] = {"seconds": seconds, "rate": total_s / seconds, "stats": stats, "outcomes": out,
+                      "cpu_per_video_s": cpu.seconds / total_s, "cpu_by_role": cpu.by_role()}
+    assert runs["sequential"]["outcomes"] == runs["ray_previous"]["outcomes"] == runs["ray"]["outcomes"], \
+        "the runners disagree"
+    return runs
+
+
 def throughput(args) -> dict[str, float]:
-    """Video-seconds per wall-second: decode only, sequential runner, Ray runner, on the same inputs;
-    CPU-seconds per video-second per stage from both runners."""
+    """Video-seconds per wall-second: decode only, then `--repeat` rounds of the sequential runner, Ray with the
+    previous pools and Ray, on the same inputs; per stage, CPU-seconds per video-second from the last round."""
     paths = case_inputs(args)
     total_s = sum(duration_s(p) for p in paths)
     recipe = case_recipe(args.case, args.recipe)
-    seq_s, seq, seq_out = timed_curate(recipe, paths, "sequential")
-    figures = {"decode_only": total_s / decode_only(paths), "sequential": total_s / seq_s}
+    figures = {"decode_only": total_s / decode_only(paths)}
     ray_start = start_ray(args.cpus)
-    from lafid import ray_executor
-
-    spare, ray_executor.SPARE = ray_executor.SPARE, 0  # the previous pools: one actor per stage, no spare
-    one_s, one, one_out = timed_curate(recipe, paths, "ray")
-    figures["ray_no_spare"] = total_s / one_s
-    ray_executor.SPARE = spare
-    ray_s, par, par_out = timed_curate(recipe, paths, "ray")
-    figures["ray"] = total_s / ray_s
-    last_run = ray_executor.last_run
-
+    rounds = []
+    for i in range(args.repeat):
+        runs = one_round(recipe, paths, total_s)
+        rounds.append(runs)
+        print(f"round {i + 1}: video-s / wall-s: sequential {runs['sequential']['rate']:.2f}, ray_previous "
+              f"{runs['ray_previous']['rate']:.2f} ({runs['ray_previous']['rate'] / runs['sequential']['rate']:.2f}x), "
+              f"ray {runs['ray']['rate']:.2f} ({runs['ray']['rate'] / runs['sequential']['rate']:.2f}x); CPU-s per "
+              f"video-s, all processes: " + ", ".join(f"{k} {r['cpu_per_video_s']:.3f}" for k, r in runs.items()),
+              flush=True)
+    seq, par = rounds[-1]["sequential"]["stats"], rounds[-1]["ray"]["stats"]
+    ray_s, seq_s = rounds[-1]["ray"]["seconds"], rounds[-1]["sequential"]["seconds"]
+    last_run = par.ray
     clips = par.kept + par.rejected
-    assert seq_out == one_out == par_out, "the runners disagree"
-    print("outcomes (all runners): " + "; ".join(seq_out))
+    print("outcomes (all runners): " + "; ".join(rounds[-1]["sequential"]["outcomes"]))
     print(f"case {args.case!r}: {len(paths)} videos, {total_s:.1f} s of footage, recipe {recipe.name!r}, "
-          f"{args.cpus} CPUs; {par.kept} clips kept, {par.rejected} rows rejected (both runners)")
-    print(f"{'runner':<14}{'video-s / wall-s':>18}")
-    for name, rate in figures.items():
-        print(f"{name:<14}{rate:>18.2f}")
-    print(f"ray / sequential: {figures['ray'] / figures['sequential']:.2f}x; without the spare actor (ray_no_spare, "
-          f"one actor per stage): {figures['ray_no_spare'] / figures['sequential']:.2f}x  "
-          f"(local Ray start-up, not timed: {ray_start:.1f} s)")
+          f"{args.cpus} CPUs; {par.kept} clips kept, {par.rejected} rows rejected (every runner); local Ray start-up, "
+          f"not timed: {ray_start:.1f} s")
+    print(f"{'runner':<14}{'video-s / wall-s (median, min-max of ' + str(len(rounds)) + ')':>44}{'x sequential':>28}")
+    print(f"{'decode_only':<14}{figures['decode_only']:>44.2f}")
+    for name in ("sequential", "ray_previous", "ray"):
+        rates = sorted(r[name]["rate"] for r in rounds)
+        ratios = sorted(r[name]["rate"] / r["sequential"]["rate"] for r in rounds)
+        figures[name] = statistics.median(rates)
+        figures[f"{name}_x_sequential"] = statistics.median(ratios)
+        figures[f"{name}_cpu_per_video_s"] = statistics.median(r[name]["cpu_per_video_s"] for r in rounds)
+        print(f"{name:<14}{figures[name]:>30.2f} ({rates[0]:.2f}-{rates[-1]:.2f})"
+              f"{figures[name + '_x_sequential']:>16.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f})")
+    ceiling = args.cpus * figures["sequential_cpu_per_video_s"] / figures["ray_cpu_per_video_s"]
+    figures["ray_ceiling_x_sequential"] = ceiling
+    startup = sum(last_run.startup_cpu_s.values()) / total_s
+    figures["ray_ceiling_without_startup"] = args.cpus * figures["sequential_cpu_per_video_s"] / (
+        figures["ray_cpu_per_video_s"] - startup)
+    print(f"CPU-s per video-s, all processes (median): sequential {figures['sequential_cpu_per_video_s']:.3f}, "
+          f"ray {figures['ray_cpu_per_video_s']:.3f}: on {args.cpus} otherwise idle cores, where the sequential "
+          f"runner keeps one busy, Ray can be at most {ceiling:.2f}x sequential; without its actors' start-up "
+          f"({startup:.3f} CPU-s per video-s here, spread thinner on longer runs) "
+          f"{figures['ray_ceiling_without_startup']:.2f}x")
     alive = actor_seconds(last_run.sizes, ray_s)
-    print(f"{'stage':<24}{'items':>6}{'seq CPU-s/video-s':>19}{'ray CPU-s/video-s':>19}{'ray busy/actor-s':>18}")
+    print(f"{'stage':<24}{'items':>6}{'seq CPU-s/video-s':>19}{'ray CPU-s/video-s':>19}{'ray busy/actor-s':>18}"
+          f"{'actors started':>16}{'start-up CPU-s':>16}")
     for name, st in seq.stages.items():
         rt = par.stages.get(name)
         busy = rt.seconds / alive[name] if rt and alive.get(name) else float("nan")
         print(f"{name:<24}{st.items_in:>6}{st.cpu_seconds / total_s:>19.3f}"
-              f"{(rt.cpu_seconds if rt else 0) / total_s:>19.3f}{busy:>18.0%}")
+              f"{(rt.cpu_seconds if rt else 0) / total_s:>19.3f}{busy:>18.0%}"
+              f"{last_run.started.get(name, 0):>16}{last_run.startup_cpu_s.get(name, 0.0):>16.1f}")
         figures[f"cpu_per_video_s.{name}"] = st.cpu_seconds / total_s
         figures[f"ray_busy_share.{name}"] = busy
     seq_cpu = sum(st.cpu_seconds for st in seq.stages.values()) / total_s
     ray_cpu = sum(st.cpu_seconds for st in par.stages.values()) / total_s
-    print(f"{'all stages':<24}{'':>6}{seq_cpu:>19.3f}{ray_cpu:>19.3f}")
-    figures["cpu_per_video_s"], figures["ray_cpu_per_video_s"] = seq_cpu, ray_cpu
-    print("Ray actors per pool over time (when it changed):")
+    print(f"{'all stages':<24}{'':>6}{seq_cpu:>19.3f}{ray_cpu:>19.3f}{'':>18}{sum(last_run.started.values()):>16}"
+          f"{sum(last_run.startup_cpu_s.values()):>16.1f}")
+    figures["stages_cpu_per_video_s"], figures["ray_stages_cpu_per_video_s"] = seq_cpu, ray_cpu
+    for name in ("sequential", "ray_previous", "ray"):
+        roles = sorted(rounds[-1][name]["cpu_by_role"].items(), key=lambda kv: -kv[1])
+        print(f"CPU-s, all processes, {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in roles if v >= 0.05))
+    print(f"Ray actors per pool over time (when it changed; every pool's first actor was set up after "
+          f"{last_run.setup_s:.1f} s, no work before that):")
     for line in pool_sizes(last_run.sizes):
         print("  " + line)
+    for name in ("ray_previous", "ray"):
+        print(f"actors started per stage, {name}, each round: " + "; ".join(
+            ", ".join(f"{k} {v}" for k, v in r[name]["stats"].ray.started.items()) for r in rounds))
+    working = sorted(last_run.working_s.items())
+    print("after set-up, seconds with n batches running at once: " + ", ".join(f"{n}: {t:.1f}" for n, t in working)
+          + f"; idle cores without other work: {sum(max(0, args.cpus - n) * t for n, t in working):.1f} core-s")
     print(f"driver received {last_run.driver_bytes} bytes from actors: {last_run.driver_bytes / max(1, clips):.0f} "
           f"bytes per clip row (kept and rejected), output rows included; without the output rows "
           f"{(last_run.driver_bytes - last_run.row_bytes) / max(1, clips):.0f} bytes per clip")

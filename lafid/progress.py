@@ -1,4 +1,4 @@
-"""Live counters for a run: videos done, clips kept/rejected, per-stage rates."""
+"""Live counters for a run: videos done, clips kept/rejected, per-stage rates, and what Ray did."""
 
 from __future__ import annotations
 
@@ -15,6 +15,25 @@ from lafid.stage import BatchStats
 
 
 @dataclass
+class RunInfo:
+    """What the Ray executor did in one run (`run_ray` returns it; the runner keeps it in `RunStats.ray`)."""
+
+    driver_bytes: int = 0  # bytes of summaries the driver received from actors
+    row_bytes: int = 0  # of which output rows (columns of items going to the writer)
+    summaries: int = 0
+    items: int = 0  # items the summaries described
+    restarted_videos: int = 0  # videos sent back to the first stage after their data was lost
+    setup_s: float = 0.0  # wall seconds until every pool's first actors were set up (no work before that)
+    peak_actors: dict[str, int] = field(default_factory=dict)
+    retired: dict[str, int] = field(default_factory=dict)  # actors given back for being idle, per stage
+    started: dict[str, int] = field(default_factory=dict)  # actors that set up, per stage
+    startup_cpu_s: dict[str, float] = field(default_factory=dict)  # their CPU-seconds to start (imports, models)
+    requests: dict[str, float] = field(default_factory=dict)  # CPUs per actor, as asked of Ray
+    working_s: dict[int, float] = field(default_factory=dict)  # batches running at once -> seconds it lasted
+    sizes: list[tuple[float, dict[str, int]]] = field(default_factory=list)  # (seconds into the run, actors per pool)
+
+
+@dataclass
 class RunStats:
     videos_total: int = 0
     videos_skipped: int = 0
@@ -26,6 +45,7 @@ class RunStats:
     started: float = field(default_factory=time.perf_counter)
     native_log: str = ""  # where other code's output went (lafid.native)
     native_lines: int = 0  # lines written there during the run
+    ray: RunInfo | None = None  # what the Ray executor did (None: the sequential runner)
 
     def stage(self, name: str, stats: BatchStats) -> None:
         self.stages.setdefault(name, BatchStats()).add(stats)

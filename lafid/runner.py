@@ -3,7 +3,7 @@
 Both executors feed the same `StageWorker`s and hand every batch's result to one
 `Router` (`lafid.router`), which sends rejected and finished items to one
 `ShardWriter`, so their outputs are the same rows. `lafid.ray_executor` is the
-only module that imports ray.
+only package that imports ray.
 
 `curate` first proves the output folder is usable and takes its lock (one run per
 folder), logs the run to `_curate.log` there (tracebacks included), appends its
@@ -277,7 +277,7 @@ def _curate_locked(recipe, inputs, out, executor, address, num_cpus, on_update, 
             else:
                 from lafid.ray_executor import run_ray
 
-                run_ray(recipe, items, router, address=address, num_cpus=num_cpus)
+                stats.ray = run_ray(recipe, items, router, address=address, num_cpus=num_cpus)
         except KeyboardInterrupt:
             writer.close()  # videos finished before it are recorded; the rest is redone by a rerun
             log.info("interrupted (Ctrl-C): %d videos recorded", stats.videos_done)

@@ -1,5 +1,6 @@
-"""Import graph of the lafid package: no cycles, cofe never reaches up into bench, modules stay small,
-and the stage and recipe folders are imported under the package.
+"""Import graph of the lafid package: no cycles, cofe never reaches up into bench, only the Ray executor
+(`lafid.ray_executor`) imports ray, modules stay small, and the stage and recipe folders are imported
+under the package.
 
 Imports inside functions count too: a deferred import hides a cycle from the
 interpreter but not from a reader, and the cycles this guards against all went
@@ -67,6 +68,20 @@ def import_graph(root: Path = ROOT) -> dict:
     }
 
 
+def imports_ray(source: str) -> bool:
+    """`source` imports ray or one of its modules, anywhere (module level or inside functions)."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""]
+        else:
+            continue
+        if any(name == "ray" or name.startswith("ray.") for name in names):
+            return True
+    return False
+
+
 def find_cycles(graph: dict) -> list:
     """Strongly connected components with more than one module (Tarjan), as sorted lists."""
     index, low, stack, on_stack, cycles = {}, {}, [], set(), []
@@ -119,6 +134,22 @@ def test_lafid_has_no_import_cycles():
 
 def test_cofe_does_not_import_bench():
     assert upward_imports(import_graph()) == []
+
+
+def test_only_the_ray_executor_imports_ray():
+    """lafid modules and the stages beside them (which must never import ray) outside `lafid.ray_executor`."""
+    sources = {name: path for name, path in module_names().items() if not name.startswith("lafid.ray_executor")}
+    sources.update({f"lafid.stages.{p.stem}": p for p in (REPO / "stages").glob("*.py")})
+    assert "lafid.runner" in sources and "lafid.stages.speech_disambiguation" in sources  # the walk saw both trees
+    assert sorted(name for name, path in sources.items() if imports_ray(path.read_text())) == []
+    executor = [path for name, path in module_names().items() if name.startswith("lafid.ray_executor.")]
+    assert executor and all(imports_ray(path.read_text()) for path in executor)  # control: the executor does
+
+
+def test_control_ray_import_inside_a_function_is_found():
+    assert imports_ray("def f():\n    from ray.exceptions import RayError\n")
+    assert imports_ray("import os, ray\n")
+    assert not imports_ray("from lafid.ray_executor import run_ray\nfrom .ray import x\nimport rayon\n")
 
 
 def test_control_cycle_through_function_level_import_is_found():

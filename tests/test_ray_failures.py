@@ -180,7 +180,7 @@ def _kill_first_setup(pid_dir: Path, killed: list[int], titles: list[str]) -> No
 def test_a_worker_killed_while_setting_up_is_replaced(ray_cluster, faults, corpus, tmp_path, monkeypatch, retries):
     import threading
 
-    from lafid import ray_executor
+    from lafid.ray_executor import pool
 
     healthy, _ = corpus
     pid_dir = tmp_path / "pids"
@@ -192,7 +192,7 @@ def test_a_worker_killed_while_setting_up_is_replaced(ray_cluster, faults, corpu
     curate(recipe, healthy[:3], clean, executor="sequential")
     for p in pid_dir.iterdir():
         p.unlink()
-    monkeypatch.setattr(ray_executor, "SETUP_RETRIES", retries)
+    monkeypatch.setattr(pool, "SETUP_RETRIES", retries)
     killed: list[int] = []
     titles: list[str] = []
     killer = threading.Thread(target=_kill_first_setup, args=(pid_dir, killed, titles))
@@ -207,7 +207,7 @@ def test_a_worker_killed_while_setting_up_is_replaced(ray_cluster, faults, corpu
         stats = curate(recipe, healthy[:3], out, executor="ray")
     finally:
         killer.join()
-    assert titles[0].startswith("ray::slow_setup")  # `ps` names the stage, not ray::_StageActor
+    assert titles[0].startswith("ray::slow_setup")  # `ps` names the stage, not ray::StageActor
     assert len(killed) == 1 and len([p for p in pid_dir.iterdir() if p.name.isdigit()]) == 2  # one replacement
     assert stats.videos_done == 3 and rows(out) == rows(clean) != []  # the same rows as a clean run
     assert "died while setting up" in (out / "_curate.log").read_text()

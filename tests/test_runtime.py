@@ -6,13 +6,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import runtime_stages
-from lafid import ray_executor
+from lafid.ray_executor import plan, pool
 from lafid.recipe import Recipe, RecipeError, load_recipe
 from lafid.shards import read_clips
 from lafid.runner import curate
@@ -92,29 +93,57 @@ def test_setting_up_the_default_stages_does_not_import_torch(pre, loaded):
 @pytest.mark.ray
 def test_default_recipe_fits_two_cpus_and_explicit_requests_that_cannot_fit_fail(ray_cluster, monkeypatch):
     recipe = load_recipe("lafid180k")
-    plans = ray_executor._plan(recipe, recipe.build_stages())
+    plans = plan.plan_pools(recipe, recipe.build_stages())
     assert len(plans) == 4 and all(p.low == 1 and p.high is None for p in plans)
     # one actor per stage and one spare fit the 2 CPUs: each asks for 0.4 CPU, so the slowest stage can add
     # one actor (more actors than CPUs would not run faster). Control: without the spare, 0.5 each
     assert [p.cpus for p in plans] == [pytest.approx(0.4)] * 4
-    monkeypatch.setattr(ray_executor, "SPARE", 0)
-    assert [p.cpus for p in ray_executor._plan(recipe, recipe.build_stages())] == [pytest.approx(0.5)] * 4
+    monkeypatch.setattr(plan, "SPARE", 0)
+    assert [p.cpus for p in plan.plan_pools(recipe, recipe.build_stages())] == [pytest.approx(0.5)] * 4
     fixed = recipe.model_copy(deep=True)
     for spec in fixed.stages:  # the same stages asking for one whole-CPU actor each cannot all be placed
         spec.workers = 1
     with pytest.raises(RecipeError, match="asks for 4 CPUs .* but the cluster has 2"):
-        ray_executor._plan(fixed, fixed.build_stages())
+        plan.plan_pools(fixed, fixed.build_stages())
     gpu = recipe.model_copy(deep=True)
     gpu.stages[1].gpus = 0.25
     with pytest.raises(RecipeError, match="'face_constraints' asks for 1 x 0.25 GPUs but the cluster has 0"):
-        ray_executor._plan(gpu, gpu.build_stages())
+        plan.plan_pools(gpu, gpu.build_stages())
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_a_pool_grows_only_when_its_queue_outlasts_starting_an_actor(ray_cluster, carry_stages, monkeypatch):
+    """An actor costs its stage's start-up before it does any work: a queue the pool drains sooner keeps the
+    actors it has, a longer one gets another. Control: GROW_AFTER 0 (growing on any queue, as before)."""
+    recipe = Recipe(name="grow", stages=[{"stage": "carry", "cpus": 4}])
+    stages = recipe.build_stages()
+    (sized,) = plan.plan_pools(recipe, stages)
+    carry = pool.Pool(stages[0], sized, batch_size=1, last=True, max_item_retries=2, native_log=None)
+    try:
+        (ref,) = carry.starting
+        ray_cluster.wait([ref])
+        assert carry.started(ref) is None and carry.started_actors == 1 and carry.startup_s > 0
+        # the actors hold a share of the 2 CPUs, and their thread pools follow it; the recipe's stage keeps 4
+        assert sized.cpus < 2 and carry.stage.resources.threads == 1 and stages[0].resources.threads == 4
+        carry.startup_s, carry.batches, carry.batch_s = 3.0, 4, 2.0  # an actor took 3 s to start, a batch 0.5 s
+        now = time.monotonic()
+        carry.queue.extend(runtime_stages.Item(source="x", video_id=f"v{i}", clip_index=0) for i in range(4))
+        assert carry.backlog_s(now) == pytest.approx(2.0) and not carry.can_grow(now)  # 2 s of work: no
+        monkeypatch.setattr(pool, "GROW_AFTER", 0.0)
+        assert carry.can_grow(now)  # control
+        monkeypatch.undo()
+        carry.queue.extend(runtime_stages.Item(source="x", video_id=f"w{i}", clip_index=0) for i in range(6))
+        assert carry.backlog_s(now) == pytest.approx(5.0) and carry.can_grow(now)  # 5 s of work: one more actor
+    finally:
+        carry.close()
 
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_data_stays_in_the_object_store_and_pools_grow_and_shrink(
         ray_cluster, carry_stages, videos, tmp_path, monkeypatch):
-    monkeypatch.setattr(ray_executor, "IDLE_S", 0.5)
+    monkeypatch.setattr(pool, "IDLE_S", 0.5)
     stats = curate(carry_recipe(delay_s=2.0), videos, tmp_path, executor="ray")
     assert stats.videos_done == 6 and stats.kept == 7
     clips = read_clips(tmp_path).to_pylist()
@@ -123,10 +152,12 @@ def test_data_stays_in_the_object_store_and_pools_grow_and_shrink(
         assert row["face_ratio"] == pytest.approx(runtime_stages.fill_value(item) / 255)
         assert row["face_area_median"] == 2**20
     assert len({r["face_ratio"] for r in clips}) > 1  # the values differ per clip: nothing was mixed up
-    run = ray_executor.last_run
+    run = stats.ray
     # the driver got summaries only: about 1% of the 1 MiB each clip carried between stages
     assert run.items and run.driver_bytes / stats.kept < 2**20 / 100
     assert run.peak_actors["weigh"] >= 2  # the slow stage's pool grew with its queue
+    assert run.started["weigh"] >= 2 and run.startup_cpu_s["weigh"] > 0 and run.setup_s > 0
+    assert max(run.working_s) >= 2  # batches of different actors ran at once
     assert sum(run.retired.values()) >= 1  # and idle actors were given back
 
 

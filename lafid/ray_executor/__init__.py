@@ -1,0 +1,39 @@
+"""The Ray executor: one autoscaling actor pool per stage, streamed with a bounded window.
+
+This package is the only code that imports ray. Each stage runs in its own pool of
+actors (`workers`: a fixed number, `auto`, or `{min, max}`); a pool starts at its
+minimum, grows while more batches wait than its actors can take and the cluster has room,
+and gives back an actor that has been idle for `IDLE_S` seconds. `auto` pools ask
+for a share of a CPU scaled to the cluster (see `plan.plan_pools`), so the same recipe fits a
+2-core laptop and fills a large cluster. The driver keeps at most
+`max_videos_in_flight` videos between source and writer, so memory stays flat
+however long the input list is. Where items go is decided by `lafid.router`.
+
+Data stays in the object store: an actor returns two objects, the items it made
+(decoded faces, audio: they stay where they were made, in Ray's object store) and a
+small summary (per item: its key, its reject if any, and its output row only when it
+goes to the writer). The driver routes on summaries and hands the next pool the
+*reference* to the previous pool's items; the next actor picks its items out of it.
+
+Failures of the machinery are not failures of the media:
+- every actor must report its stage set up before any work is handed out; a
+  stage whose `setup()` raises stops the run with its own error, while an actor
+  whose process dies while setting up (OOM killer, lost node) is replaced, up to
+  `SETUP_RETRIES` times in a row per stage;
+- an actor that dies leaves its pool and a fresh one is started in its place;
+  its batch is retried, each item alone, and only an item that kills its worker
+  `max_item_retries` times on its own becomes a `worker_crashed` reject;
+- working data lost with a node (an object that cannot be fetched) sends the
+  videos it belonged to back to the first stage; nothing is recorded for them
+  until they come through again;
+- a pool left with no live actor that cannot start a new one fails the run.
+
+Modules: `cluster` starts or joins Ray; `plan` sizes the pools; `pool` holds one stage's
+actors; `stream` is the driver loop and `run_ray`.
+"""
+
+from lafid.progress import RunInfo
+from lafid.ray_executor.cluster import gcs_status, init_ray, shutdown_ray
+from lafid.ray_executor.stream import run_ray
+
+__all__ = ["RunInfo", "gcs_status", "init_ray", "run_ray", "shutdown_ray"]

@@ -1,0 +1,66 @@
+"""Pool sizes from the cluster: how many actors each stage's pool may have and what each asks of Ray."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ray
+
+from lafid.recipe import Recipe, RecipeError
+from lafid.stage import Stage
+
+# `auto` pools: CPU requests are scaled down only as far as one actor per auto stage plus one SPARE actor of
+# the largest fit. More actors than CPUs do not run faster, and each costs ~2.5 CPU-s to start
+# (benchmarks/curate_throughput.py, 2 CPUs: room for 2x as many actors started 13 and took 105 CPU-s for the
+# 62 CPU-s of stage work; 1x started 4: 68-88 CPU-s). Without the spare, a stage that dominates (speech on
+# talking footage) keeps one actor, and one of two cores, while the other stages' actors sit idle.
+SPARE = 1
+
+
+@dataclass
+class Plan:
+    """How one stage's pool is sized: actors (min, max) and what each asks of Ray."""
+
+    low: int
+    high: int | None
+    cpus: float
+    gpus: float
+
+
+def plan_pools(recipe: Recipe, stages: list[Stage]) -> list[Plan]:
+    """Size every pool from the cluster, or fail now when a request can never fit.
+
+    Fixed and {min, max} pools ask for what the recipe says, and their minimum must fit. `auto` pools
+    start at one actor; their CPU request is the stage's, scaled down (fractional CPUs) when the
+    cluster cannot hold one actor of every auto stage and SPARE more of the largest beside the fixed
+    minimums (so the slowest stage can grow by one), and never above the largest node."""
+    have = ray.cluster_resources()
+    cpus, gpus = have.get("CPU", 0.0), have.get("GPU", 0.0)
+    node_cpus = max((n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=cpus)
+    specs = list(zip(recipe.stages, stages))
+    fixed = sum(spec.worker_range[0] * st.resources.cpus for spec, st in specs if spec.workers != "auto")
+    auto_cpus = [st.resources.cpus for spec, st in specs if spec.workers == "auto"]
+    auto = sum(auto_cpus) + SPARE * max(auto_cpus, default=0.0)
+    room = cpus - fixed
+    scale = 1.0 if auto == 0 else min(1.0, room / auto)
+    if fixed > cpus + 1e-9 or (auto and scale <= 0.01):
+        detail = ", ".join(f"{s.stage}: {s.workers if s.workers != 'auto' else 'auto (at least 1)'} x "
+                           f"{st.resources.cpus:g}" for s, st in specs)
+        raise RecipeError(f"recipe {recipe.name!r} asks for {fixed:g} CPUs ({detail}) but the cluster has "
+                          f"{cpus:g}; lower 'workers' or 'cpus' per stage, or use workers: auto")
+    plans = []
+    for spec, st in specs:
+        low, high = spec.worker_range
+        want_gpus = st.resources.gpus
+        if want_gpus and low * want_gpus > gpus + 1e-9:
+            raise RecipeError(f"recipe {recipe.name!r}: stage {spec.stage!r} asks for {low} x {want_gpus:g} GPUs "
+                              f"but the cluster has {gpus:g}")
+        per = st.resources.cpus
+        if spec.workers == "auto":
+            per = round(max(0.01, min(per * scale, node_cpus)), 4)
+        elif per > node_cpus + 1e-9:
+            raise RecipeError(f"recipe {recipe.name!r}: stage {spec.stage!r} asks for {per:g} CPUs per actor but "
+                              f"the largest node has {node_cpus:g}")
+        plans.append(Plan(low, high, per, want_gpus))
+    return plans
+

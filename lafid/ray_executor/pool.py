@@ -1,0 +1,296 @@
+"""One stage's pool of actors: started, replaced when they die, grown with the queue and given back when idle.
+
+Each actor runs the stage through `StageWorker`, exactly as the sequential runner does, and returns
+two objects: the items it made (working data stays in Ray's object store) and a small summary the
+driver routes on."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+import time
+import traceback
+from collections import Counter, deque
+from dataclasses import replace
+
+import ray
+from ray.exceptions import RayError
+
+from lafid.item import Item
+from lafid.native import NATIVE_LOG, stderr_to
+from lafid.ray_executor.plan import Plan
+from lafid.stage import Stage, StageWorker
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+log = logging.getLogger("lafid.run")
+
+IDLE_S = 5.0  # an actor idle this long leaves a pool that is above its minimum
+# A pool grows only when its queue would keep its actors busy longer than GROW_AFTER times what starting one
+# more took: an actor costs its process, imports and models (0.7-2.2 CPU-s each for the default recipe's stages,
+# benchmarks/curate_throughput.py) before it does any work, so a fast
+# stage with a momentary queue (shot splitting at the start of a run) drains it sooner with the actors it has.
+# 0 grows on any queue (as before). benchmarks/curate_throughput.py compares the two.
+GROW_AFTER = 1.0
+SETUP_RETRIES = 3  # actors of one stage that may die in a row while setting up before the run stops
+
+
+def item_key(item: Item) -> tuple[str, int]:
+    """What names an item between pools: its video and clip index."""
+    return item.video_id, item.clip_index
+
+
+def _stub(item: Item, full: bool) -> Item:
+    """What the driver needs of an item: its key and reject, and its output row only if `full`."""
+    return Item(source=item.source, video_id=item.video_id, clip_index=item.clip_index,
+                clip_count=item.clip_count, start_s=item.start_s, end_s=item.end_s,
+                columns=dict(item.columns) if full else {}, reject=item.reject)
+
+
+class StageActor:
+    """Runs one stage in a Ray worker process; set up once, then called with batches."""
+
+    def __init__(self, stage: Stage, last: bool, native_log: str | None = None):
+        self.worker: StageWorker | None = None
+        self.error: tuple[str, str] | None = None
+        self.setup_cpu_s = 0.0
+        if native_log:
+            try:
+                stderr_to(native_log)
+            except OSError:  # the output folder is not on this node: the node's temp folder
+                stderr_to(os.path.join(tempfile.gettempdir(), "lafid", NATIVE_LOG))
+        try:
+            self.worker = StageWorker(stage, last)
+        except Exception as exc:  # reported by ready(): the driver fails the run with it
+            self.error = (f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        self.setup_cpu_s = time.process_time()  # the process's start, imports and models: what an actor costs
+
+    def ready(self) -> tuple[tuple[str, str] | None, float]:
+        """(None once the stage is set up, otherwise (error, traceback); CPU-seconds the process took to start)."""
+        return self.error, self.setup_cpu_s
+
+    def run(self, direct: list[Item], picks: list[list[tuple[str, int]]], *parts: list[Item]):
+        """Run the stage on `direct` items plus, from each earlier pool's output `parts[i]`, the items
+        keyed `picks[i]`. Returns (the items, for the next pool; a small summary, for the driver)."""
+        items = list(direct)
+        for keys, part in zip(picks, parts):
+            wanted = set(keys)
+            items.extend(i for i in part if item_key(i) in wanted)
+        out, stats = self.worker.run(items)
+        full = self.worker.last
+        return out, (stats, [_stub(i, full or i.rejected) for i in out])
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+
+
+def actor_class(stage: str) -> type:
+    """`StageActor` under the stage's name: Ray titles an actor's process by its class (`ray::shot_split`
+    in `ps`, `ray::shot_split.run` while it works)."""
+    return type(stage, (StageActor,), {"__module__": __name__, "__qualname__": stage})
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one plain line (Ray's messages carry colour codes and tracebacks)."""
+    lines = [ln.strip() for ln in _ANSI.sub("", str(exc)).splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+class Pool:
+    """The actors of one stage. Dead actors leave it and are replaced by fresh ones; the pool grows
+    with its queue and shrinks when idle, within its plan."""
+
+    def __init__(self, stage: Stage, plan: Plan, batch_size: int, last: bool, max_item_retries: int,
+                 native_log: str | None):
+        res = stage.resources
+        self._actor = ray.remote(actor_class(stage.name)).options(
+            num_cpus=plan.cpus, num_gpus=plan.gpus or None,
+            memory=int(res.memory_gb * 2**30) or None, max_restarts=0, max_task_retries=0,
+        )
+        # Thread pools follow the CPUs an actor holds (`Resources.threads`), not the recipe's request before `auto`
+        # scaled it: five actors of a 2-thread stage sharing two cores would fight over them.
+        self.stage = type(stage)(stage.params, replace(res, cpus=plan.cpus))
+        self.plan = plan
+        self.last = last
+        self.native_log = native_log
+        self.name = stage.name
+        self.batch_size = batch_size
+        self.max_item_retries = max_item_retries
+        self.starting: dict = {}  # ready() ref -> actor
+        self.asked_at: dict = {}  # ready() ref -> monotonic time the actor was asked for
+        self.idle: deque = deque()
+        self.idle_since: dict = {}  # actor -> monotonic time it became idle
+        self.busy: dict = {}  # actor -> monotonic time its batch was handed out
+        self.queue: deque[Item] = deque()
+        self.alone: deque[Item] = deque()  # items of a batch whose worker died: retried one at a time
+        self.crashes: Counter = Counter()  # (video_id, clip_index) -> deaths while run alone
+        self.last_error = ""
+        self.setup_deaths = 0  # actors in a row whose process died while setting up
+        self.peak = 0
+        self.retired = 0
+        self.started_actors = 0  # actors that set up, and what that took: wall seconds and their CPU-seconds
+        self.startup_s = 0.0
+        self.startup_cpu_s = 0.0
+        self.batches = 0  # batches returned, and their wall seconds from hand-out to return
+        self.batch_s = 0.0
+        for _ in range(plan.low):
+            self.spawn()
+
+    @property
+    def size(self) -> int:
+        return len(self.idle) + len(self.busy) + len(self.starting)
+
+    def spawn(self) -> None:
+        actor = self._actor.remote(self.stage, self.last, self.native_log)
+        ref = actor.ready.remote()
+        self.starting[ref] = actor
+        self.asked_at[ref] = time.monotonic()
+        self.peak = max(self.peak, self.size)
+
+    def started(self, ref) -> str | None:
+        """Handle a finished ready() call; returns the setup error, if any. An actor whose process
+        died while setting up is replaced (SETUP_RETRIES times in a row at most): the machine failed,
+        not the stage."""
+        actor = self.starting.pop(ref)
+        asked = self.asked_at.pop(ref)
+        try:
+            error, cpu_s = ray.get(ref)
+        except RayError as exc:
+            ray.kill(actor, no_restart=True)
+            self.setup_deaths += 1
+            self.last_error = f"its worker died while setting up ({one_line(exc)})"
+            if self.setup_deaths <= SETUP_RETRIES:
+                log.warning("stage %s: a worker died while setting up (%s); starting a new one (%d of %d)",
+                            self.name, one_line(exc), self.setup_deaths, SETUP_RETRIES)
+                self.spawn()
+                return None
+            self.last_error = (f"its worker died while setting up, {self.setup_deaths} time(s) in a row "
+                               f"({one_line(exc)})")
+            return self.last_error
+        if error is None:
+            self.setup_deaths = 0
+            self.started_actors += 1
+            self.startup_s += time.monotonic() - asked
+            self.startup_cpu_s += cpu_s
+            self._idle(actor)
+            return None
+        ray.kill(actor, no_restart=True)
+        message, tb = error
+        if tb:
+            log.error("stage %s failed to set up:\n%s", self.name, tb)
+        self.last_error = message
+        return message
+
+    def _idle(self, actor) -> None:
+        self.idle.append(actor)
+        self.idle_since[actor] = time.monotonic()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.alone or self.queue)
+
+    @property
+    def waiting_batches(self) -> int:
+        return len(self.alone) + -(-len(self.queue) // self.batch_size)
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.idle or self.busy or self.starting)
+
+    def take(self) -> tuple[object, list[Item]]:
+        actor = self.idle.pop()  # the most recently idle: the longest idle ones are the first to go
+        self.idle_since.pop(actor, None)
+        self.busy[actor] = time.monotonic()
+        if self.alone:
+            return actor, [self.alone.popleft()]
+        return actor, [self.queue.popleft() for _ in range(min(self.batch_size, len(self.queue)))]
+
+    def returned(self, actor) -> None:
+        self.batches += 1
+        self.batch_s += time.monotonic() - self.busy.pop(actor)
+        self._idle(actor)
+
+    def backlog_s(self, now: float) -> float:
+        """Seconds the queue would keep each actor busy: waiting batches times the mean batch's time (before
+        any returned, the age of the oldest running one) over the actors."""
+        per_batch = self.batch_s / self.batches if self.batches else now - min(self.busy.values(), default=now)
+        return self.waiting_batches * per_batch / max(1, self.size)
+
+    def can_grow(self, now: float) -> bool:
+        """More batches wait than idle and starting actors could take, the plan allows more, and the queue
+        would outlast starting an actor (GROW_AFTER)."""
+        if self.waiting_batches <= len(self.idle) + len(self.starting):
+            return False
+        if self.plan.high is not None and self.size >= self.plan.high:
+            return False
+        startup_s = self.startup_s / self.started_actors if self.started_actors else 0.0
+        return self.backlog_s(now) >= GROW_AFTER * startup_s
+
+    def can_give(self) -> bool:
+        """An idle actor could leave: nothing queued and above the minimum."""
+        return not self.has_work and bool(self.idle) and self.size > self.plan.low
+
+    def shrink(self, now: float, idle_s: float | None = None, limit: int | None = None) -> int:
+        """Give back (up to `limit`) actors idle for `idle_s` (default IDLE_S) while the pool has no work
+        and is above its minimum."""
+        idle_s = IDLE_S if idle_s is None else idle_s
+        gone = 0
+        while (self.can_give() and now - self.idle_since.get(self.idle[0], now) >= idle_s
+               and (limit is None or gone < limit)):
+            actor = self.idle.popleft()
+            self.idle_since.pop(actor, None)
+            try:
+                ray.get(actor.close.remote(), timeout=30)
+            except RayError:
+                pass
+            ray.kill(actor, no_restart=True)
+            gone += 1
+        self.retired += gone
+        if gone:
+            log.info("stage %s: %d idle actor(s) given back, %d left", self.name, gone, self.size)
+        return gone
+
+    def died(self, actor, batch: list[Item], exc: BaseException) -> list[Item]:
+        """An actor died running `batch`: replace it, requeue the batch item by item; returns
+        the items that have now killed their worker `max_item_retries` times, rejected."""
+        self.busy.pop(actor, None)
+        ray.kill(actor, no_restart=True)
+        self.last_error = one_line(exc)
+        log.warning("stage %s: a worker died on a batch of %d (%s); starting a new one",
+                    self.name, len(batch), self.last_error)
+        self.spawn()
+        if len(batch) > 1:  # which item killed it is unknown: each goes again on its own
+            self.alone.extend(batch)
+            return []
+        (item,) = batch
+        key = item_key(item)
+        self.crashes[key] += 1
+        if self.crashes[key] < self.max_item_retries:
+            self.alone.appendleft(item)
+            return []
+        what = "the whole video" if item.clip_index < 0 else f"clip {item.clip_index}"
+        log.warning("stage %s: %s (%s) killed its worker %d times; rejected", self.name, item.source, what,
+                    self.crashes[key])
+        return [item.drop(self.name, "worker_crashed",
+                          f"its worker died {self.crashes[key]} times running it alone: {self.last_error}")]
+
+    def forget(self, video_id: str) -> None:
+        """Drop every waiting item of a video that goes back to the first stage."""
+        self.queue = deque(i for i in self.queue if i.video_id != video_id)
+        self.alone = deque(i for i in self.alone if i.video_id != video_id)
+
+    def close(self) -> None:
+        """Tear down every actor (best effort: idle ones are asked to free their models first)."""
+        for actor in self.idle:
+            try:
+                ray.get(actor.close.remote(), timeout=60)
+            except RayError:
+                pass
+        for actor in [*self.idle, *self.busy, *self.starting.values()]:
+            ray.kill(actor, no_restart=True)
+        self.idle.clear()
+        self.busy.clear()
+        self.starting.clear()
+        self.asked_at.clear()
