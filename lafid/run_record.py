@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from lafid.progress import RunStats
+from lafid.storage import append_line, read_json_lines
 
 RUNS = "_runs.jsonl"
 # Libraries whose versions can change what a run measures (decoding, face models, scheduling).
@@ -23,16 +24,8 @@ VERSIONS_OF = ("numpy", "pyarrow", "av", "opencv-python-headless", "mediapipe", 
 
 
 def read_runs(out_dir: str | Path) -> list[dict]:
-    """The run records of an output folder, oldest first ([] when there are none); a line cut short by a
-    crash is skipped."""
-    path = Path(out_dir) / RUNS
-    runs = []
-    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
-        try:
-            runs.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return runs
+    """The run records of an output folder, oldest first ([] when there are none)."""
+    return read_json_lines(Path(out_dir) / RUNS)
 
 
 def versions() -> dict[str, str]:
@@ -70,5 +63,4 @@ def recording(out: Path, recipe: str, fingerprint: str, executor: str, stats: Ru
         record.update(wall_s=round(time.monotonic() - t0, 3), videos_total=stats.videos_total,
                       videos_skipped=stats.videos_skipped, videos_done=stats.videos_done, clips_kept=stats.kept,
                       rows_rejected=stats.rejected, native_lines=stats.native_lines)
-        with open(out / RUNS, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
+        append_line(json.dumps(record, sort_keys=True), out / RUNS)

@@ -155,7 +155,7 @@ def write_text_atomic(text: str, path: Path) -> None:
 
 def append_line(line: str, path: Path) -> None:
     """Append one line and sync it: a crash loses at most this line."""
-    with open(path, "a") as fh:
+    with open(path, "a", encoding="utf-8") as fh:
         fh.write(line + "\n")
         fh.flush()
         os.fsync(fh.fileno())
@@ -259,18 +259,22 @@ def local_copy(url: str) -> str:
     return str(target)
 
 
-def read_manifest(out_dir: str | os.PathLike) -> list[dict]:
-    """The entries of an output folder's manifest (`lafid.shards` writes it), one per recorded flush."""
-    path = Path(out_dir) / MANIFEST_NAME
-    if not path.exists():
-        return []
+def read_json_lines(path: Path) -> list[dict]:
+    """The records of a file that `append_line` writes, oldest first ([] when it does not exist); a line
+    cut short by a crash is skipped."""
     entries = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
         try:
             entries.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a crash: its videos are redone
+        except json.JSONDecodeError:
             continue
     return entries
+
+
+def read_manifest(out_dir: str | os.PathLike) -> list[dict]:
+    """The entries of an output folder's manifest (`lafid.shards` writes it), one per recorded flush; a
+    line cut short by a crash is skipped (its videos are redone)."""
+    return read_json_lines(Path(out_dir) / MANIFEST_NAME)
 
 
 class RemoteOutput:
