@@ -69,9 +69,10 @@ def articulation_envelope(audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     centre = (np.arange(n) * HOP_S * RATE).astype(int)
     half = int(WINDOW_S * RATE / 2)
     lo, hi = np.clip(centre - half, 0, len(audio)), np.clip(centre + half, 0, len(audio))
+    audio = audio.astype(np.float64)
     out = np.empty((n, len(_BANDS)))
     for j, sos in enumerate(_BANDS):
-        power = np.concatenate([[0.0], np.cumsum(sosfiltfilt(sos, audio.astype(np.float64)) ** 2)])
+        power = np.concatenate([[0.0], np.cumsum(sosfiltfilt(sos, audio) ** 2)])
         out[:, j] = np.log((power[hi] - power[lo]) / np.maximum(hi - lo, 1) + 1e-8)
     return np.arange(n) * HOP_S, out
 
