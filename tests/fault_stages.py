@@ -19,6 +19,15 @@ from lafid.stage import Resources, Stage, StageParams
 import stage_registry
 
 
+def wait_for(path: str, timeout_s: float) -> None:
+    """Block until `path` exists: how a test holds a stage where it wants it."""
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.05)
+
+
 class CrashParams(StageParams):
     poison_dir: str = Field("", description="a file here named like the source kills the worker")
 
@@ -107,11 +116,7 @@ class Gate(Stage):
     default_resources = Resources(cpus=0.25)
 
     def process_item(self, item: Item) -> list[Item]:
-        deadline = time.monotonic() + 300
-        while not os.path.exists(self.params.open_when):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.params.open_when} never appeared")
-            time.sleep(0.05)
+        wait_for(self.params.open_when, 300)
         return [item]
 
 
@@ -128,11 +133,7 @@ class SlowSetup(Stage):
 
     def setup(self) -> None:
         open(os.path.join(self.params.pid_dir, str(os.getpid())), "w").close()
-        deadline = time.monotonic() + 120
-        while not os.path.exists(os.path.join(self.params.pid_dir, "go")):
-            if time.monotonic() > deadline:
-                raise TimeoutError("no 'go' file")
-            time.sleep(0.05)
+        wait_for(os.path.join(self.params.pid_dir, "go"), 120)
 
     def process_item(self, item: Item) -> list[Item]:
         return [item]
