@@ -11,7 +11,9 @@ recipe's parameters. Printed:
 - the spread of each score across the encodings of one clip;
 - the null distribution: the mouth of every clip whose expected label is
   `speaking` against its own voice (positives), the same voice shifted by 1-2.5 s
-  and the voices of the other `speaking` clips (negatives); the in-step score of
+  and the voices of the other `speaking` clips (negatives), each time over the
+  mouth frames the stage would measure for that voice (its speech and
+  `mouth_margin_s` around it); the in-step score of
   each, the out-of-step peak score of shifted voices (positives) and other voices
   (negatives), and the thresholds these give at the false-alarm rate asked for;
 - own voices' in-step score by speech length, and what each out-of-step peak
@@ -22,7 +24,7 @@ recipe's parameters. Printed:
 Only labels.csv says which clip is which; no file name enters a decision.
 
     PYTHONPATH=. python benchmarks/speech_labels.py [--recipe lafid180k] [--false-alarm 0.01] [--excerpt-s 3]
-                                                      [--lip-detector vvad]
+                                                      [--lip-detector vvad] [--param NAME=VALUE]
 """
 
 from __future__ import annotations
@@ -33,11 +35,14 @@ import time
 from collections import defaultdict
 
 import numpy as np
+import yaml
 
 from lafid import devset
 from lafid.item import Item
 from lafid.recipe import load_recipe
 from lafid.speech.audio import RATE, extract_audio
+from lafid.speech.mouth import around, within
+from lafid.speech.vad import SileroVAD
 from lafid.speech.sync import lag_curve, score_curve, z_at
 from lafid.stage import StageWorker
 from lafid.video import content_id, probe
@@ -62,16 +67,15 @@ def speech_params(recipe: str) -> dict:
 
 
 class Recorder:
-    """Wraps the stage's mouth pass: keeps the last series it returned and the CPU seconds spent."""
+    """Wraps the stage's mouth pass: keeps the CPU seconds spent in it."""
 
     def __init__(self, fn):
-        self.fn, self.seconds, self.last = fn, 0.0, None
+        self.fn, self.seconds = fn, 0.0
 
     def __call__(self, *args, **kwargs):
         start = time.process_time()
         try:
-            self.last = self.fn(*args, **kwargs)
-            return self.last
+            return self.fn(*args, **kwargs)
         finally:
             self.seconds += time.process_time() - start
 
@@ -101,15 +105,18 @@ def judge_all(params: dict, excerpt_s: float | None) -> tuple[list[dict], float,
                 (item,), _ = faces.run([item])
                 if item.rejected:  # too few face frames in a short excerpt: no speech decision to judge
                     continue
-                mouth.last = None
                 start = time.process_time()
                 (item,), _ = speech.run([item])
                 stage_cpu += time.process_time() - start
                 c = item.columns
                 speech_s += sum(e - s for s, e in c.get("speech_segments") or [])
+                whole = None
+                if clip.expected == "speaking" and c.get("speech_segments"):  # the null's mouths: every frame
+                    whole = mouth.fn(str(source), 0.0, [(0.0, info.duration_s)], c["frame_t"], c["frame_box"],
+                                     max(info.fps, speech.stage.params.mouth_min_fps))
                 rows.append({"clip": clip.file + part, "encoding": encoding, "expected": clip.expected,
                              "accepted": [clip.expected, *clip.accepted], "duration_s": info.duration_s,
-                             "label": c.get("speaking_label"), "columns": c, "series": mouth.last,
+                             "label": c.get("speaking_label"), "columns": c, "series": whole,
                              "source": str(source)})
     finally:
         faces.close()
@@ -178,22 +185,33 @@ def null_distribution(rows: list[dict], p: SpeechDisambiguationParams) -> dict:
     own = [r for r in rows if r["expected"] == "speaking" and r["series"] is not None]
     audio = {r["source"]: extract_audio(r["source"], 0.0, r["duration_s"]).samples for r in own}
     voices = {r["clip"]: audio[r["source"]] for r in own if r["encoding"] == "original"}
+    vad = SileroVAD(1, p.vad_threshold, p.vad_min_speech_s, p.vad_min_silence_s, p.vad_pad_s)
     out = defaultdict(list)
     for r in own:
         s, a = r["series"], audio[r["source"]]
         height = s.lip_height
         for w0, w1 in windows(r, p.min_sync_speech_s):
-            inside = (s.t >= w0) & (s.t < w1)
             cut = slice(int(w0 * RATE), int(w1 * RATE))
 
+            def heard(x):
+                """The window's mouth frames the stage would measure for voice x: its speech and the margin
+                around it (None when x has too little speech there for sync)."""
+                segments = vad.segments(x[cut])
+                if sum(e - b for b, e in segments) < p.min_sync_speech_s:
+                    return None
+                return (s.t >= w0) & (s.t < w1) & within(s.t - w0, around(segments, p.mouth_margin_s, w1 - w0))
+
             def scored(x):
-                curve = lag_curve(s.t[inside] - w0, height[inside], x[cut], p.min_sync_frames, per_band=True)
+                inside = heard(x)
+                curve = None if inside is None else lag_curve(s.t[inside] - w0, height[inside], x[cut],
+                                                              p.min_sync_frames, per_band=True)
                 return (None, float("-inf")) if curve is None else banded(*curve, p.max_lag_s)
 
             def halves_agree(x, res) -> bool:
                 """Both halves of the window's mouth frames peak within HALF_AGREE_S of the whole's peak."""
                 if res is None or res.peak_lag_s is None:
                     return False
+                inside = heard(x)
                 t, h = s.t[inside] - w0, height[inside]
                 mid = np.median(t[np.isfinite(h)])
                 for part in (t < mid, t >= mid):
@@ -295,6 +313,8 @@ def main() -> None:
     ap.add_argument("--recipe", default="lafid180k")
     ap.add_argument("--false-alarm", type=float, default=0.01, help="false-alarm rate of the operating point")
     ap.add_argument("--lip-detector", choices=["mesh", "vvad"], help="override the recipe's lip_detector")
+    ap.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                    help="override one of the recipe's speech parameters (YAML value), e.g. mouth_margin_s=0")
     ap.add_argument("--excerpt-s", type=float, default=3.0, help="also judge each clip's first seconds (0: no)")
     ap.add_argument("--json", help="also write the per-clip rows here")
     args = ap.parse_args()
@@ -302,6 +322,8 @@ def main() -> None:
     params = speech_params(args.recipe)
     if args.lip_detector:
         params["lip_detector"] = args.lip_detector
+    for name, _, value in (item.partition("=") for item in args.param):
+        params[name] = yaml.safe_load(value)
     rows, stage_cpu, mouth_cpu, speech_s = judge_all(params, args.excerpt_s)
 
     num = (lambda v, f: "-" if v is None else f.format(v))

@@ -4,7 +4,7 @@ Per clip: the audio is extracted once (16 kHz mono), Silero VAD finds speech,
 only the speech goes to ASR (word timestamps, language, confidence). Lip
 activity comes from the mouth openings Face Constraints measured for pose; for
 the sync decision the mouth is measured again at the video's own frame rate,
-inside the speech only, on the subject track's box (`lafid.speech.mouth`), and
+inside the speech and `mouth_margin_s` around it, on the subject track's box (`lafid.speech.mouth`), and
 compared with the voice's articulation envelope (`lafid.speech.sync`). With
 `lip_detector: vvad` a learned lip model (`lafid.speech.vvad`) decides from the
 same pass whether the lips talk during speech, instead of lip activity.
@@ -42,7 +42,7 @@ from lafid.speech.audio import AudioError, extract_audio
 from lafid.speech.captions import Captioner, ClipFacts, TemplateCaptioner, VLMCaptioner, disambiguate
 from lafid.schema import SPEECH, names
 from lafid.speech.lip import lip_activity, lip_series
-from lafid.speech.mouth import MouthTracker
+from lafid.speech.mouth import MouthTracker, around, within
 from lafid.speech.sync import LAG_STEP_S, av_sync
 from lafid.speech.vvad import LipSpeakingModel
 from lafid.speech.vad import SileroVAD
@@ -60,16 +60,18 @@ class SpeechDisambiguationParams(StageParams):
                                     "above which lips move (`mouthing`)")
     max_still_lips: float = Field(0.09, ge=0, description="during speech: lip activity below which the lips are "
                                   "still (evidence of `voice_over`)")
-    min_sync_score: float = Field(2.6, description="sync z-score at or above which the lips are in step (`speaking`)")
-    max_unsynced_score: float = Field(1.8, description="sync z-score below which there is no in-step evidence "
+    min_sync_score: float = Field(2.5, description="sync z-score at or above which the lips are in step (`speaking`)")
+    max_unsynced_score: float = Field(1.6, description="sync z-score below which there is no in-step evidence "
                                       "(an out-of-step peak needs it to give `voice_over`)")
-    min_offset_score: float = Field(3.8, description="peak z-score of one clear out-of-step offset (`voice_over`)")
+    min_offset_score: float = Field(4.1, description="peak z-score of one clear out-of-step offset (`voice_over`)")
     min_offset_s: float = Field(0.5, gt=0, le=2.5, description="an out-of-step peak lies at least this far from 0")
     max_lag_s: float = Field(0.2, ge=0, le=0.5, description="audio-video offset searched for the in-step peak")
     min_sync_speech_s: float = Field(3.0, ge=0, description="less speech than this: lip/voice sync is no evidence "
                                      "either way (its chance peaks grow as clips shorten)")
     min_sync_frames: int = Field(25, ge=5, description="mouth frames inside speech needed to measure sync")
     mouth_min_fps: float = Field(25.0, gt=0, description="mouth pass rate: the video's own fps, at least this")
+    mouth_margin_s: float = Field(1.0, ge=0, le=3.0, description="the mouth pass reaches this far around speech, so "
+                                  "a voice this late or early still meets the lips that made it (out-of-step peak)")
     lip_detector: Literal["mesh", "vvad"] = Field(
         "mesh", description="who says the lips talk during speech: mesh = lip activity; vvad = the learned "
         "VVAD-LRS3 lip model (pip install --no-deps vvadlrs3==0.2.0 h5py; LGPL, non-commercial landmark data)")
@@ -130,7 +132,7 @@ class SpeechDisambiguation(Stage):
     THRESHOLDS = frozenset({"min_lip_activity", "max_still_lips", "min_sync_score", "max_unsynced_score",
                             "min_offset_score", "min_offset_s", "min_sync_speech_s", "min_visual_speaking"})
     MEASURE_PARAMS = frozenset({"vad_threshold", "vad_min_speech_s", "vad_min_silence_s", "vad_pad_s",
-                                "min_speech_s", "max_lag_s", "min_sync_frames", "mouth_min_fps", "lip_detector",
+                                "min_speech_s", "max_lag_s", "min_sync_frames", "mouth_min_fps", "mouth_margin_s", "lip_detector",
                                 "max_bad_audio_ratio", "asr_backend", "asr_model_dir", "asr_compute_type", "device",
                                 "asr_beam_size", "asr_language", "whisperx_python", "whisperx_model", "captioner",
                                 "vlm_model_dir", "vlm_frames"})
@@ -223,18 +225,21 @@ class SpeechDisambiguation(Stage):
             c["caption_source"] = TemplateCaptioner.name
 
     def _mouth(self, item: Item, segments: list[tuple[float, float]]):
-        """The subject's mouth at the source frame rate inside speech."""
-        c = item.columns
-        fps = max(float(c.get("fps") or 0.0), self.params.mouth_min_fps)
-        return self.mouth.series(item.source, item.start_s, segments, c.get("frame_t"), c.get("frame_box"), fps)
+        """The subject's mouth at the source frame rate inside speech and `mouth_margin_s` around it."""
+        c, p = item.columns, self.params
+        fps = max(float(c.get("fps") or 0.0), p.mouth_min_fps)
+        windows = around(segments, p.mouth_margin_s, item.end_s - item.start_s)
+        return self.mouth.series(item.source, item.start_s, windows, c.get("frame_t"), c.get("frame_box"), fps)
 
     def _sync_columns(self, item: Item, segments: list[tuple[float, float]], samples: np.ndarray) -> dict:
         """Lip/voice sync (and the learned lip model's verdict) from one mouth pass inside speech."""
         p: SpeechDisambiguationParams = self.params
         series = self._mouth(item, segments)
         cols: dict = {}
-        if self.lip_model is not None:
-            cols["visual_speaking"] = self.lip_model.speaking(series.t, series.lips)
+        if self.lip_model is not None:  # do the lips talk while the voice is heard
+            heard = within(series.t, segments)
+            lips = [x for x, h in zip(series.lips, heard) if h]
+            cols["visual_speaking"] = self.lip_model.speaking(series.t[heard], lips)
         sync = av_sync(series.t, series.lip_height, samples, p.max_lag_s, min_frames=p.min_sync_frames)
         if sync is not None:
             cols.update(av_sync=sync.score, av_lag_s=sync.lag_s, av_peak_z=sync.peak_score,

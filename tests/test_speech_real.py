@@ -106,6 +106,24 @@ def test_shifting_the_real_voice_removes_the_sync(judged, speech_worker):
     assert abs(found[1].peak_lag_s - 1.0) <= 0.1, found[1]
 
 
+def test_mouth_pass_reaches_the_lips_of_a_late_voice(judged, speech_worker):
+    """A voice 1 s late is heard after the lips that made it moved: the mouth pass reaches
+    mouth_margin_s around speech, so the lag curve meets those lips and peaks at +1 s.
+    Control: the same clip with the pass inside speech only peaks lower (measured 3.6 vs 4.1)
+    or elsewhere (testMovie's copy peaked at +2.5 s in 3 of 7 encodings)."""
+    _, item = judged["jwpIntro_audio_delay1s.mp4"]
+    c = item.columns
+    assert abs(c["av_peak_lag_s"] - 1.0) <= 0.05, c["av_peak_lag_s"]
+    inside_only = StageWorker(SpeechDisambiguation({**default_speech_params(), "mouth_margin_s": 0.0}))
+    try:
+        (again,), _ = inside_only.run([Item(source=item.source, video_id=item.video_id, clip_index=0, clip_count=1,
+                                            start_s=item.start_s, end_s=item.end_s, columns=dict(item.columns))])
+    finally:
+        inside_only.close()
+    assert again.columns["speech_segments"] == c["speech_segments"]
+    assert c["av_peak_z"] >= again.columns["av_peak_z"] + 0.25, (c["av_peak_z"], again.columns["av_peak_z"])
+
+
 def test_mouth_pass_follows_the_subject_beside_a_second_face(judged, speech_worker):
     """obama_speech has a second person in frame: the source-rate mouth series must
     agree with the subject's own 8 fps mouth openings, not the other face's."""

@@ -5,8 +5,9 @@ as a smile or a louder room do not count) and differentiated (so what is
 compared is movement: the lips opening or closing, the voice starting or
 stopping a syllable):
 - the outer-lip height over mouth width (`lafid.speech.mouth`), measured at the
-  video's own frame rate inside speech: the outer lip contour survives
-  compression better than the thin inner-lip gap;
+  video's own frame rate inside speech and a margin around it (so a voice late
+  by up to that margin is compared with the lips that made it): the outer lip
+  contour survives compression better than the thin inner-lip gap;
 - the articulation envelope: log energy of three bands between 300 and
   3000 Hz (where vowel formants and consonant bursts live: first formant,
   second formant, bursts and fricative onsets), in 40 ms windows every 10 ms.
