@@ -234,6 +234,7 @@ def null_distribution(rows: list[dict], p: SpeechDisambiguationParams) -> dict:
                     out["shifted_bands"].append(bands if found else float("-inf"))
                     out["shifted_halves"].append(found and halves_agree(np.roll(a, int(shift * RATE)), res))
                     out["shifted_by"].append(shift)
+                    out["shifted_lag"].append(np.nan if res.peak_lag_s is None else res.peak_lag_s)
             for clip, voice in voices.items():
                 for offset in OTHER_OFFSETS_S if clip != r["clip"] else ():
                     x = np.roll(np.resize(voice, len(a)), int(offset * RATE))
@@ -241,6 +242,7 @@ def null_distribution(rows: list[dict], p: SpeechDisambiguationParams) -> dict:
                     if res is not None:
                         out["other"].append(res.score)
                         out["other_peak"].append(float("-inf") if res.peak_score is None else res.peak_score)
+                        out["other_lag"].append(np.nan if res.peak_lag_s is None else res.peak_lag_s)
                         out["other_bands"].append(bands)
                         out["other_halves"].append(halves_agree(x, res))
     return out
@@ -255,17 +257,29 @@ def banded(lags: np.ndarray, per_band: np.ndarray, max_lag_s: float):
     return res, (min(zs) if zs and None not in zs else float("-inf"))
 
 
-def operating_point(null: dict, spreads: dict, false_alarm: float) -> dict:
+def out_of_step(null: dict, voices: str, max_unsynced: float, min_offset: float, min_offset_s: float) -> np.ndarray:
+    """Where the stage's out-of-step rule fires on the null's `other` or `shifted` curves: no in-step
+    evidence, a peak of at least `min_offset` at least `min_offset_s` from lag 0 (and, for shifted
+    voices, at their shift: `shifted_peak` is -inf elsewhere)."""
+    score, peak = np.array(null[voices]), np.array(null[f"{voices}_peak"])
+    lag = np.nan_to_num(np.abs(np.array(null[f"{voices}_lag"])), nan=0.0)
+    return (score < max_unsynced) & (peak >= min_offset) & (lag >= min_offset_s)
+
+
+def operating_point(null: dict, spreads: dict, false_alarm: float, min_offset_s: float) -> dict:
     """Thresholds at the false-alarm rate asked for (rounded up to 0.1); the band below the
     in-step threshold is as wide as the largest in-step score spread of moving lips across
-    encodings, so a clip out of step in one encoding is not in step in another."""
+    encodings, so a clip out of step in one encoding is not in step in another. The out-of-step
+    threshold is the lowest at which the stage's whole out-of-step rule (`out_of_step`) fires on
+    at most that share of other voices' curves."""
     up = (lambda v: float(np.ceil(v * 10 - 1e-6) / 10))
     negatives = np.array(null["shifted"] + null["other"])
     min_sync = up(np.quantile(negatives, 1 - false_alarm, method="higher"))
     band = max(spreads["moving_sync"].values(), default=0.0)
-    other_peak = np.array([v for v in null["other_peak"] if np.isfinite(v)] or [0.0])
-    return {"min_sync_score": min_sync, "max_unsynced_score": round(min_sync - up(band), 1),
-            "min_offset_score": up(np.quantile(other_peak, 1 - false_alarm, method="higher"))}
+    max_unsynced = round(min_sync - up(band), 1)
+    offset = next(round(z, 1) for z in np.arange(2.0, 10.0, 0.1)
+                  if np.mean(out_of_step(null, "other", max_unsynced, z, min_offset_s)) <= false_alarm)
+    return {"min_sync_score": min_sync, "max_unsynced_score": max_unsynced, "min_offset_score": offset}
 
 
 def own_by_length(null: dict) -> None:
@@ -276,16 +290,23 @@ def own_by_length(null: dict) -> None:
         print(describe(f"in-step, own voice, {lo:g}-{hi:g} s speech", own[(length >= lo) & (length < hi)]))
 
 
-def offset_tradeoff(null: dict) -> None:
+def offset_tradeoff(null: dict, p: SpeechDisambiguationParams) -> None:
     """What each out-of-step peak threshold buys: false peaks among other voices' curves (the stand-in
     for a talking face whose sync cannot be measured, where a peak would be a false `voice_over`)
-    against own voices 1 s late found at their lag (longer shifts leave short windows little overlap)."""
+    against own voices 1 s late found at their lag (longer shifts leave short windows little overlap);
+    the peak alone, then the stage's whole rule (in-step score under max_unsynced_score, the peak at
+    least min_offset_s from 0)."""
     other = np.array(null["other_peak"])
-    late = np.array([v for v, by in zip(null["shifted_peak"], null["shifted_by"]) if by == SHIFTS_S[0]])
+    first = np.array(null["shifted_by"]) == SHIFTS_S[0]
+    late = np.array(null["shifted_peak"])[first]
     print(f"  out-of-step peak threshold: false peaks of {len(other)} other voices / voices {SHIFTS_S[0]:g} s late "
-          f"found of {len(late)}")
+          f"found of {len(late)}; peak alone | the stage's rule (max_unsynced_score {p.max_unsynced_score}, "
+          f"min_offset_s {p.min_offset_s})")
     for z in np.arange(3.2, 4.45, 0.3):
-        print(f"    z >= {z:.1f}: {np.mean(other >= z):5.1%} / {np.mean(late >= z):4.0%}")
+        rule_other = out_of_step(null, "other", p.max_unsynced_score, z, p.min_offset_s)
+        rule_late = out_of_step(null, "shifted", p.max_unsynced_score, z, p.min_offset_s)[first]
+        print(f"    z >= {z:.1f}: {np.mean(other >= z):5.1%} / {np.mean(late >= z):4.0%}   |   "
+              f"{np.mean(rule_other):5.1%} / {np.mean(rule_late):4.0%}")
     other_bands = np.array(null["other_bands"])
     late_bands = np.array([v for v, by in zip(null["shifted_bands"], null["shifted_by"]) if by == SHIFTS_S[0]])
     halves = (np.array(null["other_halves"]), np.array([v for v, by in zip(null["shifted_halves"], null["shifted_by"])
@@ -359,7 +380,7 @@ def main() -> None:
     print(describe("out-of-step peak, own voice shifted", null["shifted_peak"]))
     print(describe("out-of-step peak, another voice", null["other_peak"]))
     own_by_length(null)
-    point = operating_point(null, spreads, args.false_alarm)
+    point = operating_point(null, spreads, args.false_alarm, stage.min_offset_s)
     negatives = np.array(null["shifted"] + null["other"])
     print(f"\noperating point at false alarm {args.false_alarm:.0%}: {point}")
     print(f"  recipe has: min_sync_score {stage.min_sync_score}, max_unsynced_score {stage.max_unsynced_score}, "
@@ -367,12 +388,11 @@ def main() -> None:
     own = np.array(null["own"])
     print(f"  at the recipe's min_sync_score: false alarms {np.mean(negatives >= stage.min_sync_score):.1%} of "
           f"{len(negatives)} negatives, own voices found {np.mean(own >= stage.min_sync_score):.0%} of {len(own)}")
-    peaks = np.array(null["other_peak"])
-    shifted = np.array(null["shifted_peak"])
-    print(f"  at the recipe's min_offset_score: false peaks {np.mean(peaks >= stage.min_offset_score):.1%} of "
-          f"{len(peaks)} other voices, shifted voices found at their shift "
-          f"{np.mean(shifted >= stage.min_offset_score):.0%} of {len(shifted)}")
-    offset_tradeoff(null)
+    fired = [out_of_step(null, v, stage.max_unsynced_score, stage.min_offset_score, stage.min_offset_s)
+             for v in ("other", "shifted")]
+    print(f"  at the recipe's out-of-step rule: false voice-overs {np.mean(fired[0]):.1%} of {len(fired[0])} other "
+          f"voices, shifted voices found at their shift {np.mean(fired[1]):.0%} of {len(fired[1])}")
+    offset_tradeoff(null, stage)
     replay = SpeechDisambiguationParams(**{**params, **point})
     print_figures("replayed at the operating point", label_figures(
         rows, lambda r: r["label"] if r["label"] == "no_audio" else decide(r["columns"], replay)))
