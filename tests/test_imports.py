@@ -143,7 +143,8 @@ def test_only_the_ray_executor_imports_ray():
     assert "lafid.runner" in sources and "lafid.stages.speech_disambiguation" in sources  # the walk saw both trees
     assert sorted(name for name, path in sources.items() if imports_ray(path.read_text())) == []
     executor = [path for name, path in module_names().items() if name.startswith("lafid.ray_executor.")]
-    assert executor and all(imports_ray(path.read_text()) for path in executor)  # control: the executor does
+    # control: the executor does (all but `actor`, the actor process's side, which needs nothing of ray's)
+    assert executor and all(imports_ray(path.read_text()) for path in executor if path.stem != "actor")
 
 
 def test_control_ray_import_inside_a_function_is_found():
