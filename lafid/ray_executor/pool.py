@@ -25,7 +25,7 @@ log = logging.getLogger("lafid.run")
 
 IDLE_S = 5.0  # an actor idle this long leaves a pool that is above its minimum
 # A pool grows only when its queue would keep its actors busy longer than GROW_AFTER times what starting one
-# more took: an actor costs its process, imports and models (0.7-2.2 CPU-s each for the default recipe's stages,
+# more took: an actor costs its process, imports and models (0.6-2.0 CPU-s each for the default recipe's stages,
 # benchmarks/curate_throughput.py) before it does any work, so a fast
 # stage with a momentary queue (shot splitting at the start of a run) drains it sooner with the actors it has.
 # 0 grows on any queue (as before). benchmarks/curate_throughput.py compares the two.
