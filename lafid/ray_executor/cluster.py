@@ -18,7 +18,7 @@ from lafid.router import SetupFailed
 _QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
 # A local cluster's settings (each unless the user set RAY_<name>): Ray starts one idle worker per CPU for
 # the first driver, but an actor needs a worker with the run's runtime_env, so those never host one and only
-# tick (benchmarks/curate_throughput.py: ~0.35 CPU-s each to start, then ~0.005 CPU-s a second).
+# tick (~0.3 CPU-s each to start, then ~0.005 CPU-s a second; docs/runtime.md).
 _LOCAL_CONFIG = {"prestart_worker_first_driver": False}
 _AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 _outer_auth: dict[str, str | None] | None = None  # Ray's auth variables as they were before a local run's token
