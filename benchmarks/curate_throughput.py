@@ -1,28 +1,31 @@
 """Curation throughput and memory, side by side in one run on the same inputs.
 
-Two inputs (`--case`):
+Three inputs (`--case`):
 
 - `talking` (default): the real dev-set footage with audio (`lafid.devset`, its eight clips and the
-  extra talkers, ~107 s), curated with the default recipe loosened as in issue 24 (`min_clip_s` 1.5,
+  extra talkers, 112.5 s), curated with the default recipe loosened as in issue 24 (`min_clip_s` 1.5,
   `min_single_face_ratio` 0.5, `min_yaw_range` 0) so that dialogue shots reach the speech stage;
+- `talking3`: the same clips three times, as shipped and in two encodings the pipeline must decide the
+  same on (`devset.encoded`: H.264 CRF 30, VP9/WebM; distinct files, so none is skipped as a duplicate),
+  337 s: a run long enough that Ray's fixed costs (starting actors) weigh as they would on more footage;
 - `carphone`: the earlier synthetic input, carphone footage, its mirror and two still portraits looped
   to `--videos` videos of `--seconds` seconds, without audio.
 
 Prints video-seconds per wall-second for: decode-only of every frame (the floor the pipeline cannot
 beat), then `--repeat` rounds (default 2) of the sequential runner, the Ray runner with the previous pools
-(`ray_previous`: one spare actor, a pool grows on any queue) and the Ray runner as it is, on a local
+(`ray_previous`: a pool grows on any queue) and the Ray runner as it is, on a local
 cluster started before timing (its start-up time is printed); each round's rates and Ray / sequential
 ratios, then their median and spread: on a shared machine one run's ratio is noise. From the last round:
 per stage, CPU-seconds per video-second measured inside the workers (process CPU time around each
 `StageWorker.run`, every thread of the worker counted) for both runners, actors started and their
-start-up CPU; CPU-seconds of every process of the run (the driver, Ray's daemons, each stage's actors:
-what Ray costs beyond the stages); the share of its actors' time each Ray pool was busy, the actors per
+start-up CPU (in all and per actor); CPU-seconds of every process of the run (the driver, Ray's daemons,
+each stage's actors) and what Ray costs beyond the stages' own work, by where it goes; the share of its actors' time each Ray pool was busy, the actors per
 pool over time and the seconds with n batches running at once (fewer than the CPUs: idle cores); the
 bytes the Ray driver received per clip. Then the memory of the sequential runner on a 1-minute
 and a `--long-minutes` video of the same case, each in a fresh process: peak RSS, and how far RSS
 rises after the first clip is written.
 
-    python benchmarks/curate_throughput.py [--case talking|carphone] [--recipe lafid180k] [--cpus 2] [--repeat 2]
+    python benchmarks/curate_throughput.py [--case talking|talking3|carphone] [--recipe lafid180k] [--cpus 2] [--repeat 2]
         [--memory-only | --throughput-only] [--videos 8] [--seconds 60] [--long-minutes 10]
 """
 
@@ -36,21 +39,22 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from contextlib import contextmanager, nullcontext
 
 import av
-import psutil
 
 from lafid import devset, media
 from lafid.recipe import load_recipe
 from lafid.shards import read_clips
 from lafid.runner import curate
 
+from cpu_meter import CpuMeter  # beside this script
+
 SIZE = (480, 360)
 # issue 24: the default recipe, loosened so that dialogue shots of the dev set reach the speech stage
 LOOSENED = {"shot_split": {"min_clip_s": 1.5}, "face_constraints": {"min_single_face_ratio": 0.5, "min_yaw_range": 0.0}}
+REENCODED = ("crf30", "vp9")  # `talking3`: the dev set again in these encodings (lafid.devset.ENCODINGS)
 
 
 def long_video(path: str, seconds: float, fps: float = 29.97) -> str:
@@ -127,15 +131,17 @@ def start_ray(cpus: int) -> float:
 
 def case_recipe(case: str, name: str):
     recipe = load_recipe(name)
-    if case == "talking":
+    if case.startswith("talking"):
         for spec in recipe.stages:
             spec.params.update(LOOSENED.get(spec.stage, {}))
     return recipe
 
 
 def case_inputs(args) -> list[str]:
-    if args.case == "talking":
-        return [str(path) for path, _ in devset.labelled_clips()]
+    if args.case.startswith("talking"):
+        clips = [path for path, _ in devset.labelled_clips()]
+        more = [devset.encoded(path, enc) for enc in REENCODED for path in clips] if args.case == "talking3" else []
+        return [str(path) for path in clips + more]
     # distinct content per video so none is skipped as a duplicate
     return [long_video(os.path.join(args.cache, f"input_{args.seconds:.0f}s_{i}.mp4"), args.seconds + i)
             for i in range(args.videos)]
@@ -171,7 +177,7 @@ def memory_mb(path: str, recipe: str, params: dict) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--case", choices=["talking", "carphone"], default="talking")
+    ap.add_argument("--case", choices=["talking", "talking3", "carphone"], default="talking")
     ap.add_argument("--recipe", default="lafid180k", help="bundled name or path (default: the default recipe)")
     ap.add_argument("--videos", type=int, default=8, help="carphone case: videos")
     ap.add_argument("--seconds", type=float, default=60.0, help="carphone case: seconds per video")
@@ -187,10 +193,11 @@ def main() -> None:
     if args.throughput_only:
         print(json.dumps({"throughput": figures}))
         return
-    make = talking_video if args.case == "talking" else long_video
-    if args.case == "talking" and not shutil.which("ffmpeg"):
+    talking = args.case.startswith("talking")
+    make = talking_video if talking else long_video
+    if talking and not shutil.which("ffmpeg"):
         sys.exit("the talking memory case needs ffmpeg")
-    params = LOOSENED if args.case == "talking" else {}
+    params = LOOSENED if talking else {}
     short = make(os.path.join(args.cache, f"{args.case}_1_minute.mp4"), 60)
     long = make(os.path.join(args.cache, f"{args.case}_{args.long_minutes:g}_minutes.mp4"), args.long_minutes * 60)
     m1, m10 = memory_mb(short, args.recipe, params), memory_mb(long, args.recipe, params)
@@ -232,66 +239,15 @@ def previous_pools():
         pool.GROW_AFTER = saved
 
 
-class CpuMeter:
-    """CPU-seconds used by this process and every process under it (Ray's daemons and workers, subprocesses the
-    stages run) while the meter runs. Processes are sampled every `every` seconds, so one that ends (an actor
-    given back) loses at most its last interval: Ray does not hand the CPU time of ended workers to a parent."""
-
-    def __init__(self, every: float = 0.25):
-        self.every = every
-        self.seen: dict[tuple[int, float], float] = {}  # (pid, start time) -> CPU-seconds when last sampled
-        self.start: dict[tuple[int, float], float] = {}
-        self.role: dict[tuple[int, float], str] = {}  # what the process is: driver, raylet, ray::face_constraints
-        self.stop = threading.Event()
-
-    def sample(self) -> None:
-        me = psutil.Process()
-        for proc in [me, *me.children(recursive=True)]:
-            try:
-                key = (proc.pid, proc.create_time())
-                times = proc.cpu_times()
-                role = self.role.get(key, "")
-                if not role.startswith("ray::") or role == "ray::IDLE":  # a worker takes its actor's title late
-                    self.role[key] = "driver" if proc.pid == me.pid else _role(proc.cmdline())
-                self.seen[key] = times.user + times.system
-            except (psutil.NoSuchProcess, psutil.ZombieProcess, IndexError):
-                pass
-
-    def __enter__(self) -> "CpuMeter":
-        self.sample()
-        self.start = dict(self.seen)
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
-        return self
-
-    def run(self) -> None:
-        while not self.stop.wait(self.every):
-            self.sample()
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
-        self.sample()
-
-    @property
-    def seconds(self) -> float:
-        return sum(self.by_role().values())
-
-    def by_role(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for key, cpu in self.seen.items():
-            out[self.role[key]] = out.get(self.role[key], 0.0) + cpu - self.start.get(key, 0.0)
-        return out
-
-
-def _role(cmdline: list[str]) -> str:
-    """A Ray worker by its title (`ray::face_constraints`, `ray::IDLE`), another process by its program (a
-    Python one by its script)."""
-    if cmdline[0].startswith("ray::"):
-        return cmdline[0].split()[0].split(".")[0]  # ray::face_constraints.run: the actor, busy
-    if "python" in os.path.basename(cmdline[0]):
-        return next((os.path.basename(a) for a in cmdline[1:] if not a.startswith("-")), "python")
-    return os.path.basename(cmdline[0])
+def beyond_stages(by_role: dict[str, float], stats, run, total_s: float) -> dict[str, float]:
+    """Print and return what the Ray run's CPU went to beyond the stages' own work (`StageWorker.run`)."""
+    actors = sum(v for k, v in by_role.items() if k.startswith("ray::") and k[5:] in stats.stages)
+    startup, work = sum(run.startup_cpu_s.values()), sum(st.cpu_seconds for st in stats.stages.values())
+    parts = {"actor_startup": startup, "actors_between_batches": actors - startup - work,
+             "daemons_and_others": sum(by_role.values()) - actors - by_role.get("driver", 0.0), "driver": by_role.get("driver", 0.0)}
+    print(f"Ray beyond the stages' work ({work:.1f} CPU-s), CPU-s: " + ", ".join(
+        f"{k.replace('_', ' ')} {v:.1f}" for k, v in parts.items()) + f"; {sum(parts.values()) / total_s:.3f} per video-s")
+    return {f"ray_cpu_s.{k}": v for k, v in parts.items()}
 
 
 def one_round(recipe, paths, total_s: float) -> dict:
@@ -303,8 +259,8 @@ def one_round(recipe, paths, total_s: float) -> dict:
             seconds, stats, out = timed_curate(recipe, paths, executor)
         runs[name] = {"seconds": seconds, "rate": total_s / seconds, "stats": stats, "outcomes": out,
                       "cpu_per_video_s": cpu.seconds / total_s, "cpu_by_role": cpu.by_role()}
-    assert runs["sequential"]["outcomes"] == runs["ray_previous"]["outcomes"] == runs["ray"]["outcomes"], \
-        "the runners disagree"
+    differ = {k: sorted(set(runs[k]["outcomes"]) ^ set(runs["sequential"]["outcomes"])) for k in ("ray_previous", "ray")}
+    assert not any(differ.values()), f"the runners disagree (outcomes not in both): {differ}"
     return runs
 
 
@@ -355,13 +311,14 @@ def throughput(args) -> dict[str, float]:
           f"{figures['ray_ceiling_without_startup']:.2f}x")
     alive = actor_seconds(last_run.sizes, ray_s)
     print(f"{'stage':<24}{'items':>6}{'seq CPU-s/video-s':>19}{'ray CPU-s/video-s':>19}{'ray busy/actor-s':>18}"
-          f"{'actors started':>16}{'start-up CPU-s':>16}")
+          f"{'actors started':>16}{'start-up CPU-s (each)':>23}")
     for name, st in seq.stages.items():
         rt = par.stages.get(name)
         busy = rt.seconds / alive[name] if rt and alive.get(name) else float("nan")
         print(f"{name:<24}{st.items_in:>6}{st.cpu_seconds / total_s:>19.3f}"
               f"{(rt.cpu_seconds if rt else 0) / total_s:>19.3f}{busy:>18.0%}"
-              f"{last_run.started.get(name, 0):>16}{last_run.startup_cpu_s.get(name, 0.0):>16.1f}")
+              f"{last_run.started.get(name, 0):>16}{last_run.startup_cpu_s.get(name, 0.0):>16.1f}"
+              f" ({last_run.startup_cpu_s.get(name, 0.0) / max(1, last_run.started.get(name, 0)):.2f})")
         figures[f"cpu_per_video_s.{name}"] = st.cpu_seconds / total_s
         figures[f"ray_busy_share.{name}"] = busy
     seq_cpu = sum(st.cpu_seconds for st in seq.stages.values()) / total_s
@@ -372,6 +329,7 @@ def throughput(args) -> dict[str, float]:
     for name in ("sequential", "ray_previous", "ray"):
         roles = sorted(rounds[-1][name]["cpu_by_role"].items(), key=lambda kv: -kv[1])
         print(f"CPU-s, all processes, {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in roles if v >= 0.05))
+    figures.update(beyond_stages(rounds[-1]["ray"]["cpu_by_role"], par, last_run, total_s))
     print(f"Ray actors per pool over time (when it changed; every pool's first actor was set up after "
           f"{last_run.setup_s:.1f} s, no work before that):")
     for line in pool_sizes(last_run.sizes):

@@ -8,6 +8,8 @@ through them.
 """
 
 import ast
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -143,7 +145,22 @@ def test_only_the_ray_executor_imports_ray():
     assert "lafid.runner" in sources and "lafid.stages.speech_disambiguation" in sources  # the walk saw both trees
     assert sorted(name for name, path in sources.items() if imports_ray(path.read_text())) == []
     executor = [path for name, path in module_names().items() if name.startswith("lafid.ray_executor.")]
-    assert executor and all(imports_ray(path.read_text()) for path in executor)  # control: the executor does
+    # control: the executor does (all but `actor`, the actor process's side, which needs nothing of ray's)
+    assert executor and all(imports_ray(path.read_text()) for path in executor if path.stem != "actor")
+
+
+def test_an_actor_process_imports_none_of_the_drivers_modules():
+    """A Ray worker imports `lafid.ray_executor.actor` to build a stage's actor; the driver's router, shard
+    writer and progress display, and their pandas and rich, cost each actor ~0.25 CPU-s it never used."""
+    driver = ["lafid.router", "lafid.shards", "lafid.progress", "lafid.ray_executor.stream", "pandas", "rich"]
+
+    def loaded(module: str) -> str:
+        code = f"import sys, {module}; print([m for m in {driver!r} if m in sys.modules])"
+        return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    assert loaded("lafid.ray_executor.actor") == "[]"
+    assert loaded("lafid.ray_executor.stream") == str(driver)  # control: the driver's side imports them all
 
 
 def test_control_ray_import_inside_a_function_is_found():

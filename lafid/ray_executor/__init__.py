@@ -29,11 +29,21 @@ Failures of the machinery are not failures of the media:
 - a pool left with no live actor that cannot start a new one fails the run.
 
 Modules: `cluster` starts or joins Ray; `plan` sizes the pools; `pool` holds one stage's
-actors; `stream` is the driver loop and `run_ray`.
+actors; `actor` is what runs in an actor's process; `stream` is the driver loop and `run_ray`.
 """
 
-from lafid.progress import RunInfo
-from lafid.ray_executor.cluster import gcs_status, init_ray, shutdown_ray
-from lafid.ray_executor.stream import run_ray
+import importlib
 
-__all__ = ["RunInfo", "gcs_status", "init_ray", "run_ray", "shutdown_ray"]
+# The driver's names, imported when first used: every actor's process imports this package (for
+# `actor`), and must not import the driver's modules with it.
+_DRIVER = {"RunInfo": "lafid.progress", "gcs_status": "lafid.ray_executor.cluster",
+           "init_ray": "lafid.ray_executor.cluster", "shutdown_ray": "lafid.ray_executor.cluster",
+           "run_ray": "lafid.ray_executor.stream"}
+
+__all__ = sorted(_DRIVER)
+
+
+def __getattr__(name: str):
+    if name not in _DRIVER:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_DRIVER[name]), name)

@@ -16,11 +16,15 @@ from lafid.native import NATIVE_QUIET_ENV
 from lafid.router import SetupFailed
 
 _QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
+# A local cluster's settings (each unless the user set RAY_<name>): Ray starts one idle worker per CPU for
+# the first driver, but an actor needs a worker with the run's runtime_env, so those never host one and only
+# tick (~0.3 CPU-s each to start, then ~0.005 CPU-s a second; docs/runtime.md).
+_LOCAL_CONFIG = {"prestart_worker_first_driver": False}
 _AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 _outer_auth: dict[str, str | None] | None = None  # Ray's auth variables as they were before a local run's token
 _TOKEN_FIX = "set RAY_AUTH_TOKEN or pass --ray-token-file with the cluster's token"
 # Native libraries' own logging (NATIVE_QUIET_ENV: mediapipe/TFLite glog, TensorFlow) is turned down in workers,
-# and what they still write to stderr goes to NATIVE_LOG (see pool.StageActor), never to the terminal.
+# and what they still write to stderr goes to NATIVE_LOG (see actor.StageActor), never to the terminal.
 # libav's own logging is left to libav: routing it through PyAV's Python callback deadlocks threaded decoding.
 
 
@@ -58,10 +62,15 @@ def _start_local(num_cpus: int | None, kwargs: dict) -> None:
     _set_auth(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_AUTH_TOKEN_PATH=None)
     try:
         with _stdin_detached(), _loopback_node():
-            ray.init(address="local", num_cpus=num_cpus, **kwargs)
+            ray.init(address="local", num_cpus=num_cpus, _system_config=_local_config(), **kwargs)
     except BaseException:
         shutdown_ray()
         raise
+
+
+def _local_config() -> dict:
+    """`_LOCAL_CONFIG` less what the user set in the environment (Ray's own RAY_<name> variables)."""
+    return {k: v for k, v in _LOCAL_CONFIG.items() if f"RAY_{k}" not in os.environ}
 
 
 def _join(address: str, kwargs: dict) -> None:

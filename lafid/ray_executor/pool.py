@@ -1,17 +1,14 @@
 """One stage's pool of actors: started, replaced when they die, grown with the queue and given back when idle.
 
-Each actor runs the stage through `StageWorker`, exactly as the sequential runner does, and returns
-two objects: the items it made (working data stays in Ray's object store) and a small summary the
-driver routes on."""
+Each actor (`actor.StageActor`) runs the stage through `StageWorker`, exactly as the sequential runner
+does, and returns two objects: the items it made (working data stays in Ray's object store) and a small
+summary the driver routes on."""
 
 from __future__ import annotations
 
 import logging
-import os
 import re
-import tempfile
 import time
-import traceback
 from collections import Counter, deque
 from dataclasses import replace
 
@@ -19,77 +16,21 @@ import ray
 from ray.exceptions import RayError
 
 from lafid.item import Item
-from lafid.native import NATIVE_LOG, stderr_to
+from lafid.ray_executor.actor import actor_class, item_key
 from lafid.ray_executor.plan import Plan
-from lafid.stage import Stage, StageWorker
+from lafid.stage import Stage
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 log = logging.getLogger("lafid.run")
 
 IDLE_S = 5.0  # an actor idle this long leaves a pool that is above its minimum
 # A pool grows only when its queue would keep its actors busy longer than GROW_AFTER times what starting one
-# more took: an actor costs its process, imports and models (0.7-2.2 CPU-s each for the default recipe's stages,
+# more took: an actor costs its process, imports and models (0.6-2.0 CPU-s each for the default recipe's stages,
 # benchmarks/curate_throughput.py) before it does any work, so a fast
 # stage with a momentary queue (shot splitting at the start of a run) drains it sooner with the actors it has.
 # 0 grows on any queue (as before). benchmarks/curate_throughput.py compares the two.
 GROW_AFTER = 1.0
 SETUP_RETRIES = 3  # actors of one stage that may die in a row while setting up before the run stops
-
-
-def item_key(item: Item) -> tuple[str, int]:
-    """What names an item between pools: its video and clip index."""
-    return item.video_id, item.clip_index
-
-
-def _stub(item: Item, full: bool) -> Item:
-    """What the driver needs of an item: its key and reject, and its output row only if `full`."""
-    return Item(source=item.source, video_id=item.video_id, clip_index=item.clip_index,
-                clip_count=item.clip_count, start_s=item.start_s, end_s=item.end_s,
-                columns=dict(item.columns) if full else {}, reject=item.reject)
-
-
-class StageActor:
-    """Runs one stage in a Ray worker process; set up once, then called with batches."""
-
-    def __init__(self, stage: Stage, last: bool, native_log: str | None = None):
-        self.worker: StageWorker | None = None
-        self.error: tuple[str, str] | None = None
-        self.setup_cpu_s = 0.0
-        if native_log:
-            try:
-                stderr_to(native_log)
-            except OSError:  # the output folder is not on this node: the node's temp folder
-                stderr_to(os.path.join(tempfile.gettempdir(), "lafid", NATIVE_LOG))
-        try:
-            self.worker = StageWorker(stage, last)
-        except Exception as exc:  # reported by ready(): the driver fails the run with it
-            self.error = (f"{type(exc).__name__}: {exc}", traceback.format_exc())
-        self.setup_cpu_s = time.process_time()  # the process's start, imports and models: what an actor costs
-
-    def ready(self) -> tuple[tuple[str, str] | None, float]:
-        """(None once the stage is set up, otherwise (error, traceback); CPU-seconds the process took to start)."""
-        return self.error, self.setup_cpu_s
-
-    def run(self, direct: list[Item], picks: list[list[tuple[str, int]]], *parts: list[Item]):
-        """Run the stage on `direct` items plus, from each earlier pool's output `parts[i]`, the items
-        keyed `picks[i]`. Returns (the items, for the next pool; a small summary, for the driver)."""
-        items = list(direct)
-        for keys, part in zip(picks, parts):
-            wanted = set(keys)
-            items.extend(i for i in part if item_key(i) in wanted)
-        out, stats = self.worker.run(items)
-        full = self.worker.last
-        return out, (stats, [_stub(i, full or i.rejected) for i in out])
-
-    def close(self) -> None:
-        if self.worker is not None:
-            self.worker.close()
-
-
-def actor_class(stage: str) -> type:
-    """`StageActor` under the stage's name: Ray titles an actor's process by its class (`ray::shot_split`
-    in `ps`, `ray::shot_split.run` while it works)."""
-    return type(stage, (StageActor,), {"__module__": __name__, "__qualname__": stage})
 
 
 def one_line(exc: BaseException) -> str:

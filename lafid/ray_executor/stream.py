@@ -15,7 +15,8 @@ from lafid.item import Item
 from lafid.progress import RunInfo
 from lafid.ray_executor.cluster import init_ray, shutdown_ray
 from lafid.ray_executor.plan import plan_pools
-from lafid.ray_executor.pool import Pool, item_key, one_line
+from lafid.ray_executor.actor import item_key
+from lafid.ray_executor.pool import Pool, one_line
 from lafid.recipe import Recipe
 from lafid.router import Router, RunFailed, setup_failed
 
