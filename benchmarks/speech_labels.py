@@ -332,7 +332,7 @@ def describe(name: str, values) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default="lafid180k")
-    ap.add_argument("--false-alarm", type=float, default=0.01, help="false-alarm rate of the operating point")
+    ap.add_argument("--false-alarm", type=float, default=0.005, help="false-alarm rate of the operating point")
     ap.add_argument("--lip-detector", choices=["mesh", "vvad"], help="override the recipe's lip_detector")
     ap.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                     help="override one of the recipe's speech parameters (YAML value), e.g. mouth_margin_s=0")
@@ -382,7 +382,7 @@ def main() -> None:
     own_by_length(null)
     point = operating_point(null, spreads, args.false_alarm, stage.min_offset_s)
     negatives = np.array(null["shifted"] + null["other"])
-    print(f"\noperating point at false alarm {args.false_alarm:.0%}: {point}")
+    print(f"\noperating point at false alarm {args.false_alarm:.1%}: {point}")
     print(f"  recipe has: min_sync_score {stage.min_sync_score}, max_unsynced_score {stage.max_unsynced_score}, "
           f"min_offset_score {stage.min_offset_score}")
     own = np.array(null["own"])

@@ -14,7 +14,8 @@ Label (`decide`, a pure function of the clip's columns and the thresholds below)
 - `mouthing`   no speech, lips move
 - `speaking`   speech, and the lips are in step with it: the sync score clears the
                null distribution's operating point with its best lag strictly inside
-               +-max_lag_s (a best lag at the window's edge is no peak)
+               +-max_lag_s (a best lag at the window's edge is no peak), and they
+               are not still (still lips in step with a voice: `uncertain`)
 - `voice_over` speech, and positive evidence that the visible face is not the voice:
                the lips are still (or, with vvad, not talking) while it is heard, or
                they move out of step with it, with one clear peak at a clear lag away
@@ -60,10 +61,10 @@ class SpeechDisambiguationParams(StageParams):
                                     "above which lips move (`mouthing`)")
     max_still_lips: float = Field(0.09, ge=0, description="during speech: lip activity below which the lips are "
                                   "still (evidence of `voice_over`)")
-    min_sync_score: float = Field(2.5, description="sync z-score at or above which the lips are in step (`speaking`)")
-    max_unsynced_score: float = Field(1.6, description="sync z-score below which there is no in-step evidence "
+    min_sync_score: float = Field(2.6, description="sync z-score at or above which the lips are in step (`speaking`)")
+    max_unsynced_score: float = Field(1.7, description="sync z-score below which there is no in-step evidence "
                                       "(an out-of-step peak needs it to give `voice_over`)")
-    min_offset_score: float = Field(4.1, description="peak z-score of one clear out-of-step offset (`voice_over`)")
+    min_offset_score: float = Field(4.3, description="peak z-score of one clear out-of-step offset (`voice_over`)")
     min_offset_s: float = Field(0.5, gt=0, le=2.5, description="an out-of-step peak lies at least this far from 0")
     max_lag_s: float = Field(0.2, ge=0, le=0.5, description="audio-video offset searched for the in-step peak")
     min_sync_speech_s: float = Field(3.0, ge=0, description="less speech than this: lip/voice sync is no evidence "
@@ -107,12 +108,12 @@ def decide(c: dict, p: SpeechDisambiguationParams) -> str:
     if speech_s < p.min_speech_s:
         return "mouthing" if lips is not None and lips >= p.min_lip_activity else "silent"
     score, lag = (c.get("av_sync"), c.get("av_lag_s")) if speech_s >= p.min_sync_speech_s else (None, None)
-    if score is not None and score >= p.min_sync_score and abs(lag) < p.max_lag_s - LAG_STEP_S / 2:
-        return "speaking"
     if p.lip_detector == "vvad":
         still = c.get("visual_speaking") is not None and c["visual_speaking"] < p.min_visual_speaking
     else:
         still = lips is not None and lips < p.max_still_lips
+    if score is not None and score >= p.min_sync_score and abs(lag) < p.max_lag_s - LAG_STEP_S / 2:
+        return "uncertain" if still else "speaking"  # still lips in step with the voice: the evidence disagrees
     if still:
         return "voice_over"
     peak, peak_lag = c.get("av_peak_z"), c.get("av_peak_lag_s")

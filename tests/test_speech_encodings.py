@@ -114,6 +114,14 @@ def test_in_step_lips_with_a_clear_peak_inside_the_window_are_speaking():
     assert decide(cols(av_sync=P.min_sync_score + 0.5, av_lag_s=0.08), P) == "speaking"
 
 
+def test_still_lips_in_step_with_the_voice_are_uncertain():
+    """Two pieces of evidence that disagree (lips still while the voice is heard, yet a sync score
+    over the bar: a chance peak of another voice under a still face) give no confident label."""
+    in_step = {"av_sync": P.min_sync_score + 0.1, "av_lag_s": -0.08}
+    assert decide(cols(lip_activity=P.max_still_lips / 2, **in_step), P) == "uncertain"
+    assert decide(cols(**in_step), P) == "speaking"  # control: moving lips, the same sync
+
+
 def test_a_best_lag_at_the_window_edge_is_no_peak():
     assert decide(cols(av_sync=P.min_sync_score + 0.5, av_lag_s=P.max_lag_s), P) == "uncertain"
     assert decide(cols(av_sync=P.min_sync_score + 0.5, av_lag_s=-P.max_lag_s), P) == "uncertain"
