@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import runtime_stages
-from lafid.ray_executor import plan, pool
+from lafid.ray_executor import plan, pool, stream
 from lafid.recipe import Recipe, RecipeError, load_recipe
 from lafid.shards import read_clips
 from lafid.runner import curate
@@ -159,6 +159,20 @@ def test_data_stays_in_the_object_store_and_pools_grow_and_shrink(
     assert run.started["weigh"] >= 2 and run.startup_cpu_s["weigh"] > 0 and run.setup_s > 0
     assert max(run.working_s) >= 2  # batches of different actors ran at once
     assert sum(run.retired.values()) >= 1  # and idle actors were given back
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_no_more_batches_run_at_once_than_the_cluster_has_cpus(ray_cluster, carry_stages, videos, tmp_path,
+                                                                monkeypatch):
+    """Quarter-CPU actors let every stage have one, but more batches than cores would only time-share them.
+    Control: without the bound the same run has more batches at once than the 2 CPUs."""
+    monkeypatch.setattr(pool, "GROW_AFTER", 0.0)  # pools grow on any queue: many actors, room for many batches
+    bounded = curate(carry_recipe(delay_s=1.0), videos, tmp_path / "bounded", executor="ray").ray
+    assert max(bounded.working_s) == 2
+    monkeypatch.setattr(stream, "BATCHES_PER_CPU", None)
+    unbounded = curate(carry_recipe(delay_s=1.0), videos, tmp_path / "unbounded", executor="ray").ray
+    assert max(unbounded.working_s) > 2
 
 
 @pytest.mark.ray

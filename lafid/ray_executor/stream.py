@@ -23,6 +23,11 @@ from lafid.router import Router, RunFailed, setup_failed
 log = logging.getLogger("lafid.run")
 
 TICK_S = 0.5  # how often the driver looks at queues and free resources
+# Batches running at once, per CPU of the cluster (None: as many as there are idle actors). Actors ask for a
+# fraction of a CPU so that every stage has one, but more batches than cores only time-share them: with 3.2
+# running at once on 2 cores the stages took 24 % more CPU per video-second than in one process
+# (benchmarks/curate_throughput.py).
+BATCHES_PER_CPU: float | None = 1.0
 
 
 def run_ray(recipe: Recipe, items, router: Router, address: str | None = None,
@@ -93,6 +98,8 @@ class Stream:
         self.running: dict = {}  # summary ref -> (stage index, actor, batch, items ref, epochs)
         self.next_tick = 0.0
         self.started = self.counted = time.monotonic()
+        cpus = ray.cluster_resources().get("CPU", 1.0)
+        self.max_running = None if BATCHES_PER_CPU is None else max(1, int(BATCHES_PER_CPU * cpus))
 
     def run(self, source) -> None:
         pools, router = self.pools, self.router
@@ -106,7 +113,7 @@ class Stream:
                     pools[0].queue.extend(router.admit(item))
             for index in reversed(range(len(pools))):  # drain later stages first
                 pool = pools[index]
-                while pool.idle and pool.has_work:
+                while pool.idle and pool.has_work and self.has_room:
                     self.submit(index, *pool.take())
             self.scale()
             starting = {ref: pool for pool in pools for ref in pool.starting}
@@ -126,6 +133,11 @@ class Stream:
                                         f"{pool.last_error}")
                     continue
                 self.finished(ref)
+
+    @property
+    def has_room(self) -> bool:
+        """Another batch may start (BATCHES_PER_CPU)."""
+        return self.max_running is None or len(self.running) < self.max_running
 
     def submit(self, index: int, actor, batch: list[Item]) -> None:
         direct, picks, parts, where = [], [], [], {}
