@@ -41,8 +41,7 @@ from lafid import devset
 from lafid.item import Item
 from lafid.recipe import load_recipe
 from lafid.speech.audio import RATE, extract_audio
-from lafid.speech.mouth import around, within
-from lafid.speech.vad import SileroVAD
+from lafid.speech.vad import SileroVAD, around, within
 from lafid.speech.sync import lag_curve, score_curve, z_at
 from lafid.stage import StageWorker
 from lafid.video import content_id, probe
@@ -202,16 +201,16 @@ def null_distribution(rows: list[dict], p: SpeechDisambiguationParams) -> dict:
                 return (s.t >= w0) & (s.t < w1) & within(s.t - w0, around(segments, p.mouth_margin_s, w1 - w0))
 
             def scored(x):
+                """(score_curve result, lowest band z at its peak: `banded`; the mouth frames used)."""
                 inside = heard(x)
                 curve = None if inside is None else lag_curve(s.t[inside] - w0, height[inside], x[cut],
                                                               p.min_sync_frames, per_band=True)
-                return (None, float("-inf")) if curve is None else banded(*curve, p.max_lag_s)
+                return (None, float("-inf"), inside) if curve is None else (*banded(*curve, p.max_lag_s), inside)
 
-            def halves_agree(x, res) -> bool:
+            def halves_agree(x, res, inside) -> bool:
                 """Both halves of the window's mouth frames peak within HALF_AGREE_S of the whole's peak."""
                 if res is None or res.peak_lag_s is None:
                     return False
-                inside = heard(x)
                 t, h = s.t[inside] - w0, height[inside]
                 mid = np.median(t[np.isfinite(h)])
                 for part in (t < mid, t >= mid):
@@ -220,31 +219,32 @@ def null_distribution(rows: list[dict], p: SpeechDisambiguationParams) -> dict:
                         return False
                 return True
 
-            res, _ = scored(a)
+            res, _, _ = scored(a)
             if res is not None:
                 out["own"].append(res.score)
                 out["own_speech_s"].append(sum(max(0.0, min(e, w1) - max(b, w0))
                                                for b, e in r["columns"]["speech_segments"]))
             for shift in SHIFTS_S:
-                res, bands = scored(np.roll(a, int(shift * RATE)))
+                x = np.roll(a, int(shift * RATE))
+                res, bands, inside = scored(x)
                 if res is not None:
                     out["shifted"].append(res.score)
                     found = res.peak_lag_s is not None and abs(res.peak_lag_s - shift) <= 0.15
                     out["shifted_peak"].append(res.peak_score if found else float("-inf"))
                     out["shifted_bands"].append(bands if found else float("-inf"))
-                    out["shifted_halves"].append(found and halves_agree(np.roll(a, int(shift * RATE)), res))
+                    out["shifted_halves"].append(found and halves_agree(x, res, inside))
                     out["shifted_by"].append(shift)
                     out["shifted_lag"].append(np.nan if res.peak_lag_s is None else res.peak_lag_s)
             for clip, voice in voices.items():
                 for offset in OTHER_OFFSETS_S if clip != r["clip"] else ():
                     x = np.roll(np.resize(voice, len(a)), int(offset * RATE))
-                    res, bands = scored(x)
+                    res, bands, inside = scored(x)
                     if res is not None:
                         out["other"].append(res.score)
                         out["other_peak"].append(float("-inf") if res.peak_score is None else res.peak_score)
                         out["other_lag"].append(np.nan if res.peak_lag_s is None else res.peak_lag_s)
                         out["other_bands"].append(bands)
-                        out["other_halves"].append(halves_agree(x, res))
+                        out["other_halves"].append(halves_agree(x, res, inside))
     return out
 
 

@@ -4,10 +4,11 @@ Per clip: the audio is extracted once (16 kHz mono), Silero VAD finds speech,
 only the speech goes to ASR (word timestamps, language, confidence). Lip
 activity comes from the mouth openings Face Constraints measured for pose; for
 the sync decision the mouth is measured again at the video's own frame rate,
-inside the speech and `mouth_margin_s` around it, on the subject track's box (`lafid.speech.mouth`), and
-compared with the voice's articulation envelope (`lafid.speech.sync`). With
-`lip_detector: vvad` a learned lip model (`lafid.speech.vvad`) decides from the
-same pass whether the lips talk during speech, instead of lip activity.
+inside the speech and `mouth_margin_s` around it, on the subject track's box
+(`lafid.speech.mouth`), and compared with the voice's articulation envelope
+(`lafid.speech.sync`). With `lip_detector: vvad` a learned lip model
+(`lafid.speech.vvad`) decides from the same pass whether the lips talk during
+speech, instead of lip activity.
 Label (`decide`, a pure function of the clip's columns and the thresholds below):
 - `no_audio`   the file has no audio stream
 - `silent`     no speech, lips still
@@ -43,10 +44,10 @@ from lafid.speech.audio import AudioError, extract_audio
 from lafid.speech.captions import Captioner, ClipFacts, TemplateCaptioner, VLMCaptioner, disambiguate
 from lafid.schema import SPEECH, names
 from lafid.speech.lip import lip_activity, lip_series
-from lafid.speech.mouth import MouthTracker, around, within
+from lafid.speech.mouth import MouthTracker
 from lafid.speech.sync import LAG_STEP_S, av_sync
 from lafid.speech.vvad import LipSpeakingModel
-from lafid.speech.vad import SileroVAD
+from lafid.speech.vad import SileroVAD, around, within
 from lafid.stage import Resources, Stage, StageParams
 from lafid.video import sample_frames
 
@@ -133,10 +134,10 @@ class SpeechDisambiguation(Stage):
     THRESHOLDS = frozenset({"min_lip_activity", "max_still_lips", "min_sync_score", "max_unsynced_score",
                             "min_offset_score", "min_offset_s", "min_sync_speech_s", "min_visual_speaking"})
     MEASURE_PARAMS = frozenset({"vad_threshold", "vad_min_speech_s", "vad_min_silence_s", "vad_pad_s",
-                                "min_speech_s", "max_lag_s", "min_sync_frames", "mouth_min_fps", "mouth_margin_s", "lip_detector",
-                                "max_bad_audio_ratio", "asr_backend", "asr_model_dir", "asr_compute_type", "device",
-                                "asr_beam_size", "asr_language", "whisperx_python", "whisperx_model", "captioner",
-                                "vlm_model_dir", "vlm_frames"})
+                                "min_speech_s", "max_lag_s", "min_sync_frames", "mouth_min_fps", "mouth_margin_s",
+                                "lip_detector", "max_bad_audio_ratio", "asr_backend", "asr_model_dir",
+                                "asr_compute_type", "device", "asr_beam_size", "asr_language", "whisperx_python",
+                                "whisperx_model", "captioner", "vlm_model_dir", "vlm_frames"})
     DECIDES_ON = ("lip_activity", "speech_segments", "av_sync", "av_lag_s", "av_peak_z", "av_peak_lag_s",
                   "visual_speaking", "speaking_label", "caption", "caption_source", "transcript", "pose_buckets",
                   "yaw_min", "yaw_max")

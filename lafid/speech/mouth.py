@@ -2,10 +2,10 @@
 
 The face stage samples a few frames per second for pose; syllables come at
 4-7 per second, so lip-voice agreement needs every frame. This pass decodes
-only the frames inside the speech segments and a margin around them (`around`:
-a voice that is late or early by up to that margin still meets the lips that
-made it, so its out-of-step peak can be seen), crops the subject's face where the
-face stage tracked it (its `frame_box`, interpolated in time, so no detector
+only the frames inside the speech segments and a margin around them
+(`lafid.speech.vad.around`: a voice that is late or early by up to that margin
+still meets the lips that made it, so its out-of-step peak can be seen), crops
+the subject's face where the face stage tracked it (its `frame_box`, interpolated in time, so no detector
 runs and no other face is picked up), and fits the face mesh on that small crop.
 Two openings are kept: the inner-lip gap over face height (the face stage's
 measure) and the outer-lip height over mouth width, which the sync measure
@@ -29,27 +29,6 @@ _OUTER_TOP, _OUTER_BOTTOM, _LEFT, _RIGHT = 3, 9, 0, 6  # positions in LIP_POINTS
 CROP_SIZE = 192  # the face mesh's own input size
 CROP_MARGIN = 1.5  # crop side over the face box's long side
 MAX_BOX_GAP_S = 0.3  # no crop where the tracked box is further than this from a measured frame
-
-
-def around(segments, margin_s: float, duration_s: float) -> list[tuple[float, float]]:
-    """`segments` (seconds) widened by `margin_s` on each side within the clip, overlaps merged."""
-    out: list[tuple[float, float]] = []
-    for s, e in sorted(segments):
-        s, e = max(0.0, s - margin_s), min(duration_s, e + margin_s)
-        if out and s <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], e))
-        elif e > s:
-            out.append((s, e))
-    return out
-
-
-def within(t: np.ndarray, segments) -> np.ndarray:
-    """Which of the times `t` lie inside one of `segments`."""
-    t = np.asarray(t, dtype=np.float64)
-    inside = np.zeros(len(t), dtype=bool)
-    for s, e in segments:
-        inside |= (t >= s) & (t < e)
-    return inside
 
 
 class SubjectBoxes:

@@ -64,14 +64,26 @@ class SileroVAD:
                 start = None
         if start is not None:
             raw.append((start, last_speech))
-        duration = len(audio) / RATE
-        out: list[tuple[float, float]] = []
-        for s, e in raw:
-            if e - s < self.min_speech_s:
-                continue
-            s, e = max(0.0, s - self.pad_s), min(duration, e + self.pad_s)
-            if out and s <= out[-1][1]:
-                out[-1] = (out[-1][0], e)
-            else:
-                out.append((s, e))
-        return out
+        return around([(s, e) for s, e in raw if e - s >= self.min_speech_s], self.pad_s, len(audio) / RATE)
+
+
+def around(segments, margin_s: float, duration_s: float) -> list[tuple[float, float]]:
+    """`segments` (seconds) widened by `margin_s` on each side within 0..`duration_s`, overlaps merged:
+    the VAD's padding, and the mouth pass's margin around speech."""
+    out: list[tuple[float, float]] = []
+    for s, e in sorted(segments):
+        s, e = max(0.0, s - margin_s), min(duration_s, e + margin_s)
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        elif e > s:
+            out.append((s, e))
+    return out
+
+
+def within(t: np.ndarray, segments) -> np.ndarray:
+    """Which of the times `t` lie inside one of `segments`."""
+    t = np.asarray(t, dtype=np.float64)
+    inside = np.zeros(len(t), dtype=bool)
+    for s, e in segments:
+        inside |= (t >= s) & (t < e)
+    return inside
