@@ -20,7 +20,7 @@ from lafid.speech.sync import av_sync
 from lafid.stage import StageWorker
 from lafid.video import content_id, probe
 from lafid.stages.face_constraints import FaceConstraints
-from lafid.stages.speech_disambiguation import SpeechDisambiguation
+from lafid.stages.speech_disambiguation import SpeechDisambiguation, decide
 
 LOOSE_FACES = {"sample_fps": 8.0, "min_face_ratio": 0.3, "min_single_face_ratio": 0.0, "min_yaw_range": 0.0,
                "min_blur": 0.0, "min_face_area": 0.0}
@@ -104,6 +104,18 @@ def test_shifting_the_real_voice_removes_the_sync(judged, speech_worker):
     assert found[0].score >= p.min_sync_score > max(f.score for f in found[1:]), found
     # the voice 1 s late is out of step by that second: the lag curve peaks there, not at 0
     assert abs(found[1].peak_lag_s - 1.0) <= 0.1, found[1]
+
+
+def test_still_lips_in_step_with_a_voice_are_never_speaking(judged, speech_worker):
+    """The laughing face under Obama's voice has still lips (measured here) and a chance in-step score.
+    With the in-step bar just under that score, the evidence disagrees: `uncertain`, not `speaking`.
+    Control: the same measured columns with moving lips are `speaking`."""
+    _, item = judged["wolfgang_obama_voiceover.mp4"]
+    c, p = item.columns, speech_worker.stage.params
+    assert c["lip_activity"] < p.max_still_lips and abs(c["av_lag_s"]) < p.max_lag_s - 0.01
+    bar = p.model_copy(update={"min_sync_score": c["av_sync"] - 0.05, "max_unsynced_score": c["av_sync"] - 0.5})
+    assert decide(c, bar) == "uncertain"
+    assert decide({**c, "lip_activity": p.max_still_lips + 0.05}, bar) == "speaking"
 
 
 def test_mouth_pass_reaches_the_lips_of_a_late_voice(judged, speech_worker):
