@@ -14,6 +14,7 @@ import pytest
 
 import runtime_stages
 from lafid.ray_executor import plan, pool, stream
+from lafid.progress import RunInfo
 from lafid.recipe import Recipe, RecipeError, load_recipe
 from lafid.shards import read_clips
 from lafid.runner import curate
@@ -137,6 +138,37 @@ def test_a_pool_grows_only_when_its_queue_outlasts_starting_an_actor(ray_cluster
         assert carry.backlog_s(now) == pytest.approx(5.0) and carry.can_grow(now)  # 5 s of work: one more actor
     finally:
         carry.close()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_a_pool_with_work_takes_the_room_of_an_idle_actor_at_once(ray_cluster, carry_stages):
+    """A full cluster: a pool with batches waiting gets the room of another pool's idle actor in the same look,
+    and Ray places its new actor there. Control: an actor whose pool has work queued is not given away."""
+    recipe = Recipe(name="room", stages=[{"stage": "carry", "cpus": 1}, {"stage": "weigh", "cpus": 1}])
+    carry_stage, weigh_stage = recipe.build_stages()
+    carry = pool.Pool(carry_stage, plan.Plan(1, None, 1.0, 0.0), 1, last=False, max_item_retries=2, native_log=None)
+    weigh = pool.Pool(weigh_stage, plan.Plan(0, None, 1.0, 0.0), 1, last=True, max_item_retries=2, native_log=None)
+    try:
+        carry.spawn()  # two 1-CPU actors fill the 2-CPU cluster
+        while carry.starting:
+            (ref,), _ = ray_cluster.wait(list(carry.starting))
+            assert carry.started(ref) is None
+        weigh.queue.extend(runtime_stages.Item(source="x", video_id=f"v{i}", clip_index=0) for i in range(3))
+        carry.queue.append(runtime_stages.Item(source="x", video_id="c", clip_index=0))
+        driver = stream.Stream(recipe, [carry, weigh], router=None, info=RunInfo())
+        driver.scale()
+        assert carry.size == 2 and weigh.size == 0  # control: carry has work queued, its idle actors stay
+        carry.queue.clear()
+        driver.next_tick = 0.0
+        driver.scale()
+        assert carry.size == 1 and carry.retired == 1 and weigh.size == 1
+        (ref,) = weigh.starting
+        ready, _ = ray_cluster.wait([ref], timeout=60)
+        assert ready and weigh.started(ref) is None and weigh.started_actors == 1  # placed in the room given back
+    finally:
+        carry.close()
+        weigh.close()
 
 
 @pytest.mark.ray

@@ -2,8 +2,9 @@
 
 This package is the only code that imports ray. Each stage runs in its own pool of
 actors (`workers`: a fixed number, `auto`, or `{min, max}`); a pool starts at its
-minimum, grows while more batches wait than its actors can take and the cluster has room,
-and gives back an actor that has been idle for `IDLE_S` seconds. `auto` pools ask
+minimum, grows while more batches wait than its actors can take and the cluster has room
+(or another pool has an idle actor to give), and gives back an actor that has been idle for
+`IDLE_S` seconds. `auto` pools ask
 for a share of a CPU scaled to the cluster (see `plan.plan_pools`), so the same recipe fits a
 2-core laptop and fills a large cluster. The driver keeps at most
 `max_videos_in_flight` videos between source and writer, so memory stays flat

@@ -23,7 +23,11 @@ from lafid.stage import Stage
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 log = logging.getLogger("lafid.run")
 
-IDLE_S = 5.0  # an actor idle this long leaves a pool that is above its minimum
+# An actor idle this long leaves a pool that is above its minimum. Within a run an idle actor costs nothing: a pool
+# that needs its room gets it at once (`Stream.scale`), so this only hands room back to the cluster's other work.
+# It outlasts the lulls between a stage's waves of work: at 5 s the face pool gave its second actor back and
+# started another 4 s later, 3 times in a 5.6-minute run (1.25 CPU-s per start, benchmarks/curate_throughput.py).
+IDLE_S = 30.0
 # A pool grows only when its queue would keep its actors busy longer than GROW_AFTER times what starting one
 # more took: an actor costs its process, imports and models (0.6-2.0 CPU-s each for the default recipe's stages,
 # benchmarks/curate_throughput.py) before it does any work, so a fast

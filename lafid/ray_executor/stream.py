@@ -220,7 +220,8 @@ class Stream:
 
     def scale(self) -> None:
         """Grow pools whose queue outlasts starting an actor (`Pool.can_grow`; one actor per pool per tick,
-        the longest backlog first, while the cluster has room) and give back actors idle for IDLE_S."""
+        the longest backlog first, in the cluster's free room or an idle actor's of a pool with nothing
+        queued) and give back actors idle for IDLE_S."""
         now = time.monotonic()
         if now < self.next_tick:
             return
@@ -239,14 +240,19 @@ class Stream:
             cpu -= pool.plan.cpus * len(pool.starting)
             gpu -= pool.plan.gpus * len(pool.starting)
         for pool in growing:  # one actor per pool per tick: actors take seconds to start
-            if pool.plan.cpus <= cpu + 1e-9 and pool.plan.gpus <= gpu + 1e-9:
-                log.info("stage %s: %d batches wait (%.1f s per actor), starting actor %d", pool.name,
-                         pool.waiting_batches, pool.backlog_s(now), pool.size + 1)
-                pool.spawn()
-                cpu -= pool.plan.cpus
-                gpu -= pool.plan.gpus
-                continue
-            # no room: an idle actor of a pool with nothing queued leaves now, not after IDLE_S
-            donor = next((p for p in self.pools if p is not pool and p.can_give()), None)
-            if donor is not None:
-                donor.shrink(now, idle_s=0.0, limit=1)
+            donor = None
+            if pool.plan.cpus > cpu + 1e-9 or pool.plan.gpus > gpu + 1e-9:
+                # no room: an idle actor of a pool with nothing queued leaves now, not after IDLE_S, and its room
+                # goes to this pool (Ray places the new actor as soon as the old one is gone)
+                donor = next((p for p in self.pools if p is not pool and p.can_give()
+                              and pool.plan.cpus <= cpu + p.plan.cpus + 1e-9
+                              and pool.plan.gpus <= gpu + p.plan.gpus + 1e-9), None)
+                if donor is None or not donor.shrink(now, idle_s=0.0, limit=1):
+                    continue
+                cpu, gpu = cpu + donor.plan.cpus, gpu + donor.plan.gpus
+            log.info("stage %s: %d batches wait (%.1f s per actor), starting actor %d%s", pool.name,
+                     pool.waiting_batches, pool.backlog_s(now), pool.size + 1,
+                     f" in the room of an idle {donor.name} actor" if donor else "")
+            pool.spawn()
+            cpu -= pool.plan.cpus
+            gpu -= pool.plan.gpus
