@@ -144,7 +144,8 @@ def test_a_pool_grows_only_when_its_queue_outlasts_starting_an_actor(ray_cluster
 @pytest.mark.timeout(180)
 def test_a_pool_with_work_takes_the_room_of_an_idle_actor_at_once(ray_cluster, carry_stages):
     """A full cluster: a pool with batches waiting gets the room of another pool's idle actor in the same look,
-    and Ray places its new actor there. Control: an actor whose pool has work queued is not given away."""
+    and Ray places its new actor there. Controls: an actor whose pool has work queued is not given away, nor
+    one whose restart would come before the queue that asked for it is done."""
     recipe = Recipe(name="room", stages=[{"stage": "carry", "cpus": 1}, {"stage": "weigh", "cpus": 1}])
     carry_stage, weigh_stage = recipe.build_stages()
     carry = pool.Pool(carry_stage, plan.Plan(1, None, 1.0, 0.0), 1, last=False, max_item_retries=2, native_log=None)
@@ -156,10 +157,16 @@ def test_a_pool_with_work_takes_the_room_of_an_idle_actor_at_once(ray_cluster, c
             assert carry.started(ref) is None
         weigh.queue.extend(runtime_stages.Item(source="x", video_id=f"v{i}", clip_index=0) for i in range(3))
         carry.queue.append(runtime_stages.Item(source="x", video_id="c", clip_index=0))
+        weigh.batches, weigh.batch_s = 1, 10.0  # 3 batches of 10 s wait: far longer than two actors' start-up
         driver = stream.Stream(recipe, [carry, weigh], router=None, info=RunInfo())
         driver.scale()
         assert carry.size == 2 and weigh.size == 0  # control: carry has work queued, its idle actors stay
         carry.queue.clear()
+        weigh.batch_s = carry.startup_each_s / 10  # control: the queue would be gone before carry's next start
+        driver.next_tick = 0.0
+        driver.scale()
+        assert carry.size == 2 and weigh.size == 0
+        weigh.batch_s = 10.0
         driver.next_tick = 0.0
         driver.scale()
         assert carry.size == 1 and carry.retired == 1 and weigh.size == 1

@@ -170,8 +170,17 @@ class Pool:
             return False
         if self.plan.high is not None and self.size >= self.plan.high:
             return False
-        startup_s = self.startup_s / self.started_actors if self.started_actors else 0.0
-        return self.backlog_s(now) >= GROW_AFTER * startup_s
+        return self.outlasts_starts(now, self)
+
+    def outlasts_starts(self, now: float, *pools: "Pool") -> bool:
+        """The queue would keep this pool's actors busy longer than starting one actor of each of `pools` takes
+        (GROW_AFTER times their mean start-up)."""
+        return self.backlog_s(now) >= GROW_AFTER * sum(p.startup_each_s for p in pools)
+
+    @property
+    def startup_each_s(self) -> float:
+        """Mean wall seconds from asking for an actor to its stage being set up (0 before any was)."""
+        return self.startup_s / self.started_actors if self.started_actors else 0.0
 
     def can_give(self) -> bool:
         """An idle actor could leave: nothing queued and above the minimum."""
