@@ -24,7 +24,8 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 log = logging.getLogger("lafid.run")
 
 # An actor idle this long leaves a pool that is above its minimum. Within a run an idle actor costs nothing: a pool
-# that needs its room gets it at once (`Stream.scale`), so this only hands room back to the cluster's other work.
+# whose queue outlasts two starts gets its room at once (`Stream.scale`), so this only hands room back to the
+# cluster's other work.
 # It outlasts the lulls between a stage's waves of work: at 5 s the face pool gave its second actor back and
 # started another 4 s later, 3 times in a 5.6-minute run (1.25 CPU-s per start, benchmarks/curate_throughput.py).
 IDLE_S = 30.0
