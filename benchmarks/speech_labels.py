@@ -308,9 +308,8 @@ def offset_tradeoff(null: dict, p: SpeechDisambiguationParams) -> None:
         print(f"    z >= {z:.1f}: {np.mean(other >= z):5.1%} / {np.mean(late >= z):4.0%}   |   "
               f"{np.mean(rule_other):5.1%} / {np.mean(rule_late):4.0%}")
     other_bands = np.array(null["other_bands"])
-    late_bands = np.array([v for v, by in zip(null["shifted_bands"], null["shifted_by"]) if by == SHIFTS_S[0]])
-    halves = (np.array(null["other_halves"]), np.array([v for v, by in zip(null["shifted_halves"], null["shifted_by"])
-                                                         if by == SHIFTS_S[0]]))
+    late_bands = np.array(null["shifted_bands"])[first]
+    halves = (np.array(null["other_halves"]), np.array(null["shifted_halves"])[first])
     print(f"  the same, with both halves of the window peaking within {HALF_AGREE_S:g} s of that peak:")
     for z in (2.6, 3.0, 3.4, 3.8):
         print(f"    z >= {z:.1f}: {np.mean((other >= z) & halves[0]):5.1%} / {np.mean((late >= z) & halves[1]):4.0%}")
