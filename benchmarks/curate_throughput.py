@@ -12,7 +12,8 @@ Three inputs (`--case`):
   to `--videos` videos of `--seconds` seconds, without audio.
 
 Prints video-seconds per wall-second for: decode-only of every frame (the floor the pipeline cannot
-beat), then `--repeat` rounds (default 2) of the sequential runner, the Ray runner with the previous pools
+beat); decoding with the stages' one scaler thread against PyAV's default (a thread pool per frame), alone
+and beside a busy core, in milliseconds per frame; then `--repeat` rounds (default 2) of the sequential runner, the Ray runner with the previous pools
 (`ray_previous`: a pool grows on any queue) and the Ray runner as it is, on a local
 cluster started before timing (its start-up time is printed); each round's rates and Ray / sequential
 ratios, then their median and spread: on a shared machine one run's ratio is noise. From the last round:
@@ -48,6 +49,7 @@ from lafid import devset, media
 from lafid.recipe import load_recipe
 from lafid.shards import read_clips
 from lafid.runner import curate
+from lafid.video import SCALER_THREADS
 
 from cpu_meter import CpuMeter  # beside this script
 
@@ -86,14 +88,40 @@ def duration_s(path: str) -> float:
         return float(c.duration) / av.time_base
 
 
-def decode_only(paths: list[str]) -> float:
-    start = time.perf_counter()
+def decode_only(paths: list[str], threads: int = SCALER_THREADS, max_frames: int = 0) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds and frames to decode every frame (the first `max_frames`, 0: all) to BGR,
+    with `threads` scaler threads."""
+    wall, cpu, frames = time.perf_counter(), time.process_time(), 0
     for p in paths:
         with av.open(p) as c:
             c.streams.video[0].thread_type = "AUTO"
             for frame in c.decode(video=0):
-                frame.to_ndarray(format="bgr24")
-    return time.perf_counter() - start
+                frame.to_ndarray(format="bgr24", threads=threads)
+                frames += 1
+                if frames == max_frames:
+                    return time.perf_counter() - wall, time.process_time() - cpu, frames
+    return time.perf_counter() - wall, time.process_time() - cpu, frames
+
+
+def frame_conversion(paths: list[str], max_frames: int = 1500) -> dict[str, float]:
+    """Decode and convert to BGR with one scaler thread (`SCALER_THREADS`, the stages') against PyAV's default
+    (threads=0: a scaler thread pool made and ended for every frame), alone and beside a core kept busy,
+    as a Ray actor runs beside another: wall and CPU milliseconds per frame."""
+    figures, rows = {}, []
+    for beside in ("alone", "beside_busy_core"):
+        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if beside != "alone" else None
+        try:
+            for name, threads in (("one_scaler_thread", SCALER_THREADS), ("pyav_default", 0)):
+                wall, cpu, n = decode_only(paths, threads, max_frames)
+                figures[f"{beside}.{name}.wall_ms"], figures[f"{beside}.{name}.cpu_ms"] = 1e3 * wall / n, 1e3 * cpu / n
+                rows.append(f"{beside.replace('_', ' ')}, {name.replace('_', ' ')}: {1e3 * wall / n:.2f} ms wall, "
+                            f"{1e3 * cpu / n:.2f} ms CPU")
+        finally:
+            if spinner:
+                spinner.kill()
+                spinner.wait()
+    print(f"decode and convert to BGR, per frame (first {max_frames} frames): " + "; ".join(rows))
+    return {f"frame_conversion.{k}": v for k, v in figures.items()}
 
 
 def timed_curate(recipe, paths, executor) -> tuple[float, object, list[str]]:
@@ -152,6 +180,7 @@ import json, resource, sys, tempfile
 import psutil
 from lafid.recipe import load_recipe
 from lafid.runner import curate
+from lafid.video import SCALER_THREADS
 proc, seen = psutil.Process(), {}
 def on_update(stats):
     rss = proc.memory_info().rss
@@ -270,7 +299,7 @@ def throughput(args) -> dict[str, float]:
     paths = case_inputs(args)
     total_s = sum(duration_s(p) for p in paths)
     recipe = case_recipe(args.case, args.recipe)
-    figures = {"decode_only": total_s / decode_only(paths)}
+    figures = {"decode_only": total_s / decode_only(paths)[0], **frame_conversion(paths)}
     ray_start = start_ray(args.cpus)
     rounds = []
     for i in range(args.repeat):

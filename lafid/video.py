@@ -25,6 +25,10 @@ import av
 import numpy as np
 
 _ID_CHUNK = 1 << 20
+# Threads for PyAV's pixel-format conversion (`to_ndarray`). Its default, 0, makes and ends a scaler thread
+# pool for every frame: that costs more CPU than the conversion itself, and where the other cores are busy
+# (a Ray actor beside others) every frame waits for a core. One thread gives the same pixels.
+SCALER_THREADS = 1
 
 
 class MediaError(Exception):
@@ -162,8 +166,8 @@ def sample_frames(
             scale = max_side / max(width, height) if max_side else 1.0
             if scale < 1.0:
                 width, height = int(round(width * scale)) // 2 * 2, int(round(height * scale)) // 2 * 2
-            yield t - start_s, displayed(frame.to_ndarray(format="rgb24", width=width, height=height),
-                                         frame_rotation(frame))
+            rgb = frame.to_ndarray(format="rgb24", width=width, height=height, threads=SCALER_THREADS)
+            yield t - start_s, displayed(rgb, frame_rotation(frame))
             while next_t <= t + 1e-6:
                 next_t += step
 

@@ -15,11 +15,12 @@ from typing import Literal
 
 import numpy as np
 from pydantic import Field
-from scenedetect import AdaptiveDetector, ContentDetector, SceneDetector, SceneManager, open_video
+from scenedetect import AdaptiveDetector, ContentDetector, SceneDetector, SceneManager
+from scenedetect.backends.pyav import VideoStreamAv
 
 from lafid.item import Item
 from lafid.stage import Resources, Stage, StageParams
-from lafid.video import MediaError, VideoInfo, probe
+from lafid.video import SCALER_THREADS, MediaError, VideoInfo, probe
 
 
 class ShotSplitParams(StageParams):
@@ -45,6 +46,16 @@ class FrameRecorder(SceneDetector):
         self.times.append(float(timecode.seconds))
         self.values.append(float(frame_img.mean()))
         return []
+
+
+class PyAVStream(VideoStreamAv):
+    """PySceneDetect's PyAV stream, its frames converted with `SCALER_THREADS` (see lafid.video)."""
+
+    def read(self, decode: bool = True) -> np.ndarray | bool:
+        got = super().read(decode=False)
+        if got is False or not decode:
+            return got
+        return self._frame.to_ndarray(format="bgr24", threads=SCALER_THREADS)
 
 
 class ShotSplit(Stage):
@@ -118,7 +129,7 @@ class ShotSplit(Stage):
             detector = ContentDetector(min_scene_len=p.min_scene_frames, **kwargs)
         luma = FrameRecorder()
         try:
-            video = open_video(path, backend="pyav")
+            video = PyAVStream(path)
             manager = SceneManager()
             manager.auto_downscale = True
             manager.add_detector(detector)

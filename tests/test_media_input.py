@@ -2,13 +2,14 @@
 symlinked folders and loops, audio-only containers, odd extensions."""
 
 import os
+import resource
 import wave
 
 import av
 import numpy as np
 import pytest
 
-from lafid import media
+from lafid import media, video
 from lafid.runner import list_sources
 from lafid.video import probe, sample_frames
 from lafid.stages.face_constraints import FaceConstraints
@@ -166,3 +167,20 @@ def test_clip_times_frames_and_audio_share_the_source_timeline(media_dir, carpho
 
     assert rms(first, 1.6, 1.9) < 0.01  # silence until the cut ...
     assert rms(second, 0.05, 0.3) > 0.1  # ... the tone right after it
+
+
+def test_frames_are_converted_on_the_decoding_thread(make_video, carphone, monkeypatch):
+    """PyAV's default conversion makes and ends a scaler thread pool for every frame: the decoding thread
+    then waits for it on every frame, and for a free core where Ray actors keep the others busy. With one
+    scaler thread it waits under once a frame. Control: two scaler threads (PyAV's default on 2 cores)."""
+    path = make_video("carphone", lambda: carphone, 29.97)
+
+    def waits_per_frame(threads: int) -> float:
+        monkeypatch.setattr(video, "SCALER_THREADS", threads)
+        before = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+        frames = sum(1 for _ in sample_frames(path, 0.0, 60.0, fps=30.0))
+        return (resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw - before) / frames
+
+    one, two = waits_per_frame(1), waits_per_frame(2)
+    print(f"\nvoluntary context switches of the decoding thread per frame: one scaler thread {one:.2f}, two {two:.2f}")
+    assert one < 1.0 and two > 2.0

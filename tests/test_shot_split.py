@@ -1,8 +1,11 @@
 """Shot split on generated cuts between real footage, and bad inputs."""
 
+import resource
+
 import pytest
 
 from lafid import media
+from lafid.stages import shot_split
 from lafid.stages.shot_split import ShotSplit
 
 from conftest import run_stage, video_item
@@ -32,6 +35,25 @@ def test_long_shots_are_split_and_short_ones_rejected(make_video, carphone):
     assert len(clips) == 3 and all(1.2 < n <= 1.5 for n in lengths)
     (short,) = run_stage(ShotSplit({"min_clip_s": 5.0}), [video_item(path)])
     assert short.reject.reason == "too_short"
+
+
+def test_frames_are_converted_without_a_scaler_thread_pool_each(make_video, carphone, monkeypatch):
+    """PySceneDetect's PyAV stream converts with PyAV's default, a scaler thread pool made and ended for every
+    frame; the stage's stream converts on its decoding thread: the same cuts, fewer waits per frame.
+    Control: two scaler threads (PyAV's default on 2 cores)."""
+    path = make_video("carphone", lambda: carphone, 29.97)
+
+    def run(threads: int) -> tuple[list, float]:
+        monkeypatch.setattr(shot_split, "SCALER_THREADS", threads)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
+        clips = run_stage(ShotSplit({"min_clip_s": 0.5, "max_clip_s": 1.5}), [video_item(path)])
+        waits = (resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - before) / len(carphone)
+        return [(c.columns["start_frame"], c.columns["end_frame"]) for c in clips], waits
+
+    (cuts, one), (control_cuts, two) = run(1), run(2)
+    print(f"\nvoluntary context switches per frame: one scaler thread {one:.2f}, two {two:.2f}")
+    assert cuts == control_cuts and len(cuts) > 1
+    assert two - one > 2.0  # measured 3.1-5.5 more waits per frame
 
 
 def test_dark_frames_at_shot_edges_are_trimmed(make_video, carphone):
