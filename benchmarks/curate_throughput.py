@@ -12,8 +12,9 @@ Three inputs (`--case`):
   to `--videos` videos of `--seconds` seconds, without audio.
 
 Prints video-seconds per wall-second for: decode-only of every frame (the floor the pipeline cannot
-beat); decoding with the stages' one scaler thread against PyAV's default (a thread pool per frame), alone
-and beside a busy core, in milliseconds per frame; then `--repeat` rounds (default 2) of the sequential runner, the Ray runner with the previous pools
+beat); decoding with the stages' one scaler thread against PyAV's default (a thread pool per frame),
+alone and beside a busy core, in milliseconds per frame; then `--repeat` rounds (default 2) of the
+sequential runner, the Ray runner with the previous pools
 (`ray_previous`: a pool grows on any queue) and the Ray runner as it is, on a local
 cluster started before timing (its start-up time is printed); each round's rates and Ray / sequential
 ratios, then their median and spread: on a shared machine one run's ratio is noise. From the last round:
@@ -180,7 +181,6 @@ import json, resource, sys, tempfile
 import psutil
 from lafid.recipe import load_recipe
 from lafid.runner import curate
-from lafid.video import SCALER_THREADS
 proc, seen = psutil.Process(), {}
 def on_update(stats):
     rss = proc.memory_info().rss
