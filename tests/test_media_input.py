@@ -172,7 +172,7 @@ def test_clip_times_frames_and_audio_share_the_source_timeline(media_dir, carpho
 def test_frames_are_converted_on_the_decoding_thread(make_video, carphone, monkeypatch):
     """PyAV's default conversion makes and ends a scaler thread pool for every frame: the decoding thread
     then waits for it on every frame, and for a free core where Ray actors keep the others busy. With one
-    scaler thread it waits under once a frame. Control: two scaler threads (PyAV's default on 2 cores)."""
+    scaler thread it waits only for the decoder. Control: two scaler threads (PyAV's default on 2 cores)."""
     path = make_video("carphone", lambda: carphone, 29.97)
 
     def waits_per_frame(threads: int) -> float:
@@ -183,4 +183,4 @@ def test_frames_are_converted_on_the_decoding_thread(make_video, carphone, monke
 
     one, two = waits_per_frame(1), waits_per_frame(2)
     print(f"\nvoluntary context switches of the decoding thread per frame: one scaler thread {one:.2f}, two {two:.2f}")
-    assert one < 1.0 and two > 2.0
+    assert two - one > 1.5  # measured 2.2-2.6 more waits per frame on an idle machine, 2.0-3.6 beside a busy core
