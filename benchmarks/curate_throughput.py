@@ -34,6 +34,7 @@ rises after the first clip is written.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -93,15 +94,18 @@ def decode_only(paths: list[str], threads: int = SCALER_THREADS, max_frames: int
     """Wall seconds, CPU seconds and frames to decode every frame (the first `max_frames`, 0: all) to BGR,
     with `threads` scaler threads."""
     wall, cpu, frames = time.perf_counter(), time.process_time(), 0
+    for frame in itertools.islice(every_frame(paths), max_frames or None):
+        frame.to_ndarray(format="bgr24", threads=threads)
+        frames += 1
+    return time.perf_counter() - wall, time.process_time() - cpu, frames
+
+
+def every_frame(paths: list[str]):
+    """Each decoded frame of each path in turn."""
     for p in paths:
         with av.open(p) as c:
             c.streams.video[0].thread_type = "AUTO"
-            for frame in c.decode(video=0):
-                frame.to_ndarray(format="bgr24", threads=threads)
-                frames += 1
-                if frames == max_frames:
-                    return time.perf_counter() - wall, time.process_time() - cpu, frames
-    return time.perf_counter() - wall, time.process_time() - cpu, frames
+            yield from c.decode(video=0)
 
 
 def frame_conversion(paths: list[str], max_frames: int = 1500) -> dict[str, float]:
