@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -18,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lafid import devset, media
-from lafid.bench.build import CASES, SPLIT, BenchError, build, clip_bucket, load_cases, select
+from lafid.bench.build import CASES, SPLIT, BenchError, build, clip_bucket, load_cases, load_clips, select
 from lafid.cli import app
 from lafid.identity.cluster import identities
 from lafid.video import probe
@@ -63,11 +64,20 @@ def shards(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bench(shards, tmp_path_factory):
+    """Carphone (two videos) and the woman (one clip) held out, the psychopy man left for training.
+
+    Identity ids are hashes of clip ids, which hash the files' bytes, and libx264 does not always write
+    the same bytes for carphone's mirror on a busy machine (4 variants in 12 encodes), so the seed that
+    holds out these two people is looked up rather than fixed."""
     summary = identities(shards)
     assert summary["sizes"] == [2, 2, 1]  # carphone x2, the psychopy man x2, the woman
+    clips = load_clips([shards])
+    person = {Path(c["source"]).name: c["identity_id"] for c in clips}
+    wanted = {person["carphone.mp4"], person["single_face_pingpong.mp4"]}
+    seed = next(s for s in range(100) if select(clips, 5, s, 0.7)[1] == wanted)
     out = tmp_path_factory.mktemp("bench") / "bench"
     result = CliRunner().invoke(app, ["bench", "build", str(shards), "--out", str(out), "--per-bucket", "5",
-                                      "--max-identity-share", "0.7"])
+                                      "--max-identity-share", "0.7", "--seed", str(seed)])
     assert result.exit_code == 0, result.output
     return out
 

@@ -141,7 +141,7 @@ def test_one_person_turning_away_is_kept(turning):
     blur = np.ones(len(emb))
     assert len(emb) >= 50 and yaw.max() >= 65
     # every check below allows a lone odd face: a bad alignment near 70 degrees (cosine 0.26 here, 0.58 on
-    # another CPU) is a far frame, not a takeover
+    # the CI machine) is a far frame, not a takeover
     calibrated = verify(emb, boxes, yaw, blur, "cosine", SAME)
     assert calibrated.breaks == 0 and calibrated.other.mean() <= 0.05
     strict = 0.45
