@@ -21,6 +21,8 @@ import av
 import cv2
 import numpy as np
 
+from lafid.video import SCALER_THREADS
+
 AUDIO_RATE = 16000
 
 
@@ -38,7 +40,7 @@ def carphone_path() -> str:
 
 def carphone_frames() -> list[np.ndarray]:
     with av.open(carphone_path()) as c:
-        return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        return [f.to_ndarray(format="rgb24", threads=SCALER_THREADS) for f in c.decode(video=0)]
 
 
 def astronaut() -> np.ndarray:
@@ -103,7 +105,10 @@ def write_video(path: str, frames: Iterable[np.ndarray], fps: float = 25.0,
             vs.set_display_rotation(rotation)
         audio_stream = _audio_stream(out) if audio is not None else None
         for i, rgb in enumerate(frames):
+            # converted to YUV here: left to PyAV's encode, the conversion wrote 2-4 different files for the
+            # same frames in 12 encodes (an explicit conversion, threaded or not, wrote one; tests/test_media_input.py)
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[: vs.height, : vs.width]), format="rgb24")
+            frame = frame.reformat(format="yuv420p", threads=SCALER_THREADS)
             if times is not None:
                 frame.pts, frame.time_base = round(times[i] / _VFR_TIME_BASE), _VFR_TIME_BASE
             out.mux(vs.encode(frame))
