@@ -35,7 +35,7 @@ import numpy as np
 os.environ.setdefault("GLOG_minloglevel", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lafid import rig  # noqa: E402
+from lafid import media, rig  # noqa: E402
 from lafid.face.detect import MediapipeFaces, ScrfdMeshFaces  # noqa: E402
 from lafid.face.embed import ArcFaceEncoder, arcface_align, pairwise  # noqa: E402
 from lafid.face.pose import KPS_YAW_GAIN, head_pose, kps_angles, kps_pose  # noqa: E402
@@ -67,17 +67,7 @@ def through_codec(frames: list[np.ndarray], crf: int | None, tmp: str) -> list[n
     """The frames after H.264 at `crf` (as decoded by the face stage), or as they are."""
     if crf is None:
         return frames
-    import av
-
-    path = os.path.join(tmp, "seq.mp4")
-    h, w = frames[0].shape[:2]
-    with av.open(path, "w") as out:
-        stream = out.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "veryfast"}
-        for f in frames:
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
-        out.mux(stream.encode(None))
+    path = media.write_video(os.path.join(tmp, "seq.mp4"), frames, 25.0, crf=crf)
     return [f for _, f in sample_frames(path, 0.0, 1e9, 1000.0)]
 
 

@@ -21,8 +21,6 @@ import av
 import cv2
 import numpy as np
 
-from lafid.video import SCALER_THREADS
-
 AUDIO_RATE = 16000
 
 
@@ -40,7 +38,7 @@ def carphone_path() -> str:
 
 def carphone_frames() -> list[np.ndarray]:
     with av.open(carphone_path()) as c:
-        return [f.to_ndarray(format="rgb24", threads=SCALER_THREADS) for f in c.decode(video=0)]
+        return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
 
 
 def astronaut() -> np.ndarray:
@@ -84,8 +82,8 @@ _VFR_TIME_BASE = Fraction(1, 90000)
 
 def write_video(path: str, frames: Iterable[np.ndarray], fps: float = 25.0,
                 audio: np.ndarray | None = None, times: Sequence[float] | None = None,
-                rotation: int = 0) -> str:
-    """Encode RGB frames as H.264 (+ AAC from mono float audio at 16 kHz) with PyAV.
+                rotation: int = 0, crf: int = 20) -> str:
+    """Encode RGB frames as H.264 at `crf` (+ AAC from mono float audio at 16 kHz) with PyAV.
 
     `times` (seconds, one per frame) gives each frame its own timestamp, for
     variable-frame-rate video; `rotation` stores a display matrix that tells
@@ -98,17 +96,14 @@ def write_video(path: str, frames: Iterable[np.ndarray], fps: float = 25.0,
     with av.open(path, "w") as out:
         vs = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         vs.width, vs.height, vs.pix_fmt = w - w % 2, h - h % 2, "yuv420p"
-        vs.options = {"crf": "20", "preset": "veryfast"}
+        vs.options = {"crf": str(crf), "preset": "veryfast"}
         if times is not None:
             vs.codec_context.time_base = vs.time_base = _VFR_TIME_BASE
         if rotation:
             vs.set_display_rotation(rotation)
         audio_stream = _audio_stream(out) if audio is not None else None
         for i, rgb in enumerate(frames):
-            # converted to YUV here: left to PyAV's encode, the conversion wrote 2-4 different files for the
-            # same frames in 12 encodes (an explicit conversion, threaded or not, wrote one; tests/test_media_input.py)
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[: vs.height, : vs.width]), format="rgb24")
-            frame = frame.reformat(format="yuv420p", threads=SCALER_THREADS)
             if times is not None:
                 frame.pts, frame.time_base = round(times[i] / _VFR_TIME_BASE), _VFR_TIME_BASE
             out.mux(vs.encode(frame))
