@@ -66,10 +66,10 @@ def shards(tmp_path_factory):
 def bench(shards, tmp_path_factory):
     """Carphone (two videos) and the woman (one clip) held out, the psychopy man left for training.
 
-    Identity ids are hashes of clip ids, which hash the files' bytes, and another FFmpeg or libx264 build
-    writes other bytes (as libx264's macroblock-tree rate control did from run to run, see
-    test_the_same_frames_are_written_as_the_same_file), so the seed that holds out these two people is
-    looked up rather than fixed."""
+    Identity ids are hashes of clip ids, which hash the files' bytes, and `media.write_video` does not
+    always write the same bytes for the same frames (carphone's mirror: 2-4 different files in 12 encodes,
+    from the first frame on, with the same YUV input; libx264 seems to read memory that is not set), so
+    the seed that holds out these two people is looked up rather than fixed."""
     summary = identities(shards)
     assert summary["sizes"] == [2, 2, 1]  # carphone x2, the psychopy man x2, the woman
     clips = load_clips([shards])
