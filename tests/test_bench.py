@@ -68,8 +68,8 @@ def bench(shards, tmp_path_factory):
 
     Identity ids are hashes of clip ids, which hash the files' bytes, and `media.write_video` does not
     always write the same bytes for the same frames (carphone's mirror: 2-4 different files in 12 encodes,
-    from the first frame on, with the same YUV input; libx264 seems to read memory that is not set), so
-    the seed that holds out these two people is looked up rather than fixed."""
+    from the first frame on, with the same YUV input; only libx264's mbtree=0 made it one, and that changes
+    every fixture's encode), so the seed that holds out these two people is looked up rather than fixed."""
     summary = identities(shards)
     assert summary["sizes"] == [2, 2, 1]  # carphone x2, the psychopy man x2, the woman
     clips = load_clips([shards])
