@@ -1,5 +1,5 @@
 """CPU-seconds of this process and every process under it, by role (benchmarks/curate_throughput.py):
-the driver, Ray's daemons, each stage's actors, subprocesses."""
+the driver, Ray's daemons, each stage's actors, subprocesses; and the actors' peak memory together."""
 
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ class CpuMeter:
         self.seen: dict[tuple[int, float], float] = {}  # (pid, start time) -> CPU-seconds when last sampled
         self.start: dict[tuple[int, float], float] = {}
         self.role: dict[tuple[int, float], str] = {}  # what the process is: driver, raylet, ray::face_constraints
+        self.actors_rss_peak = 0  # bytes: the largest sum of the Ray actors' resident memory in one sample
         self.stop = threading.Event()
 
     def sample(self) -> None:
-        me = psutil.Process()
+        me, actors_rss = psutil.Process(), 0
         for proc in [me, *me.children(recursive=True)]:
             try:
                 key = (proc.pid, proc.create_time())
@@ -31,8 +32,11 @@ class CpuMeter:
                 if not role.startswith("ray::") or role == "ray::IDLE":  # a worker takes its actor's title late
                     self.role[key] = "driver" if proc.pid == me.pid else _role(proc.cmdline())
                 self.seen[key] = times.user + times.system
+                if self.role[key].startswith("ray::") and self.role[key] != "ray::IDLE":
+                    actors_rss += proc.memory_info().rss
             except (psutil.NoSuchProcess, psutil.ZombieProcess, IndexError):
                 pass
+        self.actors_rss_peak = max(self.actors_rss_peak, actors_rss)
 
     def __enter__(self) -> "CpuMeter":
         self.sample()

@@ -14,8 +14,9 @@ Three inputs (`--case`):
 Prints video-seconds per wall-second for: decode-only of every frame (the floor the pipeline cannot
 beat); decoding with the stages' one scaler thread against PyAV's default (a thread pool per frame),
 alone and beside a busy core, in milliseconds per frame; then `--repeat` rounds (default 2) of the
-sequential runner, the Ray runner with the previous pools
-(`ray_previous`: a pool grows on any queue) and the Ray runner as it is, on a local
+sequential runner, the Ray runner with a pool per stage
+(`ray_per_stage`: the recipe with `pools: per_stage`) and the Ray runner as the recipe says (the default recipe's
+`pools: auto`: on 2 CPUs each actor runs the whole chain of stages), on a local
 cluster started before timing (its start-up time is printed); each round's rates and Ray / sequential
 ratios, then their median and spread: on a shared machine one run's ratio is noise. From the last round:
 per stage, CPU-seconds per video-second measured inside the workers (process CPU time around each
@@ -43,11 +44,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
 
 import av
 
 from lafid import devset, media
+from lafid.ray_executor.pool import CHAIN
 from lafid.recipe import load_recipe
 from lafid.shards import read_clips
 from lafid.runner import curate
@@ -183,6 +184,7 @@ def case_inputs(args) -> list[str]:
 _MEMORY_PROBE = """
 import json, resource, sys, tempfile
 import psutil
+from lafid.ray_executor.pool import CHAIN
 from lafid.recipe import load_recipe
 from lafid.runner import curate
 proc, seen = psutil.Process(), {}
@@ -215,7 +217,7 @@ def main() -> None:
     ap.add_argument("--videos", type=int, default=8, help="carphone case: videos")
     ap.add_argument("--seconds", type=float, default=60.0, help="carphone case: seconds per video")
     ap.add_argument("--cpus", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=2, help="rounds of sequential, previous Ray pools and Ray")
+    ap.add_argument("--repeat", type=int, default=2, help="rounds of sequential, Ray per stage and Ray")
     ap.add_argument("--long-minutes", type=float, default=10.0)
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "lafid-bench"))
     ap.add_argument("--memory-only", action="store_true", help="skip the throughput comparison")
@@ -259,22 +261,22 @@ def actor_seconds(sizes: list[tuple[float, dict[str, int]]], end: float) -> dict
     return total
 
 
-@contextmanager
-def previous_pools():
-    """The pools as they were before issue 24's sizing: a pool grew on any queue (GROW_AFTER 0). The default
-    recipe's actors ran one thread each then too."""
-    from lafid.ray_executor import pool
-
-    saved, pool.GROW_AFTER = pool.GROW_AFTER, 0.0
-    try:
-        yield
-    finally:
-        pool.GROW_AFTER = saved
+def pool_table(runner: str, run: dict, figures: dict) -> None:
+    """Per Ray pool: the share of its actors' lifetime they were busy, actors started and their start-up CPU."""
+    info, stages = run["stats"].ray, run["stats"].stages
+    alive = actor_seconds(info.sizes, run["seconds"])
+    print(f"{runner + ' pool':<24}{'busy/actor-s':>14}{'actors started':>16}{'start-up CPU-s (each)':>23}")
+    for name in info.started:
+        busy = sum(st.seconds for k, st in stages.items() if k == name or name == CHAIN)  # a chain runs every stage
+        share = busy / alive[name] if alive.get(name) else float("nan")
+        print(f"{name:<24}{share:>14.0%}{info.started[name]:>16}{info.startup_cpu_s[name]:>16.1f}"
+              f" ({info.startup_cpu_s[name] / max(1, info.started[name]):.2f})")
+        figures[f"{runner}_busy_share.{name}"] = share
 
 
 def beyond_stages(by_role: dict[str, float], stats, run, total_s: float) -> dict[str, float]:
     """Print and return what the Ray run's CPU went to beyond the stages' own work (`StageWorker.run`)."""
-    actors = sum(v for k, v in by_role.items() if k.startswith("ray::") and k[5:] in stats.stages)
+    actors = sum(v for k, v in by_role.items() if k.startswith("ray::") and k[5:] in run.requests)  # pools' actors
     startup, work = sum(run.startup_cpu_s.values()), sum(st.cpu_seconds for st in stats.stages.values())
     parts = {"actor_startup": startup, "actors_between_batches": actors - startup - work,
              "daemons_and_others": sum(by_role.values()) - actors - by_role.get("driver", 0.0), "driver": by_role.get("driver", 0.0)}
@@ -284,22 +286,24 @@ def beyond_stages(by_role: dict[str, float], stats, run, total_s: float) -> dict
 
 
 def one_round(recipe, paths, total_s: float) -> dict:
-    """Sequential, Ray with the previous pools and Ray as it is, one after the other on the same inputs."""
+    """Sequential, Ray with a pool per stage and Ray as the recipe says, one after the other on the same inputs."""
     runs = {}
-    for name, executor, setting in (("sequential", "sequential", nullcontext), ("ray_previous", "ray", previous_pools),
-                                    ("ray", "ray", nullcontext)):
-        with setting(), CpuMeter() as cpu:
-            seconds, stats, out = timed_curate(recipe, paths, executor)
+    per_stage = recipe.model_copy(update={"pools": "per_stage"})
+    for name, executor, how in (("sequential", "sequential", recipe), ("ray_per_stage", "ray", per_stage),
+                                ("ray", "ray", recipe)):
+        with CpuMeter() as cpu:
+            seconds, stats, out = timed_curate(how, paths, executor)
         runs[name] = {"seconds": seconds, "rate": total_s / seconds, "stats": stats, "outcomes": out,
-                      "cpu_per_video_s": cpu.seconds / total_s, "cpu_by_role": cpu.by_role()}
-    differ = {k: sorted(set(runs[k]["outcomes"]) ^ set(runs["sequential"]["outcomes"])) for k in ("ray_previous", "ray")}
+                      "cpu_per_video_s": cpu.seconds / total_s, "cpu_by_role": cpu.by_role(),
+                      "actors_rss_peak_mb": cpu.actors_rss_peak / 2**20}
+    differ = {k: sorted(set(runs[k]["outcomes"]) ^ set(runs["sequential"]["outcomes"])) for k in ("ray_per_stage", "ray")}
     assert not any(differ.values()), f"the runners disagree (outcomes not in both): {differ}"
     return runs
 
 
 def throughput(args) -> dict[str, float]:
-    """Video-seconds per wall-second: decode only, then `--repeat` rounds of the sequential runner, Ray with the
-    previous pools and Ray, on the same inputs; per stage, CPU-seconds per video-second from the last round."""
+    """Video-seconds per wall-second: decode only, then `--repeat` rounds of the sequential runner, Ray with a
+    pool per stage and Ray as the recipe says, on the same inputs; per stage, CPU-seconds per video-second from the last round."""
     paths = case_inputs(args)
     total_s = sum(duration_s(p) for p in paths)
     recipe = case_recipe(args.case, args.recipe)
@@ -309,8 +313,8 @@ def throughput(args) -> dict[str, float]:
     for i in range(args.repeat):
         runs = one_round(recipe, paths, total_s)
         rounds.append(runs)
-        print(f"round {i + 1}: video-s / wall-s: sequential {runs['sequential']['rate']:.2f}, ray_previous "
-              f"{runs['ray_previous']['rate']:.2f} ({runs['ray_previous']['rate'] / runs['sequential']['rate']:.2f}x), "
+        print(f"round {i + 1}: video-s / wall-s: sequential {runs['sequential']['rate']:.2f}, ray_per_stage "
+              f"{runs['ray_per_stage']['rate']:.2f} ({runs['ray_per_stage']['rate'] / runs['sequential']['rate']:.2f}x), "
               f"ray {runs['ray']['rate']:.2f} ({runs['ray']['rate'] / runs['sequential']['rate']:.2f}x); CPU-s per "
               f"video-s, all processes: " + ", ".join(f"{k} {r['cpu_per_video_s']:.3f}" for k, r in runs.items()),
               flush=True)
@@ -324,7 +328,7 @@ def throughput(args) -> dict[str, float]:
           f"not timed: {ray_start:.1f} s")
     print(f"{'runner':<14}{'video-s / wall-s (median, min-max of ' + str(len(rounds)) + ')':>44}{'x sequential':>28}")
     print(f"{'decode_only':<14}{figures['decode_only']:>44.2f}")
-    for name in ("sequential", "ray_previous", "ray"):
+    for name in ("sequential", "ray_per_stage", "ray"):
         rates = sorted(r[name]["rate"] for r in rounds)
         ratios = sorted(r[name]["rate"] / r["sequential"]["rate"] for r in rounds)
         figures[name] = statistics.median(rates)
@@ -342,24 +346,20 @@ def throughput(args) -> dict[str, float]:
           f"runner keeps one busy, Ray can be at most {ceiling:.2f}x sequential; without its actors' start-up "
           f"({startup:.3f} CPU-s per video-s here, spread thinner on longer runs) "
           f"{figures['ray_ceiling_without_startup']:.2f}x")
-    alive = actor_seconds(last_run.sizes, ray_s)
-    print(f"{'stage':<24}{'items':>6}{'seq CPU-s/video-s':>19}{'ray CPU-s/video-s':>19}{'ray busy/actor-s':>18}"
-          f"{'actors started':>16}{'start-up CPU-s (each)':>23}")
+    print(f"{'stage':<24}{'items':>6}{'seq CPU-s/video-s':>19}{'ray CPU-s/video-s':>19}")
     for name, st in seq.stages.items():
         rt = par.stages.get(name)
-        busy = rt.seconds / alive[name] if rt and alive.get(name) else float("nan")
-        print(f"{name:<24}{st.items_in:>6}{st.cpu_seconds / total_s:>19.3f}"
-              f"{(rt.cpu_seconds if rt else 0) / total_s:>19.3f}{busy:>18.0%}"
-              f"{last_run.started.get(name, 0):>16}{last_run.startup_cpu_s.get(name, 0.0):>16.1f}"
-              f" ({last_run.startup_cpu_s.get(name, 0.0) / max(1, last_run.started.get(name, 0)):.2f})")
+        print(f"{name:<24}{st.items_in:>6}{st.cpu_seconds / total_s:>19.3f}{(rt.cpu_seconds if rt else 0) / total_s:>19.3f}")
         figures[f"cpu_per_video_s.{name}"] = st.cpu_seconds / total_s
-        figures[f"ray_busy_share.{name}"] = busy
     seq_cpu = sum(st.cpu_seconds for st in seq.stages.values()) / total_s
     ray_cpu = sum(st.cpu_seconds for st in par.stages.values()) / total_s
-    print(f"{'all stages':<24}{'':>6}{seq_cpu:>19.3f}{ray_cpu:>19.3f}{'':>18}{sum(last_run.started.values()):>16}"
-          f"{sum(last_run.startup_cpu_s.values()):>16.1f}")
+    print(f"{'all stages':<24}{'':>6}{seq_cpu:>19.3f}{ray_cpu:>19.3f}")
     figures["stages_cpu_per_video_s"], figures["ray_stages_cpu_per_video_s"] = seq_cpu, ray_cpu
-    for name in ("sequential", "ray_previous", "ray"):
+    for name in ("ray_per_stage", "ray"):
+        pool_table(name, rounds[-1][name], figures)
+        figures[f"{name}_actors_rss_peak_mb"] = peak = max(r[name]["actors_rss_peak_mb"] for r in rounds)
+        print(f"  its actors' resident memory together, peak of {len(rounds)} rounds: {peak:.0f} MB")
+    for name in ("sequential", "ray_per_stage", "ray"):
         roles = sorted(rounds[-1][name]["cpu_by_role"].items(), key=lambda kv: -kv[1])
         print(f"CPU-s, all processes, {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in roles if v >= 0.05))
     figures.update(beyond_stages(rounds[-1]["ray"]["cpu_by_role"], par, last_run, total_s))
@@ -367,8 +367,8 @@ def throughput(args) -> dict[str, float]:
           f"{last_run.setup_s:.1f} s, no work before that):")
     for line in pool_sizes(last_run.sizes):
         print("  " + line)
-    for name in ("ray_previous", "ray"):
-        print(f"actors started per stage, {name}, each round: " + "; ".join(
+    for name in ("ray_per_stage", "ray"):
+        print(f"actors started per pool, {name}, each round: " + "; ".join(
             ", ".join(f"{k} {v}" for k, v in r[name]["stats"].ray.started.items()) for r in rounds))
     working = sorted(last_run.working_s.items())
     print("after set-up, seconds with n batches running at once: " + ", ".join(f"{n}: {t:.1f}" for n, t in working)

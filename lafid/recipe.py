@@ -108,10 +108,27 @@ class Recipe(StrictModel):
     max_videos_in_flight: int = Field(4, ge=1, description="videos decoded at once: bounds memory")
     max_item_retries: int = Field(2, ge=1, description="times an item, run alone, may kill its worker "
                                   "before it becomes a worker_crashed reject (Ray runner)")
+    pools: Literal["per_stage", "chain", "auto"] = Field(
+        "per_stage", description="Ray runner: a pool of actors per stage (`per_stage`), or one pool whose actors "
+        "each run every stage on whole videos (`chain`: one process and no hand-offs per video, for CPU-only "
+        "recipes); `auto`: `chain` where the cluster cannot give every stage an actor of its own CPUs")
 
     @model_validator(mode="after")
     def _stage_order(self) -> "Recipe":
         check_order([stage_class(spec.stage) for spec in self.stages])
+        return self
+
+    @model_validator(mode="after")
+    def _chain_fits(self) -> "Recipe":
+        """A chain runs every stage in each actor: per-stage GPUs and worker counts cannot apply to it."""
+        if self.pools == "chain":
+            for spec in self.stages:
+                if spec.gpus or stage_class(spec.stage).default_resources.gpus:
+                    raise ValueError(f"pools: chain runs every stage in each actor, but stage {spec.stage!r} asks "
+                                     "for GPUs; use pools: per_stage")
+                if spec.workers != "auto":
+                    raise ValueError(f"pools: chain runs every stage in each actor, but stage {spec.stage!r} sets "
+                                     f"workers: {spec.workers}; leave it auto or use pools: per_stage")
         return self
 
     def build_stages(self) -> list[Stage]:

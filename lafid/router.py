@@ -50,9 +50,11 @@ class _Video:
 
 
 class Router:
-    def __init__(self, stages: list[str], writer: ShardWriter, stats: RunStats,
+    def __init__(self, steps: list[str], writer: ShardWriter, stats: RunStats,
                  on_update: Callable[[RunStats], None] | None = None):
-        self.stages = stages
+        # What the executor hands batches to, in order: the recipe's stages, or one step that runs them all
+        # (the Ray runner's `pools: chain`, which sets it).
+        self.steps = steps
         self.writer = writer
         self.stats = stats
         self.on_update = on_update
@@ -76,11 +78,11 @@ class Router:
         self.admitted += 1
         return self._send([item], 0)
 
-    def done(self, stage: int, given: list[Item], returned: list[Item]) -> list[Item]:
-        """Stage `stage` was given `given` and returned `returned`; returns what goes to stage + 1."""
+    def done(self, step: int, given: list[Item], returned: list[Item]) -> list[Item]:
+        """Step `step` was given `given` and returned `returned`; returns what goes to step + 1."""
         if self.checkpoint:
             self.checkpoint()
-        name = self.stages[stage]
+        name = self.steps[step]
         by_key: dict[tuple[str, int], list[Item]] = defaultdict(list)
         for item in returned:
             by_key[(item.video_id, item.clip_index)].append(item)
@@ -99,7 +101,7 @@ class Router:
         if strays:
             self.discarded += strays
             log.warning("stage %s returned %d item(s) for clips it was not given; discarded", name, strays)
-        return self._send(accepted, stage + 1)
+        return self._send(accepted, step + 1)
 
     def _video_result(self, name: str, item: Item, video: _Video,
                       by_key: dict[tuple[str, int], list[Item]]) -> list[Item]:
@@ -142,10 +144,10 @@ class Router:
         self._videos[video_id] = _Video()
         return self._send([Item(source=source, video_id=video_id)], 0)
 
-    def _send(self, items: list[Item], stage: int) -> list[Item]:
+    def _send(self, items: list[Item], step: int) -> list[Item]:
         onward = []
         for item in items:
-            if item.rejected or stage >= len(self.stages):
+            if item.rejected or step >= len(self.steps):
                 self._deliver(item)
             else:
                 onward.append(item)

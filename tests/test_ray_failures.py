@@ -85,12 +85,14 @@ def test_poison_inputs_cost_only_themselves_and_retry_failed_redoes_them(
     assert len(done) == len(set(done)) == 9
 
 
-@pytest.mark.parametrize("executor", ["sequential", pytest.param("ray", marks=pytest.mark.ray)])
-def test_setup_failure_stops_the_run_before_any_row(request, executor, faults, corpus, tmp_path):
+@pytest.mark.parametrize("executor, pools", [("sequential", "per_stage"), pytest.param("ray", "per_stage", marks=pytest.mark.ray),
+                                             pytest.param("ray", "chain", marks=pytest.mark.ray)])
+def test_setup_failure_stops_the_run_before_any_row(request, executor, pools, faults, corpus, tmp_path):
     if executor == "ray":
         request.getfixturevalue("ray_cluster")
     healthy, _ = corpus
-    recipe = Recipe(name="setup", stages=[SPLIT, {"stage": "fail_setup", "params": {"model_dir": "/no/such/model"}}])
+    recipe = Recipe(name="setup", pools=pools,
+                    stages=[SPLIT, {"stage": "fail_setup", "params": {"model_dir": "/no/such/model"}}])
     path = tmp_path / "r.yaml"
     path.write_text(json.dumps(recipe.model_dump()))
     out = tmp_path / "out"

@@ -38,8 +38,8 @@ def videos(distinct_videos):
     return distinct_videos
 
 
-def carry_recipe(workers="auto", delay_s=0.0, pid_dir="", megabytes=1.0, rows_per_shard=1000):
-    return Recipe(name="carry", max_videos_in_flight=6, output={"rows_per_shard": rows_per_shard}, stages=[
+def carry_recipe(workers="auto", delay_s=0.0, pid_dir="", megabytes=1.0, rows_per_shard=1000, pools="per_stage"):
+    return Recipe(name="carry", max_videos_in_flight=6, output={"rows_per_shard": rows_per_shard}, pools=pools, stages=[
         SPLIT, {"stage": "carry", "workers": workers, "params": {"megabytes": megabytes}},
         {"stage": "weigh", "workers": workers, "params": {"delay_s": delay_s, "pid_dir": pid_dir}}])
 
@@ -120,13 +120,13 @@ def test_a_pool_grows_only_when_its_queue_outlasts_starting_an_actor(ray_cluster
     recipe = Recipe(name="grow", stages=[{"stage": "carry", "cpus": 4}])
     stages = recipe.build_stages()
     (sized,) = plan.plan_pools(recipe, stages)
-    carry = pool.Pool(stages[0], sized, batch_size=1, last=True, max_item_retries=2, native_log=None)
+    carry = pool.Pool(stages[:1], sized, batch_size=1, last=True, max_item_retries=2, native_log=None)
     try:
         (ref,) = carry.starting
         ray_cluster.wait([ref])
         assert carry.started(ref) is None and carry.started_actors == 1 and carry.startup_s > 0
         # the actors hold a share of the 2 CPUs, and their thread pools follow it; the recipe's stage keeps 4
-        assert sized.cpus < 2 and carry.stage.resources.threads == 1 and stages[0].resources.threads == 4
+        assert sized.cpus < 2 and carry.stages[0].resources.threads == 1 and stages[0].resources.threads == 4
         carry.startup_s, carry.batches, carry.batch_s = 3.0, 4, 2.0  # an actor took 3 s to start, a batch 0.5 s
         now = time.monotonic()
         carry.queue.extend(runtime_stages.Item(source="x", video_id=f"v{i}", clip_index=0) for i in range(4))
@@ -148,8 +148,8 @@ def test_a_pool_with_work_takes_the_room_of_an_idle_actor_at_once(ray_cluster, c
     one whose restart would come before the queue that asked for it is done."""
     recipe = Recipe(name="room", stages=[{"stage": "carry", "cpus": 1}, {"stage": "weigh", "cpus": 1}])
     carry_stage, weigh_stage = recipe.build_stages()
-    carry = pool.Pool(carry_stage, plan.Plan(1, None, 1.0, 0.0), 1, last=False, max_item_retries=2, native_log=None)
-    weigh = pool.Pool(weigh_stage, plan.Plan(0, None, 1.0, 0.0), 1, last=True, max_item_retries=2, native_log=None)
+    carry = pool.Pool([carry_stage], plan.Plan(1, None, 1.0, 0.0), 1, last=False, max_item_retries=2, native_log=None)
+    weigh = pool.Pool([weigh_stage], plan.Plan(0, None, 1.0, 0.0), 1, last=True, max_item_retries=2, native_log=None)
     try:
         carry.spawn()  # two 1-CPU actors fill the 2-CPU cluster
         while carry.starting:
@@ -215,9 +215,62 @@ def test_no_more_batches_run_at_once_than_the_cluster_has_cpus(ray_cluster, carr
 
 
 @pytest.mark.ray
+def test_a_small_cluster_runs_the_default_recipe_as_whole_chains(ray_cluster, monkeypatch):
+    """`pools: auto` (the default recipe's): where the cluster cannot give every stage an actor of its own
+    CPUs plus a spare, one pool whose actors each run every stage, as many as the nodes hold; otherwise a
+    pool per stage."""
+    recipe = load_recipe("lafid180k")
+    assert recipe.pools == "auto"
+    chain = plan.chain_plan(recipe, recipe.build_stages())
+    assert (chain.low, chain.high, chain.cpus, chain.gpus) == (2, 2, 1.0, 0.0)  # 2 CPUs: two chains of 1 CPU
+    assert plan.chain_plan(recipe.model_copy(update={"pools": "per_stage"}), recipe.build_stages()) is None
+    gpu = recipe.model_copy(deep=True)
+    gpu.stages[1].gpus = 0.25
+    assert plan.chain_plan(gpu, gpu.build_stages()) is None  # a GPU stage keeps its own pool
+    fixed = recipe.model_copy(deep=True)
+    fixed.stages[1].workers = 2
+    assert plan.chain_plan(fixed, fixed.build_stages()) is None
+    big = [{"Alive": True, "Resources": {"CPU": 8.0}}]
+    monkeypatch.setattr(plan.ray, "nodes", lambda: big)
+    monkeypatch.setattr(plan.ray, "cluster_resources", lambda: {"CPU": 8.0})
+    assert plan.chain_plan(recipe, recipe.build_stages()) is None  # 8 CPUs: an actor per stage fits
+    three = [{"Alive": True, "Resources": {"CPU": c}} for c in (0.0, 1.5, 1.0)]  # a head with no CPU
+    monkeypatch.setattr(plan.ray, "nodes", lambda: three)
+    monkeypatch.setattr(plan.ray, "cluster_resources", lambda: {"CPU": 2.5})
+    assert plan.chain_plan(recipe, recipe.build_stages()).low == 2  # what each node holds, not 2.5 // 1
+
+
+def test_a_chain_refuses_per_stage_gpus_and_worker_counts():
+    with pytest.raises(ValueError, match="'face_constraints' asks for GPUs"):
+        Recipe(name="c", pools="chain", stages=[SPLIT, {"stage": "face_constraints", "gpus": 0.5}])
+    with pytest.raises(ValueError, match="'face_constraints' sets workers: 3"):
+        Recipe(name="c", pools="chain", stages=[SPLIT, {"stage": "face_constraints", "workers": 3}])
+
+
+@pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_kill_9_of_a_stage_actor_mid_run_leaves_complete_output_without_worker_crashed(
+def test_a_chain_pool_gives_the_rows_of_the_sequential_runner_and_each_stages_figures(
         ray_cluster, carry_stages, videos, tmp_path):
+    """Each actor runs every stage on whole videos; the driver still gets each stage's figures. Control:
+    the same recipe with a pool per stage runs three pools."""
+    clean = tmp_path / "clean"
+    curate(carry_recipe(), videos, clean, executor="sequential")
+    chained = curate(carry_recipe(delay_s=0.2, pools="chain"), videos, tmp_path / "chain", executor="ray")
+    assert rows(tmp_path / "chain") == rows(clean) and len(rows(clean)) == 7
+    assert chained.ray.started == {"chain": 2} and chained.ray.requests == {"chain": 1.0}
+    assert max(chained.ray.working_s) == 2  # both chains worked at once
+    assert {name: s.items_in for name, s in chained.stages.items()} == {"shot_split": 6, "carry": 7, "weigh": 7}
+    assert chained.ray.driver_bytes / chained.kept < 2**20 / 100  # working data never left the actor
+    per_stage = curate(carry_recipe(pools="per_stage"), videos, tmp_path / "pools", executor="ray")
+    assert set(per_stage.ray.started) == {"shot_split", "carry", "weigh"}
+    assert rows(tmp_path / "pools") == rows(clean)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("pools", ["per_stage", "chain"])
+def test_kill_9_of_a_stage_actor_mid_run_leaves_complete_output_without_worker_crashed(
+        ray_cluster, carry_stages, videos, tmp_path, pools):
     clean = tmp_path / "clean"
     curate(carry_recipe(), videos, clean, executor="sequential")
     pids = tmp_path / "pids"
@@ -231,9 +284,10 @@ def test_kill_9_of_a_stage_actor_mid_run_leaves_complete_output_without_worker_c
             killed.append(pid)
 
     out = tmp_path / "out"
-    stats = curate(carry_recipe(workers=1, delay_s=0.4, pid_dir=str(pids)), videos, out, executor="ray",
-                   on_update=kill_one)
-    assert killed and len(list(pids.iterdir())) >= 2  # a fresh worker replaced the killed one
+    workers = 1 if pools == "per_stage" else "auto"  # a chain: two actors on 2 CPUs, each with a `weigh` stage
+    stats = curate(carry_recipe(workers=workers, delay_s=0.4, pid_dir=str(pids), pools=pools), videos, out,
+                   executor="ray", on_update=kill_one)
+    assert killed and len(list(pids.iterdir())) >= (2 if pools == "per_stage" else 3)  # a fresh worker replaced it
     assert stats.videos_done == 6
     assert rows(out) == rows(clean) and len(rows(out)) == 7
     assert read_clips(out, kind="rejects") is None  # no worker_crashed (or any other) row

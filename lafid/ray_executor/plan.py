@@ -1,4 +1,5 @@
-"""Pool sizes from the cluster: how many actors each stage's pool may have and what each asks of Ray."""
+"""Pool sizes from the cluster: how many actors each stage's pool may have and what each asks of Ray, or
+whether one pool runs the whole chain of stages in each actor."""
 
 from __future__ import annotations
 
@@ -64,3 +65,29 @@ def plan_pools(recipe: Recipe, stages: list[Stage]) -> list[Plan]:
         plans.append(Plan(low, high, per, want_gpus))
     return plans
 
+
+def chain_plan(recipe: Recipe, stages: list[Stage]) -> Plan | None:
+    """One pool whose actors each run every stage on whole videos (`pools: chain`), or None: a pool per stage.
+
+    `auto` chains where per-stage pools would have to scale their requests down (every stage CPU-only with
+    `workers: auto`, and the cluster cannot hold one actor of each at its CPUs plus SPARE): on 2 CPUs the
+    stages' four pools time-share two cores, and each actor process, its start-up and every hand-off through
+    the object store cost CPU that a chain does not spend (benchmarks/curate_throughput.py, docs/runtime.md).
+    A chain's actors ask for the largest stage's CPUs, at least one; as many start as the nodes hold, and stay."""
+    if recipe.pools == "per_stage":
+        return None
+    have = ray.cluster_resources()
+    nodes = [n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    # at least a whole CPU: no more batches run at once than there are CPUs (stream.BATCHES_PER_CPU), so a
+    # further chain would only load every model again and wait
+    per = min(max(1.0, *(st.resources.cpus for st in stages)), max(nodes, default=0.0) or have.get("CPU", 0.0))
+    if recipe.pools == "auto":
+        cpu_only = all(st.resources.gpus == 0 for st in stages)
+        every_auto = all(spec.workers == "auto" for spec in recipe.stages)
+        want = sum(st.resources.cpus for st in stages) + SPARE * max(st.resources.cpus for st in stages)
+        if not (cpu_only and every_auto and have.get("CPU", 0.0) < want - 1e-9):
+            return None
+    if per <= 0:
+        raise RecipeError(f"recipe {recipe.name!r} (pools: chain): the cluster has no CPU")
+    actors = max(1, sum(int(n / per + 1e-9) for n in nodes))
+    return Plan(actors, actors, per, 0.0)

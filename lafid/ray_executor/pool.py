@@ -36,6 +36,7 @@ IDLE_S = 30.0
 # 0 grows on any queue (as before). benchmarks/curate_throughput.py compares the two.
 GROW_AFTER = 1.0
 SETUP_RETRIES = 3  # actors of one stage that may die in a row while setting up before the run stops
+CHAIN = "chain"  # the name of a pool whose actors run every stage of the recipe (`pools: chain`)
 
 
 def one_line(exc: BaseException) -> str:
@@ -45,23 +46,24 @@ def one_line(exc: BaseException) -> str:
 
 
 class Pool:
-    """The actors of one stage. Dead actors leave it and are replaced by fresh ones; the pool grows
-    with its queue and shrinks when idle, within its plan."""
+    """The actors of one stage (or of the whole chain of stages, each actor running them all). Dead actors
+    leave it and are replaced by fresh ones; the pool grows with its queue and shrinks when idle, within its
+    plan."""
 
-    def __init__(self, stage: Stage, plan: Plan, batch_size: int, last: bool, max_item_retries: int,
+    def __init__(self, stages: list[Stage], plan: Plan, batch_size: int, last: bool, max_item_retries: int,
                  native_log: str | None):
-        res = stage.resources
-        self._actor = ray.remote(actor_class(stage.name)).options(
+        self.name = stages[0].name if len(stages) == 1 else CHAIN
+        memory_gb = sum(s.resources.memory_gb for s in stages)
+        self._actor = ray.remote(actor_class(self.name)).options(
             num_cpus=plan.cpus, num_gpus=plan.gpus or None,
-            memory=int(res.memory_gb * 2**30) or None, max_restarts=0, max_task_retries=0,
+            memory=int(memory_gb * 2**30) or None, max_restarts=0, max_task_retries=0,
         )
         # Thread pools follow the CPUs an actor holds (`Resources.threads`), not the recipe's request before `auto`
         # scaled it: five actors of a 2-thread stage sharing two cores would fight over them.
-        self.stage = type(stage)(stage.params, replace(res, cpus=plan.cpus))
+        self.stages = [type(s)(s.params, replace(s.resources, cpus=plan.cpus)) for s in stages]
         self.plan = plan
         self.last = last
         self.native_log = native_log
-        self.name = stage.name
         self.batch_size = batch_size
         self.max_item_retries = max_item_retries
         self.starting: dict = {}  # ready() ref -> actor
@@ -73,6 +75,7 @@ class Pool:
         self.alone: deque[Item] = deque()  # items of a batch whose worker died: retried one at a time
         self.crashes: Counter = Counter()  # (video_id, clip_index) -> deaths while run alone
         self.last_error = ""
+        self.failed_stage = self.name  # the stage whose set-up failed (in a chain, one of its stages)
         self.setup_deaths = 0  # actors in a row whose process died while setting up
         self.peak = 0
         self.retired = 0
@@ -89,7 +92,7 @@ class Pool:
         return len(self.idle) + len(self.busy) + len(self.starting)
 
     def spawn(self) -> None:
-        actor = self._actor.remote(self.stage, self.last, self.native_log)
+        actor = self._actor.remote(self.stages, self.last, self.native_log)
         ref = actor.ready.remote()
         self.starting[ref] = actor
         self.asked_at[ref] = time.monotonic()
@@ -123,9 +126,9 @@ class Pool:
             self._idle(actor)
             return None
         ray.kill(actor, no_restart=True)
-        message, tb = error
+        self.failed_stage, message, tb = error
         if tb:
-            log.error("stage %s failed to set up:\n%s", self.name, tb)
+            log.error("stage %s failed to set up:\n%s", self.failed_stage, tb)
         self.last_error = message
         return message
 

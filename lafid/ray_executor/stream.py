@@ -14,7 +14,7 @@ from ray.exceptions import ObjectLostError, RayError, RayTaskError
 from lafid.item import Item
 from lafid.progress import RunInfo
 from lafid.ray_executor.cluster import init_ray, shutdown_ray
-from lafid.ray_executor.plan import plan_pools
+from lafid.ray_executor.plan import chain_plan, plan_pools
 from lafid.ray_executor.actor import item_key
 from lafid.ray_executor.pool import Pool, one_line
 from lafid.recipe import Recipe
@@ -32,7 +32,8 @@ BATCHES_PER_CPU: float | None = 1.0
 
 def run_ray(recipe: Recipe, items, router: Router, address: str | None = None,
             num_cpus: int | None = None) -> RunInfo:
-    """Run `items` through one pool per stage of `recipe`, starting (or joining) Ray for the run."""
+    """Run `items` through one pool per stage of `recipe`, or one pool that runs the whole chain of stages
+    (`plan.chain_plan`), starting (or joining) Ray for the run."""
     info = RunInfo()
     begun = time.monotonic()
     started = init_ray(address, num_cpus)
@@ -40,13 +41,20 @@ def run_ray(recipe: Recipe, items, router: Router, address: str | None = None,
     pools: list[Pool] = []
     native = router.stats.native_log  # the run's own log (lafid.runner), which workers append to
     try:
-        plans = plan_pools(recipe, stages)
-        for i, (stage, spec, plan) in enumerate(zip(stages, recipe.stages, plans)):
-            pools.append(Pool(stage, plan, spec.batch_size, last=i == len(stages) - 1,
+        chain = chain_plan(recipe, stages)
+        if chain:  # whole videos in, rows out: the router sees one step
+            pools.append(Pool(stages, chain, recipe.stages[0].batch_size, last=True,
                               max_item_retries=recipe.max_item_retries, native_log=native))
-            info.requests[stage.name] = plan.cpus
-        log.info("pools: %s", ", ".join(f"{p.name} {p.plan.low}..{p.plan.high or 'fit'} x {p.plan.cpus:g} CPU"
-                                         for p in pools))
+        else:
+            plans = plan_pools(recipe, stages)
+            for i, (stage, spec, plan) in enumerate(zip(stages, recipe.stages, plans)):
+                pools.append(Pool([stage], plan, spec.batch_size, last=i == len(stages) - 1,
+                                  max_item_retries=recipe.max_item_retries, native_log=native))
+        router.steps = [pool.name for pool in pools]
+        info.requests = {pool.name: pool.plan.cpus for pool in pools}
+        log.info("pools: %s%s", ", ".join(f"{p.name} {p.plan.low}..{p.plan.high or 'fit'} x {p.plan.cpus:g} CPU"
+                                          for p in pools),
+                 f" (each actor runs {' > '.join(s.name for s in stages)})" if chain else "")
         _wait_ready(pools)
         info.setup_s = time.monotonic() - begun
         Stream(recipe, pools, router, info).run(iter(items))
@@ -74,7 +82,7 @@ def _wait_ready(pools: list[Pool]) -> None:
         for ref, pool in refs.items():
             error = pool.started(ref)
             if error:
-                raise setup_failed(pool.name, error)
+                raise setup_failed(pool.failed_stage, error)
         refs = {ref: pool for pool in pools for ref in pool.starting}
 
 
@@ -175,7 +183,8 @@ class Stream:
                 batch = out  # only the items rejected now are settled; the rest are queued again
         else:
             pool.returned(actor)
-            self.router.stats.stage(pool.name, stats)
+            for name, batch_stats in stats:  # per stage, also inside a chain
+                self.router.stats.stage(name, batch_stats)
             self.info.driver_bytes += len(pickle.dumps((stats, out), protocol=5))
             self.info.row_bytes += sum(len(pickle.dumps(i.columns, protocol=5)) for i in out if i.columns)
             self.info.summaries += 1
