@@ -363,10 +363,12 @@ def throughput(args) -> dict[str, float]:
         roles = sorted(rounds[-1][name]["cpu_by_role"].items(), key=lambda kv: -kv[1])
         print(f"CPU-s, all processes, {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in roles if v >= 0.05))
     figures.update(beyond_stages(rounds[-1]["ray"]["cpu_by_role"], par, last_run, total_s))
-    print(f"Ray actors per pool over time (when it changed; every pool's first actor was set up after "
-          f"{last_run.setup_s:.1f} s, no work before that):")
-    for line in pool_sizes(last_run.sizes):
-        print("  " + line)
+    for name in ("ray_per_stage", "ray"):
+        info = rounds[-1][name]["stats"].ray
+        print(f"{name}: actors per pool over time (when it changed; every pool's first actor was set up after "
+              f"{info.setup_s:.1f} s, no work before that):")
+        for line in pool_sizes(info.sizes):
+            print("  " + line)
     for name in ("ray_per_stage", "ray"):
         print(f"actors started per pool, {name}, each round: " + "; ".join(
             ", ".join(f"{k} {v}" for k, v in r[name]["stats"].ray.started.items()) for r in rounds))

@@ -109,9 +109,11 @@ def test_resume_after_interruption_gives_the_same_rows(recipe, inputs, sequentia
 
 
 @pytest.mark.ray
-def test_ray_runner_rows_equal_sequential_rows(ray_cluster, recipe, inputs, sequential_out, tmp_path):
-    stats = curate(recipe, inputs, tmp_path, executor="ray")
+@pytest.mark.parametrize("pools", ["per_stage", "chain"])
+def test_ray_runner_rows_equal_sequential_rows(ray_cluster, recipe, inputs, sequential_out, tmp_path, pools):
+    stats = curate(recipe.model_copy(update={"pools": pools}), inputs, tmp_path, executor="ray")
     assert stats.videos_done == len(inputs)
+    assert ("chain" in stats.ray.started) == (pools == "chain")
     assert rows(tmp_path) == rows(sequential_out)
     assert rows(tmp_path, "rejects") == rows(sequential_out, "rejects")
 

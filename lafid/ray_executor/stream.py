@@ -186,7 +186,7 @@ class Stream:
             for name, batch_stats in stats:  # per stage, also inside a chain
                 self.router.stats.stage(name, batch_stats)
             self.info.driver_bytes += len(pickle.dumps((stats, out), protocol=5))
-            self.info.row_bytes += sum(len(pickle.dumps(i.columns, protocol=5)) for i in out if i.columns)
+            self.info.row_bytes += len(pickle.dumps([i.columns for i in out if i.columns], protocol=5))
             self.info.summaries += 1
             self.info.items += len(out)
         stale = {v for v, e in epochs.items() if self.epoch[v] != e}
