@@ -62,7 +62,7 @@ def main() -> None:
             # the worker node holding most of the run's actors leaves the cluster
             from ray._private.state import actors  # from the GCS: this cluster runs no dashboard
 
-            stages = {s["stage"] for s in json.loads(Path(recipe).read_text())["stages"]}  # actor classes
+            stages = {s["stage"] for s in json.loads(Path(recipe).read_text())["stages"]} | {"chain"}  # actor classes
             alive = [a["Address"].get("NodeID") for a in actors().values()
                      if a["State"] == "ALIVE" and a["ActorClassName"].split(".")[-1] in stages]
             by_node = {w.node_id: alive.count(w.node_id) for w in workers}

@@ -298,14 +298,16 @@ def test_kill_9_of_a_stage_actor_mid_run_leaves_complete_output_without_worker_c
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_worker_node_leaves_a_three_node_cluster_mid_run(carry_stages, videos, tmp_path):
+@pytest.mark.parametrize("pools", ["per_stage", "chain"])
+def test_a_worker_node_leaves_a_three_node_cluster_mid_run(carry_stages, videos, tmp_path, pools):
     """Head plus two worker nodes; `lafid curate --address` runs; the worker node holding most actors
     is removed after the first video is recorded. The rows equal a clean single-process run's. The
-    cluster has token auth on (it refuses a client without the token) and the run passes its token."""
+    cluster has token auth on (it refuses a client without the token) and the run passes its token.
+    With `pools: chain`, one chain actor per worker node: the one removed takes its video with it."""
     clean = tmp_path / "clean"
     curate(carry_recipe(), videos, clean, executor="sequential")
     recipe = tmp_path / "carry.yaml"
-    recipe.write_text(json.dumps(carry_recipe(delay_s=0.5, rows_per_shard=1).model_dump(mode="json")))
+    recipe.write_text(json.dumps(carry_recipe(delay_s=0.5, rows_per_shard=1, pools=pools).model_dump(mode="json")))
     out = tmp_path / "out"
     script = Path(__file__).parent / "multinode_curate.py"
     env = {**os.environ, "RAY_ADDRESS": ""}
