@@ -184,7 +184,6 @@ def case_inputs(args) -> list[str]:
 _MEMORY_PROBE = """
 import json, resource, sys, tempfile
 import psutil
-from lafid.ray_executor.pool import CHAIN
 from lafid.recipe import load_recipe
 from lafid.runner import curate
 proc, seen = psutil.Process(), {}
