@@ -37,11 +37,10 @@ def plan_pools(recipe: Recipe, stages: list[Stage]) -> list[Plan]:
     minimums (so the slowest stage can grow by one), and never above the largest node."""
     have = ray.cluster_resources()
     cpus, gpus = have.get("CPU", 0.0), have.get("GPU", 0.0)
-    node_cpus = max((n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=cpus)
+    node_cpus = max(_node_cpus(), default=cpus)
     specs = list(zip(recipe.stages, stages))
     fixed = sum(spec.worker_range[0] * st.resources.cpus for spec, st in specs if spec.workers != "auto")
-    auto_cpus = [st.resources.cpus for spec, st in specs if spec.workers == "auto"]
-    auto = sum(auto_cpus) + SPARE * max(auto_cpus, default=0.0)
+    auto = _one_each_and_spare([st.resources.cpus for spec, st in specs if spec.workers == "auto"])
     room = cpus - fixed
     scale = 1.0 if auto == 0 else min(1.0, room / auto)
     if fixed > cpus + 1e-9 or (auto and scale <= 0.01):
@@ -76,18 +75,27 @@ def chain_plan(recipe: Recipe, stages: list[Stage]) -> Plan | None:
     A chain's actors ask for the largest stage's CPUs, at least one; as many start as the nodes hold, and stay."""
     if recipe.pools == "per_stage":
         return None
-    have = ray.cluster_resources()
-    nodes = [n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    nodes = _node_cpus()
     # at least a whole CPU: no more batches run at once than there are CPUs (stream.BATCHES_PER_CPU), so a
     # further chain would only load every model again and wait
-    per = min(max(1.0, *(st.resources.cpus for st in stages)), max(nodes, default=0.0) or have.get("CPU", 0.0))
+    per = min(max(1.0, *(st.resources.cpus for st in stages)), max(nodes, default=0.0) or cpus)
     if recipe.pools == "auto":
         cpu_only = all(st.resources.gpus == 0 for st in stages)
         every_auto = all(spec.workers == "auto" for spec in recipe.stages)
-        want = sum(st.resources.cpus for st in stages) + SPARE * max(st.resources.cpus for st in stages)
-        if not (cpu_only and every_auto and have.get("CPU", 0.0) < want - 1e-9):
+        if not (cpu_only and every_auto and cpus < _one_each_and_spare([st.resources.cpus for st in stages]) - 1e-9):
             return None
     if per <= 0:
         raise RecipeError(f"recipe {recipe.name!r} (pools: chain): the cluster has no CPU")
     actors = max(1, sum(int(n / per + 1e-9) for n in nodes))
     return Plan(actors, actors, per, 0.0)
+
+
+def _node_cpus() -> list[float]:
+    """CPUs of each live node of the cluster."""
+    return [n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+
+
+def _one_each_and_spare(cpus: list[float]) -> float:
+    """CPUs for one actor of each `auto` stage (their `cpus`) plus SPARE more of the largest."""
+    return sum(cpus) + SPARE * max(cpus, default=0.0)
